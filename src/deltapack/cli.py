@@ -1,0 +1,24 @@
+"""Command line: ``deltapack audit`` (and more subcommands as they come)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltapack", description="Exact sequence packing for GDN hybrids.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from deltapack import audit
+
+    audit.add_arguments(sub.add_parser("audit", help="packed vs alone, per layer and document, before/after patching"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

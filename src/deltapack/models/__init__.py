@@ -1,0 +1,1 @@
+"""How deltapack attaches to each architecture family."""

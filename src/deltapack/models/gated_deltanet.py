@@ -1,0 +1,78 @@
+"""The packing-aware forward of the Gated DeltaNet layers of qwen3_5, qwen3_5_moe and qwen3_next.
+
+It computes what the transformers layer computes (same projections, conv, gate, decay, gated RMSNorm), on the
+unpadded stream, with the conv cut and the recurrence restarted at every document boundary. It reads the batch's
+:class:`~deltapack.boundaries.Boundaries` and never looks at masks or positions.
+
+Legend: T = real tokens of the batch (one packed stream), Hk / Hv = key / value heads, K / V = head dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltapack import ops
+from deltapack.boundaries import Boundaries
+
+
+def _project(layer: nn.Module, x_1TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Input projections: (conv input [1, T, 2*Hk*K + Hv*V], z [1, T, Hv, V], b [1, T, Hv], a [1, T, Hv])."""
+    if hasattr(layer, "in_proj_qkvz"):  # qwen3_next: fused projections, grouped per key head
+        q, k, v, z, b, a = layer.fix_query_key_value_ordering(layer.in_proj_qkvz(x_1TD), layer.in_proj_ba(x_1TD))
+        mixed = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v)], dim=-1)
+        return mixed, z, b, a
+    tokens = x_1TD.shape[1]
+    z = layer.in_proj_z(x_1TD).reshape(1, tokens, -1, layer.head_v_dim)
+    return layer.in_proj_qkv(x_1TD), z, layer.in_proj_b(x_1TD), layer.in_proj_a(x_1TD)
+
+
+def packed_gdn_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
+    """One GDN layer over a packed stream.
+
+    Args:
+        layer: a transformers ``*GatedDeltaNet`` module (its parameters are used as they are).
+        hidden_states: [1, T, hidden] the unpadded stream described by ``bounds``.
+        bounds: the batch's boundaries.
+
+    Returns:
+        [1, T, hidden], each document's rows equal to what the layer gives for that document alone.
+    """
+    if hidden_states.shape[:2] != (1, bounds.total_tokens):
+        raise ValueError(
+            f"deltapack: the GDN layer got hidden states of shape {tuple(hidden_states.shape)}; expected the "
+            f"unpadded stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
+        )
+    tokens = hidden_states.shape[1]
+    mixed, z, b, a = _project(layer, hidden_states)
+    mixed = ops.causal_conv1d(
+        mixed,
+        layer.conv1d.weight.squeeze(1),
+        layer.conv1d.bias,
+        layer.activation,
+        cu_seqlens=bounds.cu_seqlens,
+        seq_idx=bounds.seq_idx,
+        cu_seqlens_host=bounds.cu_seqlens_host,
+        cache=bounds.cache,
+    )
+    q, k, v = torch.split(mixed, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
+    q = q.reshape(1, tokens, -1, layer.head_k_dim)
+    k = k.reshape(1, tokens, -1, layer.head_k_dim)
+    v = v.reshape(1, tokens, -1, layer.head_v_dim)
+    beta = b.sigmoid()
+    # as the model does: the decay in fp32 so that A does not overflow in half precision
+    g = -layer.A_log.float().exp() * F.softplus(a.float() + layer.dt_bias)
+    core, _ = ops.gated_delta_rule(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        cu_seqlens=bounds.cu_seqlens,
+        cu_seqlens_host=bounds.cu_seqlens_host,
+        use_qk_l2norm=True,
+        cache=bounds.cache,
+    )
+    core = layer.norm(core.reshape(-1, layer.head_v_dim), z.reshape(-1, layer.head_v_dim))
+    return layer.out_proj(core.reshape(1, tokens, -1))

@@ -1,0 +1,245 @@
+"""Exact pure-PyTorch varlen references of the two GDN primitives.
+
+These are the oracle every faster backend is tested against, and the path that runs wherever no kernel is
+installed (any device, autograd included). They are written for clarity first.
+
+Legend (shapes): T = tokens in the packed stream, D = conv channels, W = conv width, N = documents,
+Hk / Hv = key / value heads (Hv = r * Hk), K / V = key / value head dim.
+
+The varlen rule, as in flash-attn and FLA: a packed stream is one row (batch size 1) and
+``cu_seqlens`` (int32, length N + 1, starting at 0, strictly increasing, ending at T) says where each
+document starts. ``seq_idx`` ([1, T] int32) is the same information per token: the document index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv1d that never reads across a document boundary.
+
+    Args:
+        x: [B, T, D] input, channels last.
+        weight: [D, W] per-channel taps; ``weight[:, -1]`` multiplies the current token (as in ``nn.Conv1d``
+            with ``padding=W-1`` truncated to the first T outputs).
+        bias: [D] or None.
+        activation: None or "silu" / "swish".
+        seq_idx: [B, T] integer document index per token; a tap reads token ``t - s`` only when
+            ``seq_idx[t - s] == seq_idx[t]``. None: every row is one sequence.
+
+    Returns:
+        [B, T, D] in the dtype of ``x``; computed in the dtype of ``weight`` (as the model does).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [D, W] with D = {x.shape[-1]}, got shape {tuple(weight.shape)}")
+    if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"seq_idx must be [B, T] = {tuple(x.shape[:2])}, got shape {tuple(seq_idx.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(k for k in _ACTIVATIONS if k)} or None, got {activation!r}"
+        )
+    batch, total, channels = x.shape
+    width = weight.shape[1]
+    if seq_idx is None:
+        seq_idx = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, total)
+    # Lay the documents out one after another, each behind W - 1 zeros, and run the same F.conv1d the model runs:
+    # no tap can reach the previous document, and each document sees exactly the arithmetic it sees alone.
+    flat_idx = seq_idx.reshape(-1)
+    starts = torch.ones_like(flat_idx, dtype=torch.bool)
+    starts[1:] = flat_idx[1:] != flat_idx[:-1]
+    starts = starts.reshape(batch, total)
+    starts[:, 0] = True  # a row never continues the previous row
+    doc = starts.reshape(-1).cumsum(0) - 1
+    dest = torch.arange(batch * total, device=x.device) + (doc + 1) * (width - 1)
+    gapped = x.new_zeros(int(dest[-1]) + 1, channels, dtype=weight.dtype)
+    gapped = gapped.index_copy(0, dest, x.reshape(batch * total, channels).to(weight.dtype))
+    out = F.conv1d(gapped.t().unsqueeze(0), weight.unsqueeze(1), bias, groups=channels)  # [1, D, L - W + 1]
+    out = out[0].t().index_select(0, dest - (width - 1)).reshape(batch, total, channels)
+    act = _ACTIVATIONS[activation]
+    if act is not None:
+        out = act(out)
+    return out.to(x.dtype)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, as transformers' and FLA's GDN compute it."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _chunk_layout(
+    cu_seqlens_host: list[int], chunk_size: int, device: torch.device
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Where each token lands when every document is padded on its own to a whole number of chunks.
+
+    Returns (dest [T] int64 index into the padded stream, padded length, first chunk of each document).
+    """
+    lengths = [b - a for a, b in zip(cu_seqlens_host[:-1], cu_seqlens_host[1:])]
+    chunks = [-(-n // chunk_size) for n in lengths]
+    first_chunk, acc = [], 0
+    for c in chunks:
+        first_chunk.append(acc)
+        acc += c
+    dest = torch.cat([torch.arange(n, device=device) + first * chunk_size for n, first in zip(lengths, first_chunk)])
+    return dest, acc * chunk_size, first_chunk
+
+
+def gated_delta_rule_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: list[int] | tuple[int, ...] | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule whose state starts at zero for every document.
+
+    The recurrence per value head h, token t (S is [K, V]):
+        S = exp(g_t) * S;  S = S + beta_t * k_t (v_t - S^T k_t)^T;  o_t = S^T (scale * q_t)
+    computed chunk by chunk (the WY/UT form transformers and FLA use). Each document is padded on its own to a
+    whole number of chunks, so its chunks line up exactly as when it runs alone, and the state is reset at the
+    first chunk of every document.
+
+    Args:
+        q, k: [B, T, Hk, K]. v: [B, T, Hv, V] with Hv a multiple of Hk (value head h reads key head h // (Hv/Hk)).
+        g: [B, T, Hv] log-decay (<= 0). beta: [B, T, Hv] write strength.
+        cu_seqlens: [N + 1] int32 document offsets; requires B == 1. None: every row is one sequence.
+        cu_seqlens_host: the same offsets as host ints (saves a device sync when given).
+        scale: query scale, default K ** -0.5.
+        use_qk_l2norm: L2-normalise q and k first (what the Qwen3.5 / Qwen3-Next layers ask for).
+        output_final_state: also return each document's final state.
+
+    Returns:
+        o: [B, T, Hv, V] in the dtype of q (computed in fp32);
+        final state: [N, Hv, K, V] fp32 (N = B when cu_seqlens is None) or None.
+    """
+    batch, total, num_k_heads, head_k = q.shape
+    num_v_heads, head_v = v.shape[-2:]
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2] or num_v_heads % num_k_heads:
+        raise ValueError(
+            f"v must be [B, T, Hv, V] with B, T = {tuple(q.shape[:2])} and Hv a multiple of Hk = {num_k_heads}, "
+            f"got {tuple(v.shape)}"
+        )
+    for name, t in (("g", g), ("beta", beta)):
+        if tuple(t.shape) != (batch, total, num_v_heads):
+            raise ValueError(f"{name} must be [B, T, Hv] = {(batch, total, num_v_heads)}, got {tuple(t.shape)}")
+    if cu_seqlens is None:
+        bounds = [0, total]
+    else:
+        if batch != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (one packed stream), got {batch}")
+        bounds = list(cu_seqlens_host) if cu_seqlens_host is not None else cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {total}, got {bounds}")
+    out_dtype = q.dtype
+    scale = head_k**-0.5 if scale is None else scale
+    group = num_v_heads // num_k_heads
+
+    # [B, T, H, *] -> one stream of rows [1, T * B] when B > 1 without cu_seqlens: each row is a document
+    if cu_seqlens is None and batch > 1:
+        bounds = [i * total for i in range(batch + 1)]
+    q, k, v, g, beta = (x.reshape(1, batch * total, *x.shape[2:]).float() for x in (q, k, v, g, beta))
+    if group > 1:
+        q = q.repeat_interleave(group, dim=2)
+        k = k.repeat_interleave(group, dim=2)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+
+    # scatter into the per-document chunk-aligned layout: [Hv, C_total, chunk, *]
+    dest, padded_len, first_chunk = _chunk_layout(bounds, chunk_size, q.device)
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # [1, T, H, *] -> [H, C, L, *]
+        buf = x.new_zeros((padded_len, *x.shape[2:])).index_copy(0, dest, x[0])
+        return buf.reshape(padded_len // chunk_size, chunk_size, *x.shape[2:]).movedim(2, 0)
+
+    qc, kc, vc = (to_chunks(x) for x in (q, k, v))  # [Hv, C, L, K|V]
+    gc, bc = (to_chunks(x) for x in (g, beta))  # [Hv, C, L]
+
+    k_beta = kc * bc.unsqueeze(-1)
+    v_beta = vc * bc.unsqueeze(-1)
+    cum = gc.cumsum(-1)  # log decay from the chunk start to each position
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    pair_decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+    # UT transform: solve (I + strict_tril(diag(beta) K K^T * decay)) X = B; unitriangular ignores the diagonal
+    system = (k_beta @ kc.transpose(-1, -2)) * pair_decay
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    attn = (qc @ kc.transpose(-1, -2)) * pair_decay
+    q_dec = qc * cum.exp().unsqueeze(-1)
+    k_dec = kc * (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
+
+    num_chunks = qc.shape[1]
+    starts = set(first_chunk)
+    doc_end_chunk = {c - 1 for c in first_chunk[1:]} | {num_chunks - 1}
+    state = qc.new_zeros(num_v_heads, head_k, head_v)
+    outs, finals = [], []
+    for c in range(num_chunks):
+        if c in starts:
+            state = torch.zeros_like(state)
+        v_new = u[:, c] - w[:, c] @ state
+        outs.append(q_dec[:, c] @ state + attn[:, c] @ v_new)
+        state = state * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new
+        if output_final_state and c in doc_end_chunk:
+            finals.append(state)
+
+    o = torch.stack(outs, dim=1).reshape(num_v_heads, padded_len, head_v)  # [Hv, padded, V]
+    o = o.index_select(1, dest).transpose(0, 1)  # [T * B, Hv, V]
+    o = o.reshape(batch, total, num_v_heads, head_v).to(out_dtype)
+    final = torch.stack(finals) if output_final_state else None
+    return o, final
+
+
+def gated_delta_rule_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Token-by-token form of :func:`gated_delta_rule_ref` (same arguments): slow, for checking the chunked one."""
+    batch, total, num_k_heads, head_k = q.shape
+    num_v_heads, head_v = v.shape[-2:]
+    scale = head_k**-0.5 if scale is None else scale
+    group = num_v_heads // num_k_heads
+    q, k = q.float().repeat_interleave(group, dim=2), k.float().repeat_interleave(group, dim=2)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+    v, g, beta = v.float(), g.float(), beta.float()
+    starts = set(cu_seqlens.tolist()) if cu_seqlens is not None else {0}
+    out = torch.empty(batch, total, num_v_heads, head_v)
+    state = q.new_zeros(batch, num_v_heads, head_k, head_v)
+    for t in range(total):
+        if t in starts:
+            state = torch.zeros_like(state)
+        state = state * g[:, t].exp()[..., None, None]
+        pred = (state * k[:, t, :, :, None]).sum(-2)
+        state = state + k[:, t, :, :, None] * ((v[:, t] - pred) * beta[:, t, :, None])[:, :, None, :]
+        out[:, t] = (state * q[:, t, :, :, None]).sum(-2)
+    return out.to(v.dtype)

@@ -1,0 +1,274 @@
+"""patch / unpatch: attach deltapack to one transformers model instance.
+
+Three forwards are wrapped, on this instance only (other instances of the class are untouched):
+
+- the model given to ``patch`` (the entry): builds the batch's :class:`Boundaries` once, unpads the batch to one
+  stream [1, total], gives each document its own positions, masks the label that would predict a document's first
+  token from the previous document, turns the cache off, runs the model, and puts logits and hidden states back
+  in the [B, T] layout;
+- the decoder stack (the text model): hands the full-attention layers a mask (or varlen kwargs) built from the
+  boundaries, so transformers never sees the indexed mask;
+- every Gated DeltaNet layer: runs :func:`packed_gdn_forward` on the stream.
+
+The boundaries travel down as the ``boundaries`` keyword, which transformers passes through its layers untouched
+(also under gradient checkpointing, which keeps keyword arguments for the recomputation).
+
+Inputs that describe no packing and no padding (no mask or an all-ones mask, positions that do not restart) take
+the original forward, unchanged: outputs are bit-identical to the unpatched model, ``generate()`` included.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from deltapack.boundaries import Boundaries
+from deltapack.models.attention import attention_inputs
+from deltapack.models.gated_deltanet import packed_gdn_forward
+from deltapack.models.registry import Architecture, architecture_of
+
+__all__ = ["patch", "unpatch", "is_patched"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+# keyword arguments through which transformers users describe packed documents; deltapack owns them once patched
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k", "seq_idx")
+_STATE = "_deltapack_state"
+
+
+def _target(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(_target(model), _STATE, None) is not None
+
+
+def patch(model: ModelT) -> ModelT:
+    """Make packed batches exact on ``model`` (a qwen3_5, qwen3_5_moe or qwen3_next model); returns it.
+
+    Idempotent; :func:`unpatch` restores the original forwards. A PEFT-wrapped model is patched through its base
+    model. Raises ValueError, naming the supported architectures, for any other model.
+    """
+    target = _target(model)
+    if is_patched(target):
+        return model
+    arch = architecture_of(target)
+    wrapped: list[tuple[nn.Module, str]] = []
+    text_cls, gdn_cls = arch.cls(arch.text_model), arch.cls(arch.gdn)
+    for module in target.modules():
+        if isinstance(module, gdn_cls):
+            wrapped.append(_wrap(module, "_deltapack_gdn_inner", _gdn_forward))
+        elif isinstance(module, text_cls):
+            wrapped.append(_wrap(module, "_deltapack_text_inner", _text_model_forward))
+    wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
+    object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
+    return model
+
+
+def unpatch(model: ModelT) -> ModelT:
+    """Undo :func:`patch` (a no-op on a model that is not patched); returns the model."""
+    target = _target(model)
+    state: _PatchState | None = getattr(target, _STATE, None)
+    if state is None:
+        return model
+    for module, attr in reversed(state.wrapped):
+        original = module.__dict__.pop(attr)
+        if getattr(original, "__self__", None) is module and original.__func__ is type(module).forward:
+            del module.forward
+        else:
+            module.forward = original
+    object.__delattr__(target, _STATE)
+    return model
+
+
+class _PatchState:
+    def __init__(self, arch: Architecture, wrapped: list[tuple[nn.Module, str]]):
+        self.arch = arch
+        self.wrapped = wrapped
+
+
+def _wrap(module: nn.Module, attr: str, forward: Callable[..., Any]) -> tuple[nn.Module, str]:
+    # keep the forward in place now (instance or class level) and bind ours to the instance: deepcopy rebinds both
+    module.__dict__[attr] = module.forward
+    module.forward = types.MethodType(forward, module)
+    return module, attr
+
+
+def _as_kwargs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """All arguments of a call to ``fn`` by name."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > len(names):
+        raise TypeError(f"{getattr(fn, '__name__', fn)} takes {len(names)} positional arguments, got {len(args)}")
+    call = dict(zip(names, args))
+    clash = set(call) & set(kwargs)
+    if clash:
+        raise TypeError(f"got multiple values for {sorted(clash)}")
+    call.update(kwargs)
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- the entry model
+def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = self.__dict__["_deltapack_entry_inner"]
+    call = _as_kwargs(inner, args, kwargs)
+    bounds = call.pop("boundaries", None)
+    explicit = bounds is not None or any(call.get(k) is not None for k in PACKING_KWARGS)
+    mask = call.get("attention_mask")
+    if isinstance(mask, dict) and not explicit:
+        return inner(*args, **kwargs)  # the caller built per-layer masks itself
+    if call.get("past_key_values") is not None:
+        # cached decoding: transformers handles padding there; packed documents cannot share one cache
+        if explicit or (isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1):
+            raise ValueError(
+                "deltapack: packed documents were given together with past_key_values; expected packed batches "
+                "without a cache (training / scoring) or plain batches for cached generation"
+            )
+        return inner(*args, **kwargs)
+    batch_shape = _batch_shape(call)
+    if bounds is None:
+        bounds = _boundaries_from_call(call, batch_shape)
+        if bounds is None:
+            return inner(*args, **kwargs)
+        if call.get("use_cache") is True and not explicit and _padding_only(bounds):
+            return inner(*args, **kwargs)  # a padded prefill that asks for a cache: the original path
+    elif bounds.batch_shape != batch_shape:
+        raise ValueError(
+            f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
+            "the shape of input_ids"
+        )
+    return _packed_call(inner, call, bounds)
+
+
+def _batch_shape(call: dict[str, Any]) -> tuple[int, int]:
+    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+    source = ids if ids is not None else embeds
+    if source is None:
+        raise ValueError("deltapack: the model was called without input_ids or inputs_embeds")
+    if source.dim() < 2:
+        raise ValueError(f"deltapack: input_ids of shape {tuple(source.shape)}; expected [B, T]")
+    return (int(source.shape[0]), int(source.shape[1]))
+
+
+def _boundaries_from_call(call: dict[str, Any], batch_shape: tuple[int, int]) -> Boundaries | None:
+    cu_q = call.get("cu_seq_lens_q")
+    cu = cu_q if cu_q is not None else call.get("cu_seqlens")
+    cu_k = call.get("cu_seq_lens_k")
+    if cu is not None and cu_k is not None and not torch.equal(torch.as_tensor(cu_k).cpu(), torch.as_tensor(cu).cpu()):
+        raise ValueError(
+            "deltapack: cu_seq_lens_k differs from cu_seq_lens_q; expected the same document offsets for queries "
+            "and keys (causal self-attention over packed documents)"
+        )
+    if cu is None and call.get("seq_idx") is not None:
+        raise ValueError(
+            "deltapack: seq_idx was given without cu_seq_lens_q; expected document offsets (cu_seq_lens_q), "
+            "an indexed attention_mask or restarting position_ids"
+        )
+    bounds = Boundaries.from_inputs(
+        batch_shape,
+        attention_mask=call.get("attention_mask"),
+        position_ids=call.get("position_ids"),
+        cu_seqlens=cu,
+    )
+    seq_idx = call.get("seq_idx")
+    if bounds is not None and seq_idx is not None:
+        given = bounds.unpad(torch.as_tensor(seq_idx).reshape(batch_shape).cpu().unsqueeze(-1))[0, :, 0]
+        change = torch.ones_like(given, dtype=torch.bool)
+        change[1:] = given[1:] != given[:-1]
+        starts = torch.zeros_like(change)
+        starts[list(bounds.cu_seqlens_host[:-1])] = True
+        if not torch.equal(change, starts):
+            raise ValueError(
+                "deltapack: seq_idx disagrees with cu_seq_lens_q; expected seq_idx to change exactly where a "
+                "document starts"
+            )
+    return bounds
+
+
+def _padding_only(bounds: Boundaries) -> bool:
+    """True when the boundaries describe one document in every non-empty row (plain padding, no packing)."""
+    rows = bounds.batch_shape[0]
+    if bounds.indices is None:
+        return bounds.num_docs == rows
+    row_of_token = bounds.indices // bounds.batch_shape[1]
+    return bounds.num_docs == int(torch.unique(row_of_token.cpu()).numel())
+
+
+def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries) -> Any:
+    for name in ("pixel_values", "pixel_values_videos"):
+        if call.get(name) is not None:
+            raise ValueError(f"deltapack: {name} was given with packed inputs; expected text-only inputs")
+    keep = call.get("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0):
+        raise ValueError("deltapack: logits_to_keep with packed inputs; expected the default 0 (all logits)")
+    new = {k: v for k, v in call.items() if k not in PACKING_KWARGS}
+    for name in ("input_ids", "inputs_embeds"):
+        if new.get(name) is not None:
+            new[name] = bounds.unpad(new[name])
+    new["attention_mask"] = None
+    new["position_ids"] = bounds.position_ids
+    new["use_cache"] = False
+    new["past_key_values"] = None
+    if new.get("labels") is not None:
+        new["labels"] = bounds.unpad(new["labels"])
+        new["shift_labels"] = bounds.shift_labels(new["labels"])
+    elif new.get("shift_labels") is not None:
+        raise ValueError("deltapack: shift_labels without labels; expected labels [B, T] (deltapack shifts them)")
+    new["boundaries"] = bounds
+    out = inner(**new)
+    return _repad_outputs(out, bounds)
+
+
+def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
+    def repad(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, bounds.total_tokens):
+            return bounds.repad(t)
+        return t
+
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            out[name] = repad(value)
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is not None:
+        out["hidden_states"] = tuple(repad(h) for h in hidden)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- inner modules
+def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = self.__dict__["_deltapack_text_inner"]
+    bounds: Boundaries | None = kwargs.get("boundaries")
+    if bounds is None:
+        return inner(*args, **kwargs)
+    call = _as_kwargs(inner, args, kwargs)
+    embeds = call.get("inputs_embeds")
+    dtype = embeds.dtype if embeds is not None else self.get_input_embeddings().weight.dtype
+    mask, extra = attention_inputs(bounds, self.config._attn_implementation, dtype)
+    call["attention_mask"] = {"full_attention": mask, "linear_attention": None}
+    call.update(extra)
+    return inner(**call)
+
+
+def _gdn_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = self.__dict__["_deltapack_gdn_inner"]
+    bounds: Boundaries | None = kwargs.get("boundaries")
+    if bounds is None:
+        return inner(*args, **kwargs)
+    if kwargs.get("cache_params") is not None:
+        raise ValueError("deltapack: a GDN layer got both packed boundaries and a cache; expected no cache")
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return packed_gdn_forward(self, hidden_states, bounds)

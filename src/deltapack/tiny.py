@@ -1,0 +1,98 @@
+"""Tiny random-init configs of the supported architectures, for the audit, the tests and the CPU demo.
+
+The GDN decay is set to long memory (as in trained models): random init draws A in [0.01, 16], which forgets within
+a few tokens and so hides a recurrent-state leak; here A is small, so state carried across a boundary shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+TINY: dict[str, dict[str, Any]] = {
+    "qwen3_5": dict(
+        model_type="qwen3_5_text",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+    ),
+    "qwen3_5_moe": dict(
+        model_type="qwen3_5_moe_text",
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    ),
+    "qwen3_next": dict(
+        model_type="qwen3_next",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+    ),
+}
+
+
+def tiny_config(arch: str = "qwen3_5", **overrides: Any) -> PretrainedConfig:
+    """A tiny config of ``arch`` (qwen3_5, qwen3_5_moe, qwen3_next), with ``overrides`` applied."""
+    if arch not in TINY:
+        raise ValueError(f"no tiny config for {arch!r}; expected one of {sorted(TINY)}")
+    fields = {**TINY[arch], **overrides}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def set_long_memory(model: nn.Module, low: float = 1e-3, high: float = 2e-2, seed: int = 0) -> nn.Module:
+    """Draw every GDN layer's decay rate A from [low, high] (long memory), in place; returns the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "A_log") and hasattr(module, "dt_bias"):
+                a = torch.empty(module.A_log.shape).uniform_(low, high, generator=gen)
+                module.A_log.copy_(a.log())
+    return model
+
+
+def tiny_model(arch: str = "qwen3_5", seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> nn.Module:
+    """A tiny random-init *ForCausalLM of ``arch`` in fp32 on the CPU, eval mode, long-memory decay."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn_implementation)
+    return set_long_memory(model.float().eval(), seed=seed)
