@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random-init models (cached per configuration) and packed-batch builders."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from deltapack.tiny import tiny_model
+
+# transformers logs a fallback notice on every CPU run of its GDN reference; keep test output readable
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+
+
+@functools.lru_cache(maxsize=64)
+def cached_model(
+    arch: str = "qwen3_5", attn: str = "sdpa", conv_width: int = 4, value_head_ratio: int = 2, seed: int = 0
+) -> nn.Module:
+    """A tiny fp32 model; each test must leave it as it found it (unpatched, eval mode, no grads)."""
+    return tiny_model(
+        arch,
+        seed=seed,
+        attn_implementation=attn,
+        linear_conv_kernel_dim=conv_width,
+        linear_num_value_heads=2 * value_head_ratio,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    torch.manual_seed(0)
+    yield

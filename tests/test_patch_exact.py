@@ -1,0 +1,161 @@
+"""Packed documents give the logits and gradients of each document alone, for every input format.
+
+Every test also runs the unpatched model on the same input and checks that it leaks (or raises), so a no-op
+patch fails these tests. The one exception is a batch that only pads (one document per row): transformers is
+exact there already, which ``test_padding_only_is_exact`` states and checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import deltapack
+from conftest import ARCHS, cached_model
+from packing import build, max_doc_diff
+
+EXACT = 1e-5  # max |logit diff| in fp32 on the CPU (the contract)
+LEAK = 1e-3  # what the unpatched model must at least show on the same input
+
+
+@contextlib.contextmanager
+def patched(model):
+    deltapack.patch(model)
+    try:
+        yield model
+    finally:
+        deltapack.unpatch(model)
+
+
+def alone_logits(model, docs):
+    with torch.no_grad():
+        return [model(torch.tensor([d])).logits[0] for d in docs]
+
+
+def unpatched_result(model, kwargs, packed, alone):
+    """max diff of the unpatched model on the packed input, or inf when it refuses the input."""
+    try:
+        with torch.no_grad():
+            logits = model(**kwargs, use_cache=False).logits
+    except (ValueError, RuntimeError, ImportError, NotImplementedError):
+        return float("inf")
+    return max_doc_diff(logits, packed, alone)
+
+
+def random_docs(lengths, vocab=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+# rows of documents where at least one row holds two or more documents (where a leak can happen)
+row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=3).filter(
+    lambda rows: any(len(r) > 1 for r in rows)
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=row_lengths,
+    fmt=st.sampled_from(["position_ids", "indexed_mask", "cu_seqlens"]),
+    arch=st.sampled_from(ARCHS),
+    attn=st.sampled_from(["sdpa", "eager"]),
+    conv_width=st.integers(2, 4),
+    ratio=st.integers(1, 2),
+    pad_left=st.booleans(),
+    extra_pad=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_logits_equal_alone(rows, fmt, arch, attn, conv_width, ratio, pad_left, extra_pad, seed):
+    model = cached_model(arch, attn, conv_width, ratio)
+    flat = random_docs([n for r in rows for n in r], seed=seed)
+    it = iter(flat)
+    packed = build([[next(it) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
+    alone = alone_logits(model, packed.docs)
+
+    assert unpatched_result(model, packed.kwargs, packed, alone) > LEAK
+    with patched(model), torch.no_grad():
+        logits = model(**packed.kwargs).logits
+    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
+    assert max_doc_diff(logits, packed, alone) <= EXACT
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_ids_with_default_use_cache(arch):
+    """transformers' auto-created cache turns its packed-sequence detection off; patched, the default is exact."""
+    model = cached_model(arch)
+    packed = build([random_docs([5, 1, 9, 4], seed=1)], "position_ids")
+    alone = alone_logits(model, packed.docs)
+    with torch.no_grad():
+        leaky = model(**packed.kwargs).logits  # use_cache left at its default
+    assert max_doc_diff(leaky, packed, alone) > LEAK
+    with patched(model), torch.no_grad():
+        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_padding_only_is_exact(pad_left):
+    """One document per row with padding: unpadded by deltapack, exact; transformers is exact here too."""
+    model = cached_model("qwen3_5")
+    packed = build([[d] for d in random_docs([7, 3, 11], seed=2)], "padding_mask", pad_left=pad_left)
+    alone = alone_logits(model, packed.docs)
+    with patched(model), torch.no_grad():
+        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+
+
+def doc_loss_sum(logits, doc):
+    """Summed next-token loss of one document: token i predicts token i + 1, inside the document only."""
+    target = torch.tensor(doc[1:], dtype=torch.long)
+    return F.cross_entropy(logits[: len(doc) - 1], target, reduction="sum")
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", ["indexed_mask", "position_ids"])
+def test_packed_gradient_equals_sum_of_alone(arch, fmt):
+    model = cached_model(arch)
+    rows = [random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)]
+    packed = build(rows, fmt, pad_left=False, extra_pad=2)
+    alone_total = sum(doc_loss_sum(model(torch.tensor([d])).logits[0], d) for d in packed.docs)
+    reference = grads_of(model, alone_total)
+
+    def packed_grads():
+        logits = model(**packed.kwargs, use_cache=False).logits
+        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
+        return grads_of(model, loss)
+
+    try:
+        assert rel(packed_grads(), reference) > LEAK  # unpatched: the gradient leaks
+        with patched(model):
+            assert rel(packed_grads(), reference) <= 1e-4
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_loss_does_not_predict_across_documents(arch):
+    """With labels, the patched model's loss is the token mean over each document's own next-token targets."""
+    model = cached_model(arch)
+    packed = build([random_docs([5, 7, 3], seed=5)], "indexed_mask")
+    labels = packed.kwargs["input_ids"].clone()
+    with torch.no_grad():
+        alone = [model(torch.tensor([d])).logits[0] for d in packed.docs]
+        expected = sum(doc_loss_sum(a, d) for a, d in zip(alone, packed.docs)) / sum(len(d) - 1 for d in packed.docs)
+        leaky = model(**packed.kwargs, labels=labels, use_cache=False).loss
+        assert abs(leaky.item() - expected.item()) > LEAK
+        with patched(model):
+            loss = model(**packed.kwargs, labels=labels).loss
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
