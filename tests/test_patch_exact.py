@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import deltapack
@@ -58,7 +58,6 @@ row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=row_lengths,
     fmt=st.sampled_from(["position_ids", "indexed_mask", "cu_seqlens"]),
