@@ -1,6 +1,6 @@
 """patch / unpatch: attach deltapack to one transformers model instance.
 
-Three forwards are wrapped, on this instance only (other instances of the class are untouched):
+Four forwards are wrapped, on this instance only (other instances of the class are untouched):
 
 - the model given to ``patch`` (the entry): builds the batch's :class:`Boundaries` once, unpads the batch to one
   stream [1, total], gives each document its own positions, masks the label that would predict a document's first
@@ -8,7 +8,9 @@ Three forwards are wrapped, on this instance only (other instances of the class 
   in the [B, T] layout;
 - the decoder stack (the text model): hands the full-attention layers a mask (or varlen kwargs) built from the
   boundaries, so transformers never sees the indexed mask;
-- every Gated DeltaNet layer: runs :func:`packed_gdn_forward` on the stream.
+- every Gated DeltaNet layer: runs :func:`packed_gdn_forward` on the stream;
+- every full-attention layer: on CUDA, runs :func:`packed_attention_forward` (varlen attention) when the decoder
+  stack chose the varlen path for the batch; otherwise its own forward with the exact mask.
 
 The boundaries travel down as the ``boundaries`` keyword, which transformers passes through its layers untouched
 (also under gradient checkpointing, which keeps keyword arguments for the recomputation).
@@ -28,7 +30,13 @@ import torch
 from torch import nn
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.attention import attention_inputs
+from deltapack.models.attention import (
+    WRAPPED_ATTR,
+    attention_inputs,
+    is_full_attention,
+    packed_attention_forward,
+    varlen_backend_of,
+)
 from deltapack.models.gated_deltanet import packed_gdn_forward
 from deltapack.models.registry import Architecture, architecture_of
 
@@ -68,6 +76,8 @@ def patch(model: ModelT) -> ModelT:
             wrapped.append(_wrap(module, "_deltapack_gdn_inner", _gdn_forward))
         elif isinstance(module, text_cls):
             wrapped.append(_wrap(module, "_deltapack_text_inner", _text_model_forward))
+        elif is_full_attention(module):
+            wrapped.append(_wrap(module, WRAPPED_ATTR, _attention_forward))
     wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
@@ -257,7 +267,7 @@ def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     call = _as_kwargs(inner, args, kwargs)
     embeds = call.get("inputs_embeds")
     dtype = embeds.dtype if embeds is not None else self.get_input_embeddings().weight.dtype
-    mask, extra = attention_inputs(bounds, self.config._attn_implementation, dtype)
+    mask, extra = attention_inputs(bounds, self.config._attn_implementation, dtype, text_model=self)
     call["attention_mask"] = {"full_attention": mask, "linear_attention": None}
     call.update(extra)
     return inner(**call)
@@ -272,3 +282,12 @@ def _gdn_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("deltapack: a GDN layer got both packed boundaries and a cache; expected no cache")
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     return packed_gdn_forward(self, hidden_states, bounds)
+
+
+def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = self.__dict__[WRAPPED_ATTR]
+    bounds: Boundaries | None = kwargs.get("boundaries")
+    if bounds is None or varlen_backend_of(bounds) is None:
+        return inner(*args, **kwargs)  # unpacked, or packed through the exact mask
+    call = _as_kwargs(inner, args, kwargs)
+    return packed_attention_forward(self, call["hidden_states"], call["position_embeddings"], bounds)

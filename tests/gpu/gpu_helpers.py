@@ -1,0 +1,40 @@
+"""Helpers of the GPU tests (marked ``gpu``, skipped cleanly where CUDA or FLA is missing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when out holds a NaN or an inf."""
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_lengths(total: int, gen: torch.Generator, short: bool = False) -> list[int]:
+    """Document lengths summing to ``total``: awkward ones first (1, 3, 63, 64, 65), then random."""
+    lengths = [n for n in (1, 3, 63, 64, 65) if n <= total][: max(1, total // 200)]
+    rest = total - sum(lengths)
+    while rest > 0:
+        hi = 40 if short else 700
+        n = min(rest, int(torch.randint(1, hi, (1,), generator=gen)))
+        lengths.append(n)
+        rest -= n
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    return [lengths[i] for i in perm]
+
+
+def cu_of(lengths: list[int], device: str = "cuda") -> tuple[torch.Tensor, tuple[int, ...]]:
+    host = [0]
+    for n in lengths:
+        host.append(host[-1] + n)
+    return torch.tensor(host, dtype=torch.int32, device=device), tuple(host)
+
+
+# tolerance of a fast path against the fp32 reference, by input dtype (relative L2 error)
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}

@@ -1,0 +1,128 @@
+"""The patched tiny models on CUDA: packed documents equal each document alone (outputs and gradients), through
+the fast path (FLA for the GDN layers, varlen attention in bf16), and no host sync once the boundaries exist."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gpu_helpers import rel_err, requires_cuda
+
+import deltapack
+from deltapack import Boundaries
+from deltapack.models.attention import varlen_backend_of
+from deltapack.tiny import tiny_model
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+ROWS = [[70, 5, 1, 130], [64, 33]]  # document lengths per row: one token, a chunk exactly, over a chunk
+# packed vs alone, per document: max |diff| of logits in fp32 (as on the CPU), relative L2 in bf16
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+LEAK = 1e-3
+
+
+def make_batch(vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(sum(r) for r in ROWS) + 3  # some padding on the right of every row
+    ids = torch.zeros(len(ROWS), width, dtype=torch.long)
+    doc_ids = torch.zeros_like(ids)
+    places = []
+    for r, row in enumerate(ROWS):
+        col = 0
+        for n, length in enumerate(row):
+            ids[r, col : col + length] = torch.randint(1, vocab, (length,), generator=gen)
+            doc_ids[r, col : col + length] = n + 1
+            places.append((r, col, length))
+            col += length
+    return ids.cuda(), doc_ids.cuda(), places
+
+
+def model_on_cuda(arch: str, dtype: torch.dtype):
+    return tiny_model(arch).to("cuda", dtype)
+
+
+def doc_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss inside one document: logits [L, V], ids [L]."""
+    return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
+
+
+def alone(model, ids: torch.Tensor) -> torch.Tensor:
+    """One document through the same patched path and kernels (explicit offsets [0, L])."""
+    cu = torch.tensor([0, ids.numel()], dtype=torch.int32, device="cuda")
+    return model(input_ids=ids[None], cu_seq_lens_q=cu).logits[0]
+
+
+def per_doc_diff(logits, places, alone_logits, dtype) -> float:
+    if dtype == torch.float32:
+        return max((logits[r, c : c + n] - a).abs().max().item() for (r, c, n), a in zip(places, alone_logits))
+    return max(rel_err(logits[r, c : c + n], a) for (r, c, n), a in zip(places, alone_logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_equals_alone_on_gpu(arch, dtype):
+    model = model_on_cuda(arch, dtype)
+    ids, doc_ids, places = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        leaky = model(input_ids=ids, attention_mask=doc_ids).logits
+        deltapack.patch(model)
+        packed = model(input_ids=ids, attention_mask=doc_ids).logits
+        alone_logits = [alone(model, ids[r, c : c + n]) for r, c, n in places]
+    tol = TOL[dtype]
+    assert per_doc_diff(packed, places, alone_logits, dtype) <= tol
+    assert per_doc_diff(leaky, places, alone_logits, dtype) > max(tol, LEAK)  # unpatched: it leaks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_gradient_equals_sum_alone_on_gpu(arch, dtype):
+    model = deltapack.patch(model_on_cuda(arch, dtype))
+    ids, doc_ids, places = make_batch(model.config.vocab_size, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_of(loss):
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(got, params)])
+
+    logits = model(input_ids=ids, attention_mask=doc_ids).logits
+    packed = grad_of(sum(doc_loss(logits[r, c : c + n], ids[r, c : c + n]) for r, c, n in places))
+    summed = sum(grad_of(doc_loss(alone(model, ids[r, c : c + n]), ids[r, c : c + n])) for r, c, n in places)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert rel_err(packed, summed) <= tol
+    deltapack.unpatch(model)
+    logits = model(input_ids=ids, attention_mask=doc_ids).logits
+    leaky = grad_of(sum(doc_loss(logits[r, c : c + n], ids[r, c : c + n]) for r, c, n in places))
+    assert rel_err(leaky, summed) > max(tol, LEAK)
+
+
+def test_bf16_packed_batch_takes_the_varlen_path():
+    model = deltapack.patch(model_on_cuda("qwen3_5", torch.bfloat16))
+    ids, doc_ids, _ = make_batch(model.config.vocab_size)
+    bounds = Boundaries.from_document_ids(doc_ids.cpu()).to("cuda")
+    with torch.no_grad():
+        model(input_ids=ids, boundaries=bounds)
+    assert varlen_backend_of(bounds) in ("torch_varlen", "flash_attn")
+    assert "fla" in bounds.cache  # the FLA index tensors, built once for the batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_host_sync_in_packed_forward_backward(arch):
+    """torch.cuda.set_sync_debug_mode('error') around a packed forward+backward with prebuilt boundaries."""
+    model = deltapack.patch(model_on_cuda(arch, torch.bfloat16)).train()
+    ids, doc_ids, _ = make_batch(model.config.vocab_size, seed=2)
+
+    def step(bounds):
+        out = model(input_ids=ids, labels=ids, boundaries=bounds)
+        out.loss.backward()
+        return out.loss
+
+    step(Boundaries.from_document_ids(doc_ids.cpu()).to("cuda"))  # compiles and autotunes the kernels
+    bounds = Boundaries.from_document_ids(doc_ids.cpu()).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(bounds)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
