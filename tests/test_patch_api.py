@@ -174,3 +174,25 @@ def test_gradient_checkpointing_keeps_packing():
     deltapack.unpatch(model)
     leaky = grads()  # unpatched, checkpointed: the leak is back
     assert ((leaky - plain).norm() / plain.norm()) > LEAK
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_moe_routing_is_unchanged_per_token(arch):
+    """Every real token is routed exactly as when its document runs alone (router logits of every MoE layer)."""
+    model = cached_model(arch)
+    packed = build([random_docs([4, 6], seed=13), random_docs([5], seed=14)], "indexed_mask", extra_pad=2)
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), output_router_logits=True).router_logits for d in packed.docs]
+        leaky = model(**packed.kwargs, output_router_logits=True, use_cache=False).router_logits
+        with patched(model):
+            routed = model(**packed.kwargs, output_router_logits=True).router_logits
+    lengths = [len(d) for d in packed.docs]
+    for layer, packed_logits in enumerate(routed):
+        assert packed_logits.shape[0] == sum(lengths)  # one row per real token: no padding is routed
+        per_doc = torch.split(packed_logits, lengths)
+        assert max((p - a[layer]).abs().max().item() for p, a in zip(per_doc, alone)) <= EXACT
+    # unpatched, the same tokens are routed differently (the leak reaches the router input)
+    batch, width = packed.kwargs["input_ids"].shape
+    r, c, n = packed.places[1]
+    leaky_doc = leaky[-1].reshape(batch, width, -1)[r, c : c + n]
+    assert (leaky_doc - alone[1][-1]).abs().max().item() > LEAK
