@@ -225,7 +225,7 @@ def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Bounda
     if not (isinstance(keep, int) and keep == 0):
         raise ValueError("deltapack: logits_to_keep with packed inputs; expected the default 0 (all logits)")
     new = {k: v for k, v in call.items() if k not in PACKING_KWARGS}
-    for name in ("input_ids", "inputs_embeds"):
+    for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
         if new.get(name) is not None:
             new[name] = bounds.unpad(new[name])
     new["attention_mask"] = None
