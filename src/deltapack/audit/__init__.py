@@ -122,8 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", metavar="FILE.png", default=None, help="heatmap layers x documents (needs matplotlib)"
     )
     parser.add_argument(
-        "--all", action="store_true", help="every causal LM of the installed transformers, one line each"
+        "--all",
+        action="store_true",
+        help="every causal LM of the installed transformers (or the comma-separated --arch list), one line each",
     )
+    parser.add_argument("--workers", type=int, default=2, help="with --all: processes (one thread each)")
+    parser.add_argument("--timeout", type=float, default=120, help="with --all: seconds per architecture")
     parser.add_argument("--markdown", metavar="FILE.md", default=None, help="with --all: write the scoreboard there")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 for tiny models)")
     parser.set_defaults(run=run, grad_rtol=GRAD_RTOL)

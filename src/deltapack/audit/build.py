@@ -64,7 +64,7 @@ def build_model(
         config = AutoConfig.for_model(model_type, **fields)
         arch = arch or model_type
         if shrink:
-            config, more = shrinking.shrink_config(config)
+            config, more = shrinking.shrink_config(config, model_type)
             notes += more
         else:
             notes.append("built from the given config at full size (random init)")
@@ -77,7 +77,7 @@ def build_model(
         known = causal_lm_types()
         if arch not in known:
             raise ValueError(f"{arch!r} is not a causal-LM model_type of the installed transformers")
-        config, more = shrinking.shrink_config(AutoConfig.for_model(arch))
+        config, more = shrinking.shrink_config(AutoConfig.for_model(arch), arch)
         notes += more
     model = _instantiate(config, seed, attn_implementation)
     notes += shrinking.set_long_memory(model, seed)

@@ -1,75 +1,199 @@
 """Generic shrinking of a transformers config to a tiny one, and long memory for decay / forget parameters.
 
-Shrinking sets the common size fields that a config has (hidden size, heads, experts, vocabulary, ...) to small
-values and keeps only as many layers as it takes to cover every layer type the architecture has (the first
-occurrence of each type, in the architecture's own order).
+Shrinking rebuilds the config from its class with small values for the common size fields it has (hidden size
+and the fields that alias it, heads, experts, vocabulary, ...), so fields derived in ``__init__`` follow, and keeps
+only as many layers as it takes to cover every layer type of the architecture's default config (up to the last
+first occurrence of a type, in the architecture's own order). Sub-configs (text, vision) are shrunk the same way.
+A few architectures whose default config lacks their characteristic layers get explicit layer types (HYBRIDS).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
 
 from deltapack import tiny
 
-__all__ = ["shrink_config", "set_long_memory"]
+__all__ = ["HYBRIDS", "set_long_memory", "shrink_config"]
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 128
+MAX_LAYERS = 12
 
 # field -> small value; only fields the config already has are set
 SMALL: dict[str, Any] = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "d_model": 64,
-    "n_embd": 64,
-    "intermediate_size": 128,
-    "ffn_dim": 128,
-    "n_inner": 128,
-    "num_attention_heads": 4,
-    "n_head": 4,
-    "num_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "d_model": HIDDEN,
+    "n_embd": HIDDEN,
+    "embedding_dim": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "ffn_dim": INTERMEDIATE,
+    "n_inner": INTERMEDIATE,
+    "d_ff": INTERMEDIATE,
+    "num_attention_heads": HEADS,
+    "n_head": HEADS,
+    "num_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "attention_head_dim": HEAD_DIM,
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "n_group": 1,
+    "topk_group": 1,
     "moe_intermediate_size": 32,
+    "expert_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_head_dim": 16,
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "state_size": 16,
+    "n_mamba_heads": 8,
+    "mamba_headdim": 16,
+    "time_step_rank": 8,
+    "encoder_attention_heads": HEADS,
+    "decoder_attention_heads": HEADS,
+    "encoder_ffn_dim": INTERMEDIATE,
+    "decoder_ffn_dim": INTERMEDIATE,
     "max_position_embeddings": 256,
+    "n_positions": 256,
+    "sliding_window": 64,
 }
 
+# architectures whose default config has none of their characteristic layers: the layer types to audit
+HYBRIDS: dict[str, dict[str, Any]] = {
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+}
 
-def shrink_config(config: Any) -> tuple[Any, list[str]]:
-    """A tiny copy of ``config`` (a transformers config); the notes say what was done."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    changed = {k: v for k, v in SMALL.items() if hasattr(text, k) and getattr(text, k) is not None}
-    for k, v in changed.items():
-        setattr(text, k, v)
-    layers = getattr(text, "num_hidden_layers", None)
-    types = getattr(text, "layer_types", None)
-    if isinstance(types, (list, tuple)) and types:
-        firsts = sorted({t: i for i, t in reversed(list(enumerate(types)))}.values())
-        keep = max(firsts) + 1
-        text.layer_types = list(types[:keep])
-        text.num_hidden_layers = keep
-    elif isinstance(layers, int):
-        text.num_hidden_layers = min(layers, 2)
-    return config, [
-        f"config shrunk to {text.num_hidden_layers} layers, hidden size {getattr(text, 'hidden_size', '?')}"
-    ]
+# size fields that must agree in ways the generic values miss (SSM heads x head dim = expand x hidden)
+CONSISTENT: dict[str, dict[str, Any]] = {
+    "mamba2": {"num_heads": 8, "head_dim": 16},
+    "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_expand": 2},
+}
+
+_TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "layer_block_types")
+
+
+def _layer_types(config: Any) -> tuple[str, Any] | None:
+    """(field name, per-layer types) of the first layer-type field a config has, with one entry per layer."""
+    layers = getattr(config, "num_hidden_layers", None)
+    for name in _TYPE_FIELDS:
+        try:
+            value = getattr(config, name, None)
+        except Exception:
+            continue
+        if isinstance(value, (list, tuple, str)) and value and (layers is None or len(value) == layers):
+            return name, value
+    return None
+
+
+def _needed_layers(types: Any) -> int:
+    first: dict[Any, int] = {}
+    for i, t in enumerate(types):
+        first.setdefault(str(t), i)
+    return max(first.values()) + 1
+
+
+def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
+    """Small values for the size fields ``config`` has, plus the layer count (and types) that cover its layers."""
+    fields = config.to_dict()
+    out: dict[str, Any] = {k: v for k, v in SMALL.items() if fields.get(k) is not None}
+    # fields that alias the hidden or intermediate size under another name
+    for size_field, small in (("hidden_size", HIDDEN), ("intermediate_size", INTERMEDIATE)):
+        size = fields.get(size_field)
+        if isinstance(size, int) and not isinstance(size, bool):
+            for k, v in fields.items():
+                if k not in out and type(v) is int and v == size and "position" not in k and "vocab" not in k:
+                    out[k] = small
+    for special in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = fields.get(special)
+        if isinstance(value, int) and value >= VOCAB:
+            out[special] = {"pad_token_id": 0, "bos_token_id": 1}.get(special, 2)
+        elif isinstance(value, list):
+            out[special] = [x if x < VOCAB else 2 for x in value]
+    types = _layer_types(config)
+    if arch in HYBRIDS:
+        out.update(HYBRIDS[arch])
+        out["num_hidden_layers"] = len(HYBRIDS[arch]["layer_types"])
+    elif types is not None:
+        name, value = types
+        keep = min(_needed_layers(value), MAX_LAYERS)
+        out["num_hidden_layers"] = keep
+        # every stored per-layer field (not a property derived from others) is cut to the kept layers too
+        for k, v in fields.items():
+            if isinstance(v, (list, tuple, str)) and len(v) == len(value) and k not in out and not isinstance(v, str):
+                out[k] = list(v[:keep])
+            elif k == name and isinstance(v, str):
+                out[k] = v[:keep]
+    elif isinstance(fields.get("num_hidden_layers"), int):
+        out["num_hidden_layers"] = min(fields["num_hidden_layers"], 2)
+    out.update(CONSISTENT.get(arch or "", {}))
+    for name in ("num_layers", "n_layer", "n_layers", "decoder_layers", "encoder_layers"):
+        if isinstance(fields.get(name), int) and name not in out:
+            out[name] = min(fields[name], out.get("num_hidden_layers", 2))
+    return out
+
+
+def shrink_config(config: Any, arch: str | None = None) -> tuple[Any, list[str]]:
+    """A tiny config of the same class as ``config``; the notes say what was done."""
+    cls = type(config)
+    overrides = _overrides(config, arch)
+    for name in getattr(cls, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            overrides[name] = {**sub.to_dict(), **_overrides(sub, None)}
+    base = {k: v for k, v in config.to_dict().items() if k in _constructor_fields(config)}
+    small = cls(**{**base, **overrides})
+    text = small.get_text_config() if hasattr(small, "get_text_config") else small
+    # fields derived inside __init__ from sizes we did not pass (mamba's time_step_rank = ceil(hidden / 16))
+    if getattr(text, "time_step_rank", None) is not None and isinstance(text.time_step_rank, int):
+        text.time_step_rank = min(text.time_step_rank, math.ceil(getattr(text, "hidden_size", HIDDEN) / 16))
+    types = _layer_types(text)
+    kinds = sorted({str(t) for t in types[1]}) if types else []
+    layers, hidden = getattr(text, "num_hidden_layers", "?"), getattr(text, "hidden_size", "?")
+    note = f"config shrunk: {layers} layers, hidden size {hidden}"
+    if kinds:
+        note += f", layer types {', '.join(kinds)}"
+    return small, [note]
+
+
+def _constructor_fields(config: Any) -> set[str]:
+    """Fields worth passing back to the config class: those the default config stores, minus derived ones."""
+    import inspect
+
+    names = set()
+    for klass in type(config).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")}
+    return names
 
 
 def set_long_memory(model: nn.Module, seed: int = 0) -> list[str]:
-    """Set decay parameters to long memory where random init forgets within a few tokens; notes say where."""
+    """Set decay parameters to long memory where random init forgets within a few tokens; notes say where.
+
+    Gated DeltaNet layers (``A_log`` and ``dt_bias``, class name with DeltaNet): A drawn from [1e-3, 2e-2], as
+    :func:`deltapack.tiny.set_long_memory` does. Other recurrent layers keep their init (their defaults already
+    remember across a few tokens: mamba's A in 1..16 with a small dt, rwkv's time decay).
+    """
     notes = []
-    gdn = [
-        m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "dt_bias") and "DeltaNet" in type(m).__name__
-    ]
-    if gdn:
+    if any(hasattr(m, "A_log") and hasattr(m, "dt_bias") and "DeltaNet" in type(m).__name__ for m in model.modules()):
         tiny.set_long_memory(model, seed=seed)
         notes.append("long-memory GDN decay: A drawn from [1e-3, 2e-2] (random init forgets within a few tokens)")
     return notes
