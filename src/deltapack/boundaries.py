@@ -46,6 +46,9 @@ class Boundaries:
         batch_shape: (B, T) of the padded batch.
         max_seqlen: length of the longest document (host int).
         cache: per-batch scratch space where backends keep index tensors they derive from these offsets.
+        context_parallel: when these are one rank's tokens of a stream split across ranks, that rank's
+            ``deltapack.distributed.ContextShard`` (the GDN ops and full attention then exchange what crosses
+            ranks); None otherwise.
     """
 
     cu_seqlens: torch.Tensor
@@ -56,6 +59,7 @@ class Boundaries:
     batch_shape: tuple[int, int]
     max_seqlen: int
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    context_parallel: Any = field(default=None, repr=False)
 
     @property
     def num_docs(self) -> int:
@@ -97,7 +101,10 @@ class Boundaries:
 
     def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Next-token targets [1, total] for unpadded ``labels`` [1, total]: ``ignore_index`` at the last token
-        of every document, so no document's first token is predicted from the previous document."""
+        of every document, so no document's first token is predicted from the previous document.
+        Under context parallelism a document cut at this rank's end takes its next target from the next rank."""
+        if self.context_parallel is not None:
+            return self.context_parallel.shift_labels(labels, ignore_index)
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         last = self.cu_seqlens[1:].long() - 1
         return shifted.index_fill(1, last, ignore_index)
@@ -113,6 +120,7 @@ class Boundaries:
             move(self.indices),
             self.batch_shape,
             self.max_seqlen,
+            context_parallel=self.context_parallel,
         )
 
     # ------------------------------------------------------------------ constructors

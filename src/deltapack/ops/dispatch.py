@@ -69,6 +69,7 @@ def causal_conv1d(
     cu_seqlens_host: Sequence[int] | None = None,
     cache: dict[str, Any] | None = None,
     backend: str | None = None,
+    context_parallel: Any = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed stream, cut at every document boundary.
 
@@ -80,12 +81,19 @@ def causal_conv1d(
         cu_seqlens_host: the offsets as host ints, so no backend needs a device sync.
         cache: a per-batch dict where a backend may keep index tensors it derives from the offsets.
         backend: "reference", "fla" or None (automatic).
+        context_parallel: this rank's ``deltapack.distributed.ContextShard`` when x is one rank's part of a stream
+            split across ranks (cu_seqlens are then its local pieces); the conv reads the earlier tokens of a cut
+            document from the previous rank.
 
     Returns:
         [1, T, D] in the dtype of x.
     """
     if x.dim() != 3 or x.shape[0] != 1:
         raise ValueError(f"x must be one packed stream [1, T, D], got shape {tuple(x.shape)}")
+    if context_parallel is not None:
+        from deltapack.distributed import ops as cp_ops
+
+        return cp_ops.causal_conv1d(x, weight, bias, activation, shard=context_parallel, backend=backend)
     if seq_idx is None:
         seq_idx = _seq_idx_from_cu(cu_seqlens, x.shape[1])
     chosen = resolve_backend(backend, x.device, "causal_conv1d")
@@ -119,6 +127,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     cache: dict[str, Any] | None = None,
     backend: str | None = None,
+    context_parallel: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over a packed stream; the state starts at zero for each document.
 
@@ -128,13 +137,22 @@ def gated_delta_rule(
         cu_seqlens: [N + 1] int32 document offsets. cu_seqlens_host: the same as host ints.
         scale: query scale (default K ** -0.5). use_qk_l2norm: L2-normalise q and k as the model does.
         output_final_state: also return [N, Hv, K, V] fp32 final states.
-        cache, backend: as in :func:`causal_conv1d`.
+        cache, backend, context_parallel: as in :func:`causal_conv1d` (under context parallelism the state of a cut
+            document is handed over from the previous rank; final states are not returned).
 
     Returns:
         (o [1, T, Hv, V] in the dtype of q, final states or None).
     """
     if q.dim() != 4 or q.shape[0] != 1:
         raise ValueError(f"q must be one packed stream [1, T, Hk, K], got shape {tuple(q.shape)}")
+    if context_parallel is not None:
+        from deltapack.distributed import ops as cp_ops
+
+        if output_final_state:
+            raise ValueError("deltapack: output_final_state under context parallelism; expected False")
+        return cp_ops.gated_delta_rule(
+            q, k, v, g, beta, shard=context_parallel, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend
+        )
     chosen = resolve_backend(backend, q.device, "gated_delta_rule")
     if chosen == "fla":
         from deltapack.ops import fla

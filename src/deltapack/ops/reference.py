@@ -109,8 +109,9 @@ def gated_delta_rule_ref(
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
     output_final_state: bool = False,
+    initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked gated delta rule whose state starts at zero for every document.
+    """Chunked gated delta rule whose state starts at zero for every document (or at ``initial_state``).
 
     The recurrence per value head h, token t (S is [K, V]):
         S = exp(g_t) * S;  S = S + beta_t * k_t (v_t - S^T k_t)^T;  o_t = S^T (scale * q_t)
@@ -126,6 +127,8 @@ def gated_delta_rule_ref(
         scale: query scale, default K ** -0.5.
         use_qk_l2norm: L2-normalise q and k first (what the Qwen3.5 / Qwen3-Next layers ask for).
         output_final_state: also return each document's final state.
+        initial_state: [N, Hv, K, V] the state each document starts from (N = B when cu_seqlens is None); None:
+            zeros. Gradients flow into it (context parallelism hands states across ranks through it).
 
     Returns:
         o: [B, T, Hv, V] in the dtype of q (computed in fp32);
@@ -151,6 +154,12 @@ def gated_delta_rule_ref(
         bounds = list(cu_seqlens_host) if cu_seqlens_host is not None else cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
             raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {total}, got {bounds}")
+    num_seqs = batch if cu_seqlens is None else len(bounds) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (num_seqs, num_v_heads, head_k, head_v):
+        raise ValueError(
+            f"initial_state must be [N, Hv, K, V] = {(num_seqs, num_v_heads, head_k, head_v)}, "
+            f"got {tuple(initial_state.shape)}"
+        )
     out_dtype = q.dtype
     scale = head_k**-0.5 if scale is None else scale
     group = num_v_heads // num_k_heads
@@ -191,13 +200,13 @@ def gated_delta_rule_ref(
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
 
     num_chunks = qc.shape[1]
-    starts = set(first_chunk)
+    starts = {c: n for n, c in enumerate(first_chunk)}  # first chunk -> document
     doc_end_chunk = {c - 1 for c in first_chunk[1:]} | {num_chunks - 1}
     state = qc.new_zeros(num_v_heads, head_k, head_v)
     outs, finals = [], []
     for c in range(num_chunks):
         if c in starts:
-            state = torch.zeros_like(state)
+            state = torch.zeros_like(state) if initial_state is None else initial_state[starts[c]].float()
         v_new = u[:, c] - w[:, c] @ state
         outs.append(q_dec[:, c] @ state + attn[:, c] @ v_new)
         state = state * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new

@@ -1,0 +1,30 @@
+"""Scale-out: context parallelism for packed rows, and FSDP2 for patched models.
+
+- :class:`ContextShard` splits one packed stream across the ranks of a process group (contiguous or zigzag) and
+  keeps the bookkeeping of which documents each rank boundary cuts.
+- :mod:`deltapack.distributed.ops`: exact context-parallel causal conv1d and gated delta rule (conv tokens and
+  recurrent states handed over between ranks), reached through ``deltapack.ops`` when the boundaries carry a shard.
+- :mod:`deltapack.distributed.attention`: full attention across ranks (keys and values all-gathered).
+- :func:`enable_context_parallel` and :func:`token_mean_loss`: a patched model on its shard, the loss of one device.
+- :func:`apply_fsdp`: FSDP2 per decoder layer with bf16 compute, fp32 reductions and the GDN's fp32 parameters kept
+  fp32.
+"""
+
+from deltapack.distributed.context_parallel import (
+    disable_context_parallel,
+    enable_context_parallel,
+    num_targets,
+    token_mean_loss,
+)
+from deltapack.distributed.sharding import LAYOUTS, ContextShard, StreamPart, padded_total
+
+__all__ = [
+    "LAYOUTS",
+    "ContextShard",
+    "StreamPart",
+    "disable_context_parallel",
+    "enable_context_parallel",
+    "num_targets",
+    "padded_total",
+    "token_mean_loss",
+]

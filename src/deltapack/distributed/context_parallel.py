@@ -1,0 +1,97 @@
+"""Running a patched model with context parallelism: set it up, shard a batch, and take the same loss as one device.
+
+    import deltapack
+    from deltapack.distributed import ContextShard, enable_context_parallel, token_mean_loss
+
+    model = enable_context_parallel(deltapack.patch(model))
+    bounds = deltapack.Boundaries.from_inputs(input_ids.shape, attention_mask=doc_ids)   # the whole batch
+    shard = ContextShard.build(bounds, group, layout="zigzag")
+    ids = shard.shard(bounds.unpad(input_ids))                  # [1, local tokens]
+    logits = model(input_ids=ids, boundaries=shard.local).logits
+    loss = token_mean_loss(logits, shard.shift_labels(shard.shard(bounds.unpad(labels))), shard)
+    loss.backward()      # then sum gradients over the group (FSDP / DDP over the same ranks do it)
+
+Every rank runs the same model on its own tokens. The loss each rank returns is its share of the global token mean
+(its summed token losses over the number of targets of the whole stream), so the sum over ranks is the loss of one
+device, and the sum over ranks of each rank's gradients is the gradient of one device.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltapack.distributed.attention import register_attention
+from deltapack.distributed.collectives import all_reduce_sum
+from deltapack.distributed.sharding import ContextShard
+from deltapack.patch import is_patched
+
+__all__ = ["disable_context_parallel", "enable_context_parallel", "num_targets", "token_mean_loss"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+_PREVIOUS = "_deltapack_attention_before_context_parallel"
+
+
+def _base(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def enable_context_parallel(model: ModelT) -> ModelT:
+    """Select the context-parallel attention on a patched model (idempotent); returns the model.
+
+    The GDN layers need nothing: they read the shard from the boundaries. Raises ValueError on a model that
+    :func:`deltapack.patch` has not patched.
+    """
+    base = _base(model)
+    if not is_patched(base):
+        raise ValueError(
+            "deltapack: enable_context_parallel needs a patched model; expected deltapack.patch(model) first"
+        )
+    name = register_attention()
+    if base.config._attn_implementation != name:
+        object.__setattr__(base, _PREVIOUS, base.config._attn_implementation)
+        base.set_attn_implementation(name)
+    return model
+
+
+def disable_context_parallel(model: ModelT) -> ModelT:
+    """Undo :func:`enable_context_parallel` (restores the attention implementation); returns the model."""
+    base = _base(model)
+    previous = base.__dict__.pop(_PREVIOUS, None)
+    if previous is not None:
+        base.set_attn_implementation(previous)
+    return model
+
+
+def num_targets(shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = -100) -> torch.Tensor:
+    """The number of targets (labels other than ``ignore_index``) of the whole stream, summed over ranks."""
+    return all_reduce_sum((shift_labels != ignore_index).sum(), shard.group, shard.world_size)
+
+
+def token_mean_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = -100
+) -> torch.Tensor:
+    """This rank's share of the token-mean cross entropy of the whole stream (fp32).
+
+    Args:
+        logits: [1, T_local, vocab]. shift_labels: [1, T_local] next-token targets (:meth:`ContextShard.shift_labels`).
+        shard: this rank's shard.
+
+    Returns:
+        A scalar: the sum of this rank's token losses over the targets of all ranks; summed over ranks it is the
+        one-device loss. A collective (the target count is summed over the group).
+    """
+    if logits.shape[:2] != shift_labels.shape:
+        raise ValueError(
+            f"deltapack: logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)}; expected "
+            "[1, T_local, vocab] and [1, T_local]"
+        )
+    total = num_targets(shift_labels, shard, ignore_index).clamp(min=1)
+    summed = F.cross_entropy(
+        logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
+    return summed / total.to(summed.dtype)

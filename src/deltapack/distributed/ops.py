@@ -1,0 +1,205 @@
+"""Exact context-parallel versions of the two GDN primitives, on top of the reference ops.
+
+Legend: T = this rank's tokens (its local buffer), P = ranks, C = parts of the stream along the chain (see
+:mod:`deltapack.distributed.sharding`), D = conv channels, W = conv width, Hk / Hv = key / value heads,
+K / V = key / value head dims, S = a recurrent state [K, V] per value head.
+
+Causal conv1d: a part whose first document started earlier needs that document's last W - 1 input tokens before the
+part. Every rank contributes the last W - 1 tokens of each of its parts to one all-gather; each part prepends what
+precedes it (never across a document boundary: those rows get a document id of their own), runs the reference conv
+and drops the prepended rows. The gradient of those rows flows back to their owner through the all-gather.
+
+Gated delta rule: the state of a document is linear in the state it starts from. For a piece of a document, with
+zero start the state ends at H; started at S_in it ends at M S_in + H, where M [K, K] is the piece's transition
+(the product of exp(g_t) (I - beta_t k_t k_t^T)). Each rank runs the reference once over its tokens with K extra
+value columns that carry the identity as initial state: their final state is M and their output at token t is
+R_t = P_t^T q_t (P_t the transition up to t), so the effect of a start state on the outputs is R_t^T S_in. One
+all-gather of every part's [H | M] (the piece that ends the part) lets each rank compose the state that enters its
+parts along the chain (S_in(c) = M_{c-1} S_in(c-1) + H_{c-1} while the document goes on), and add R_t^T S_in to the
+outputs of each part's first piece. Gradients flow through the same all-gather back to the ranks that made H and M.
+This is the algebra of FLA's context parallelism (``fla.ops.cp``): one all-gather of per-rank state transitions.
+
+Every rank runs the same exchanges in the same order; which ones run is decided from the chain, which all ranks
+share, so the collectives (and their backward) always pair up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from deltapack.distributed.collectives import all_gather
+from deltapack.distributed.sharding import ContextShard
+from deltapack.ops import reference
+
+__all__ = ["causal_conv1d", "gated_delta_rule"]
+
+logger = logging.getLogger("deltapack")
+_logged: set[str] = set()
+
+
+def _resolve(backend: str | None, op: str) -> str:
+    """Context-parallel ops run on the reference backend; FLA's context-parallel kernels are not wired in yet."""
+    requested = backend or os.environ.get("DELTAPACK_BACKEND") or "auto"
+    if requested == "fla":
+        raise RuntimeError(
+            f"deltapack: backend 'fla' was requested for context-parallel {op}, which runs on the reference backend "
+            "only for now; choose backend='reference' (or leave the backend automatic)"
+        )
+    if requested not in ("auto", "reference"):
+        raise ValueError(f"unknown deltapack backend {requested!r}; expected 'reference', 'fla' or 'auto'")
+    if op not in _logged:
+        _logged.add(op)
+        logger.info("deltapack: context-parallel %s runs on the reference backend", op)
+    return "reference"
+
+
+def _check_stream(name: str, x: torch.Tensor, shard: ContextShard) -> None:
+    if x.dim() < 3 or x.shape[0] != 1 or x.shape[1] != shard.num_local_tokens:
+        raise ValueError(
+            f"deltapack: {name} has shape {tuple(x.shape)}; expected this rank's stream [1, {shard.num_local_tokens}, "
+            "...] (the tokens ContextShard.shard gives it)"
+        )
+
+
+def _chain_order(shard: ContextShard, device: torch.device) -> torch.Tensor:
+    """[C] index into a [P * slots] gather result (rank-major) of each chain part."""
+    slots = len(shard.parts)
+    order = [rank * slots + slot for rank, slot in (shard.owner(c) for c in range(len(shard.chain)))]
+    return torch.tensor(order, device=device)
+
+
+def _my_chains(shard: ContextShard, device: torch.device) -> torch.Tensor:
+    return torch.tensor([p.chain for p in shard.parts], device=device)
+
+
+# ---------------------------------------------------------------------------------------------- causal conv1d
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    shard: ContextShard,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv1d over this rank's tokens, reading the tokens a cut document has on earlier ranks.
+
+    Args:
+        x: [1, T, D] this rank's stream (local-buffer order). weight: [D, W]. bias: [D] or None.
+        activation: None or "silu". shard: this rank's :class:`ContextShard`. backend: None or "reference".
+
+    Returns:
+        [1, T, D] in the dtype of x: equal to the conv over the whole stream, restricted to this rank's tokens.
+    """
+    _check_stream("x", x, shard)
+    _resolve(backend, "causal_conv1d")
+    keep = weight.shape[-1] - 1
+    seq_idx = shard.local.seq_idx.to(x.device)
+    if keep == 0 or not shard.crosses_ranks:
+        return reference.causal_conv1d_ref(x, weight, bias, activation, seq_idx=seq_idx)
+
+    parts, part_len, channels = shard.parts, shard.part_len, x.shape[-1]
+    tail = min(keep, part_len)
+    tails = torch.stack([x[0, (i + 1) * part_len - tail : (i + 1) * part_len] for i in range(len(parts))])
+    gathered = all_gather(tails, shard.group, shard.world_size)  # [P, slots, tail, D]
+    chain_tails = gathered.reshape(-1, tail, channels).index_select(0, _chain_order(shard, x.device))  # [C, tail, D]
+    # the `keep` tokens before each part's start; tails of consecutive parts are adjacent when tail < keep (whole
+    # parts) and only the previous part's tail is read otherwise, so one zero-padded flat view serves both
+    flat = torch.cat([chain_tails.new_zeros(keep, channels), chain_tails.reshape(-1, channels)])
+    rows = torch.arange(len(shard.chain), device=x.device)[:, None] * tail + torch.arange(keep, device=x.device)
+    halos = flat.index_select(0, rows.reshape(-1)).reshape(len(shard.chain), keep, channels)
+    halos = halos.index_select(0, _my_chains(shard, x.device))  # [slots, keep, D]
+
+    pieces, ids, keep_rows, base = [], [], [], 0
+    for i, part in enumerate(parts):
+        valid = min(keep, part.context_before)
+        local_ids = seq_idx[0, i * part_len : (i + 1) * part_len]
+        # rows that belong to no document of this part get their own id (-1 - i), so no tap reads them
+        halo_ids = torch.full((keep,), -1 - i, dtype=local_ids.dtype, device=x.device)
+        halo_ids[keep - valid :] = local_ids[0]
+        pieces += [halos[i].to(x.dtype), x[0, i * part_len : (i + 1) * part_len]]
+        ids += [halo_ids, local_ids]
+        keep_rows.append(torch.arange(base + keep, base + keep + part_len, device=x.device))
+        base += keep + part_len
+    extended = torch.cat(pieces).unsqueeze(0)
+    out = reference.causal_conv1d_ref(extended, weight, bias, activation, seq_idx=torch.cat(ids).unsqueeze(0))
+    return out.index_select(1, torch.cat(keep_rows))
+
+
+# ---------------------------------------------------------------------------------------------- gated delta rule
+def _compose_chain(hm: torch.Tensor, shard: ContextShard, head_v: int) -> torch.Tensor:
+    """[C, Hv, K, V + K] per-part [H | M] (along the chain) -> [C, Hv, K, V] the state entering each part."""
+    states = []
+    zeros = hm.new_zeros(hm.shape[1:-1] + (head_v,))
+    for c, part in enumerate(shard.chain):
+        if part.parts_before == 0:
+            states.append(zeros)
+        elif part.parts_before == 1:  # the previous part holds the start of the document
+            states.append(hm[c - 1, ..., :head_v])
+        else:  # the previous part lies wholly inside the document: its state enters it and goes on
+            states.append(hm[c - 1, ..., head_v:] @ states[c - 1] + hm[c - 1, ..., :head_v])
+    return torch.stack(states)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    shard: ContextShard,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Gated delta rule over this rank's tokens, with the state of a cut document handed over from earlier ranks.
+
+    Args:
+        q, k: [1, T, Hk, K]. v: [1, T, Hv, V]. g: [1, T, Hv] log-decay. beta: [1, T, Hv].
+        shard: this rank's :class:`ContextShard`. scale, use_qk_l2norm: as in the reference.
+        backend: None or "reference".
+
+    Returns:
+        (o [1, T, Hv, V] in the dtype of q, None): equal to the rule over the whole stream on this rank's tokens.
+        Final states are not returned under context parallelism.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_stream(name, t, shard)
+    _resolve(backend, "gated_delta_rule")
+    cu_host = shard.local_cu_seqlens_host
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=q.device)
+    common = dict(cu_seqlens=cu, cu_seqlens_host=cu_host, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    if not shard.crosses_ranks:
+        return reference.gated_delta_rule_ref(q, k, v, g, beta, **common)
+
+    num_v_heads, head_v = v.shape[-2:]
+    head_k = q.shape[-1]
+    num_pieces = len(cu_host) - 1
+    # K extra value columns, zero input, identity start: their final state is M, their output R_t = P_t^T q_t
+    v_aug = torch.cat([v.float(), v.new_zeros(*v.shape[:-1], head_k, dtype=torch.float32)], dim=-1)
+    eye = torch.eye(head_k, device=q.device).expand(num_pieces, num_v_heads, head_k, head_k)
+    start = torch.cat([eye.new_zeros(num_pieces, num_v_heads, head_k, head_v), eye], dim=-1)
+    out, final = reference.gated_delta_rule_ref(
+        q.float(), k.float(), v_aug, g.float(), beta.float(), **common, output_final_state=True, initial_state=start
+    )
+    o, response = out[..., :head_v], out[..., head_v:]  # [1, T, Hv, V], [1, T, Hv, K]
+
+    # [H | M] of the piece that ends each local part, gathered from every rank and put along the chain
+    piece_of_part_end = [shard.parts[0].num_pieces - 1]
+    if len(shard.parts) == 2:
+        piece_of_part_end.append(num_pieces - 1)
+    hm_local = final.index_select(0, torch.tensor(piece_of_part_end, device=q.device))  # [slots, Hv, K, V + K]
+    gathered = all_gather(hm_local, shard.group, shard.world_size)
+    hm = gathered.reshape(-1, *hm_local.shape[1:]).index_select(0, _chain_order(shard, q.device))
+    entering = _compose_chain(hm, shard, head_v).index_select(0, _my_chains(shard, q.device))  # [slots, Hv, K, V]
+
+    segments, part_len = [], shard.part_len
+    for i, part in enumerate(shard.parts):
+        lo, first_end = i * part_len, i * part_len + part.pieces[1]
+        carried = torch.einsum("thk,hkv->thv", response[0, lo:first_end], entering[i])
+        segments += [o[0, lo:first_end] + carried, o[0, first_end : lo + part_len]]
+    return torch.cat(segments).unsqueeze(0).to(q.dtype), None
