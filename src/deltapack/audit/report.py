@@ -25,9 +25,10 @@ def _num(v: float | None) -> str:
 
 def module_kind(class_name: str, attr: str) -> str:
     """What a module probably is, from its class and attribute names: conv, recurrence, attention, norm, ..."""
-    text = f"{class_name} {attr}".lower()
+    text = f"{class_name} {attr.rsplit('.', 1)[-1]}".lower()
     for words, kind in (
         (("conv",), "conv"),
+        (("shift", "zeropad"), "token shift"),
         (("norm",), "norm"),
         (
             (

@@ -1,0 +1,104 @@
+"""``deltapack audit`` on architectures deltapack does not patch: the verdict matches what is known of them, and
+a leak planted in a tiny custom module is found and localised."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from deltapack.audit import audit, audit_model
+from deltapack.audit.build import build_model
+from deltapack.audit.report import leak_sources
+from deltapack.cli import main
+
+
+def _sources(report, state: str, fmt: str) -> dict[str, dict]:
+    return {s["module"]: s for s in leak_sources(report.states[state].formats[fmt], report)}
+
+
+def test_llama_is_exact_with_restarting_positions_and_padding() -> None:
+    report = audit("llama", formats=["position_ids", "padding_left", "padding_right"])
+    assert report.audited == "unpatched" and "does not support" in report.patch_error
+    assert report.verdict() == "exact" and report.exit_code() == 0
+    for result in report.states["unpatched"].formats.values():
+        assert result.worst() <= 1e-5 and result.grad_rel <= 1e-4
+
+
+def test_llama_leaks_when_the_cache_is_left_on_and_the_attention_is_to_blame() -> None:
+    report = audit("llama", formats=["position_ids_cache"], gradient=False)
+    assert report.verdict() == "leaks" and report.exit_code() == 1
+    assert report.states["unpatched"].formats["position_ids_cache"].worst() > 1e-2
+    assert set(_sources(report, "unpatched", "position_ids_cache")) == {"self_attn"}
+
+
+@pytest.mark.parametrize(
+    ("arch", "module", "kind"),
+    [
+        ("mamba", "mixer", "recurrence / linear attention"),  # selective scan + conv inside the mixer
+        ("lfm2", "conv", "conv"),  # short convolution layers
+        ("rwkv", "attention.time_shift", "token shift"),  # rwkv's token shift reads the previous document
+        ("gpt_oss", "self_attn", "attention (mask / positions)"),  # its mask ignores restarting position_ids
+    ],
+)
+def test_each_mixer_kind_leaks_where_it_should(arch: str, module: str, kind: str) -> None:
+    report = audit(arch, formats=["position_ids"], gradient=False)
+    assert report.verdict() == "leaks" and report.exit_code() == 1
+    sources = _sources(report, "unpatched", "position_ids")
+    assert module in sources, sources
+    assert sources[module]["kind"] == kind
+
+
+def test_a_model_that_refuses_packed_kwargs_is_reported_as_raising() -> None:
+    report = audit("qwen3_5", patched=False, formats=["cu_seq_lens", "padding_right"], gradient=False)
+    result = report.states["unpatched"].formats["cu_seq_lens"]
+    assert result.raised is not None and "ValueError" in result.raised
+    assert report.states["unpatched"].formats["padding_right"].worst() <= 1e-5
+    assert report.verdict() == "raises" and report.exit_code() == 0  # refusing is not a silent leak
+    only_raising = audit("qwen3_5", patched=False, formats=["cu_seq_lens"], gradient=False)
+    assert only_raising.verdict() == "fails" and only_raising.exit_code() == 2  # nothing could run
+
+
+class LeakyMLP(nn.Module):
+    """The layer's MLP plus a small running mean over earlier tokens: mixes documents, as a bug would."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype)[:, None]
+        return self.inner(x) + 0.1 * x.cumsum(-2) / steps
+
+
+def test_a_planted_leak_is_found_and_localised() -> None:
+    model = build_model("llama").model
+    clean = audit_model(model, "llama", formats=_formats("position_ids"))
+    assert clean.verdict() == "exact"  # the same model and inputs, before planting
+    model.model.layers[1].mlp = LeakyMLP(model.model.layers[1].mlp)
+    report = audit_model(model, "llama (planted leak)", formats=_formats("position_ids"))
+    assert report.verdict() == "leaks" and report.exit_code() == 1
+    result = report.states["unpatched"].formats["position_ids"]
+    assert result.layers[0] == [
+        pytest.approx(v, abs=1e-5) for v in clean.states["unpatched"].formats["position_ids"].layers[0]
+    ]
+    assert max(result.layers[1]) > 1e-3 and result.grad_rel > 1e-4
+    sources = _sources(report, "unpatched", "position_ids")
+    assert set(sources) == {"mlp"} and sources["mlp"]["layers"] == [1]
+    assert result.layers[1][0] <= 1e-5  # the first document of the row has nothing before it to leak from
+
+
+def _formats(*names: str):
+    from deltapack.audit.formats import FORMATS
+
+    return [f for f in FORMATS if f.name in names]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_so(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["audit", "--arch", "llama", "--format", "position_ids", "--plot", str(tmp_path / "h.png")])
+    assert code == 0
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "h.png").exists()
