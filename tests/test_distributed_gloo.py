@@ -132,6 +132,7 @@ def _model_checks(arch: str, layouts: tuple[str, ...], checkpointing: bool = Fal
         loss.backward()
         key = f"{arch}.{layout}" + (".checkpointing" if checkpointing else "")
         out[f"{key}.logits"] = _rel(logits, shard.shard(ref_logits))
+        out[f"{key}.unshard"] = _rel(shard.unshard(logits.detach()), ref_logits)
         out[f"{key}.loss"] = _rel(all_reduce_sum(loss, None, WORLD), ref_loss)
         out[f"{key}.grads"] = max(
             _rel(all_reduce_sum(p.grad, None, WORLD), ref_grads[n])
@@ -316,7 +317,7 @@ def test_ops_match_one_process(measured: dict[str, float], op: str, stream: str,
 @pytest.mark.parametrize("arch", MODEL_ARCHS)
 def test_model_matches_one_process(measured: dict[str, float], arch: str, layout: str) -> None:
     key = f"{arch}.{layout}"
-    for what in ("logits", "loss", "grads", "hf_loss"):
+    for what in ("logits", "unshard", "loss", "grads", "hf_loss"):
         assert measured[f"{key}.{what}"] <= TOL, (what, measured[f"{key}.{what}"])
     assert measured[f"{key}.missing_grads"] == 0
     assert measured[f"{key}.naive"] > NAIVE_MIN  # the naive split is off (on the rank holding later tokens)

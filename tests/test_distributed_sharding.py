@@ -76,6 +76,32 @@ def test_shards_cover_the_stream_and_cut_documents_at_part_boundaries(case: tupl
     assert shards[0].crosses_ranks == any(p.context_before > 0 for p in shards[0].chain)
 
 
+@settings(max_examples=40, deadline=None)
+@given(streams())
+def test_bookkeeping_agrees_with_fla(case: tuple[list[int], int, str]) -> None:
+    """Where FLA is installed (GPU machines): the same local offsets, conv context and chain flags as FLA's own
+    context-parallel partition, which its kernels read."""
+    context = pytest.importorskip("fla.ops.cp.context", reason="FLA (a GPU extra) is not installed")
+    lengths, world, layout = case
+    bounds = _bounds(lengths)
+    for shard in _shards(bounds, world, layout):
+        theirs = context.get_cp_cu_seqlens(
+            bounds.cu_seqlens.cpu().long(), world_size=world, rank=shard.rank, layout=layout, conv1d_kernel_size=4
+        )
+        parts = shard.parts
+        assert tuple(theirs.cu_seqlens_cpu.tolist()) == shard.local_cu_seqlens_host
+        if layout == "contiguous":
+            (part,) = parts
+            assert theirs.pre_num_conv_tokens == part.context_before
+            assert theirs.pre_num_ranks == part.parts_before and theirs.is_first_rank == (part.parts_before == 0)
+            assert theirs.is_last_rank == (not part.continues)
+        else:
+            assert theirs.front_num_seqs == parts[0].num_pieces
+            assert theirs.pre_num_conv_tokens_by_part == tuple(p.context_before for p in parts)
+            assert theirs.pre_num_ranks_by_part == tuple(p.parts_before for p in parts)
+            assert theirs.is_last_by_part == tuple(not p.continues for p in parts)
+
+
 def test_zigzag_pairs_early_and_late_parts() -> None:
     shards = _shards(_bounds([40]), 4, "zigzag")
     assert [tuple(p.chain for p in s.parts) for s in shards] == [(0, 7), (1, 6), (2, 5), (3, 4)]

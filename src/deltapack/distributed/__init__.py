@@ -16,15 +16,18 @@ from deltapack.distributed.context_parallel import (
     num_targets,
     token_mean_loss,
 )
+from deltapack.distributed.fsdp import apply_fsdp, plan_fsdp_groups
 from deltapack.distributed.sharding import LAYOUTS, ContextShard, StreamPart, padded_total
 
 __all__ = [
     "LAYOUTS",
     "ContextShard",
     "StreamPart",
+    "apply_fsdp",
     "disable_context_parallel",
     "enable_context_parallel",
     "num_targets",
     "padded_total",
+    "plan_fsdp_groups",
     "token_mean_loss",
 ]
