@@ -36,5 +36,10 @@ def cu_of(lengths: list[int], device: str = "cuda") -> tuple[torch.Tensor, tuple
     return torch.tensor(host, dtype=torch.int32, device=device), tuple(host)
 
 
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
 # tolerance of a fast path against the fp32 reference, by input dtype (relative L2 error)
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}

@@ -70,8 +70,9 @@ def test_packed_equals_alone_on_gpu(arch, dtype):
         packed = model(input_ids=ids, attention_mask=doc_ids).logits
         alone_logits = [alone(model, ids[r, c : c + n]) for r, c, n in places]
     tol = TOL[dtype]
-    assert per_doc_diff(packed, places, alone_logits, dtype) <= tol
-    assert per_doc_diff(leaky, places, alone_logits, dtype) > max(tol, LEAK)  # unpatched: it leaks
+    diff, leak = per_doc_diff(packed, places, alone_logits, dtype), per_doc_diff(leaky, places, alone_logits, dtype)
+    assert diff <= tol, f"packed vs alone: {diff:.3g} > {tol}"
+    assert leak > max(tol, LEAK), f"the unpatched model should leak, got {leak:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -89,11 +90,13 @@ def test_packed_gradient_equals_sum_alone_on_gpu(arch, dtype):
     packed = grad_of(sum(doc_loss(logits[r, c : c + n], ids[r, c : c + n]) for r, c, n in places))
     summed = sum(grad_of(doc_loss(alone(model, ids[r, c : c + n]), ids[r, c : c + n])) for r, c, n in places)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    assert rel_err(packed, summed) <= tol
+    err = rel_err(packed, summed)
+    assert err <= tol, f"packed gradient vs summed alone: {err:.3g} > {tol}"
     deltapack.unpatch(model)
     logits = model(input_ids=ids, attention_mask=doc_ids).logits
     leaky = grad_of(sum(doc_loss(logits[r, c : c + n], ids[r, c : c + n]) for r, c, n in places))
-    assert rel_err(leaky, summed) > max(tol, LEAK)
+    leak = rel_err(leaky, summed)
+    assert leak > max(tol, LEAK), f"the unpatched gradient should leak, got {leak:.3g}"
 
 
 def test_bf16_packed_batch_takes_the_varlen_path():

@@ -4,14 +4,14 @@ One public function, :func:`varlen_attention`, and its reference :func:`varlen_a
 arguments. Backends, in the order the automatic choice tries them:
 
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention inside torch, CUDA, fp16/bf16).
-  Grouped KV heads: passed as they are where that function takes ``enable_gqa``, else expanded to the query heads.
+  Grouped KV heads are passed as they are (the flash kernel takes them), with ``enable_gqa`` where torch asks for it.
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when the flash-attn package is installed.
 - ``reference``: SDPA with an exact block-diagonal causal mask [T, T]: quadratic in memory, any device and dtype.
 
 The choice: the ``backend=`` argument, then the ``DELTAPACK_ATTENTION_BACKEND`` environment variable, then
 automatic. A backend asked for by name that cannot run raises; the automatic choice falls back to the reference.
-Measured on an H100 (32768 tokens, 16 query / 4 KV heads, head_dim 256, bf16, forward+backward): varlen 7.1 ms
-against 288 ms for SDPA with the block mask.
+Measured on an H200 (32768 tokens of 40 documents, 16 query / 4 KV heads, head_dim 256, bf16, forward+backward,
+torch 2.11): varlen 8.8 ms against 283 ms for SDPA with the block mask.
 
 Legend: T = tokens of the packed stream, Hq / Hkv = query / key-value heads, D = head dim, N = documents.
 """
@@ -156,8 +156,8 @@ def _run_torch_varlen(
         kwargs["window_size"] = (-1, 0)
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
-    else:
-        k, v = _expand_kv(k, v, q.shape[1])
+    # torch 2.10 / 2.11 take no enable_gqa and hand grouped heads straight to the flash kernel, which supports them:
+    # on an H200 (torch 2.11, 32768 tokens, 16/4 heads) the same output as expanded heads, bit for bit, 3-5% faster
     if "num_splits" in params:
         kwargs["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)

@@ -1,0 +1,213 @@
+"""End-to-end benchmark: the 665M Qwen3.5-architecture model of e2e-spec.json, bf16, forward+backward (loss on all
+tokens) over the spec's 32768-token stream, all modes in one run on one card:
+
+- padded: documents in arrival order, 4 per batch, right-padded, 0/1 mask (unpatched model);
+- hf_packed: transformers' own packed path: rows of at most 8192 tokens, position_ids restarting per document,
+  cu_seq_lens_q/k and max_length_q/k, sdpa (unpatched model; its conv still leaks across documents);
+- deltapack: the same rows as one batch [rows, 8192] with an indexed mask, boundaries built beforehand as a
+  collator does, through the patched model (FLA + varlen attention);
+- deltapack_rows: the patched model on the hf_packed rows one at a time.
+
+Then exactness: the patched model's logits for every document of the packed batch against that document alone
+through the same patched path (bf16), and against the unpatched model alone.
+
+Usage: python benchmarks/bench_e2e.py [--out e2e.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from common import document_lengths, documents, environment, load_spec, write
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import deltapack
+from deltapack import Boundaries
+
+ROW = 8192
+
+
+def padded_batches(docs: list[torch.Tensor]) -> list[dict]:
+    steps = []
+    for i in range(0, len(docs), 4):
+        group = docs[i : i + 4]
+        width = max(len(d) for d in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, d in enumerate(group):
+            ids[r, : len(d)], mask[r, : len(d)] = d, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        steps.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False})
+    return steps
+
+
+def rows_of(docs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    rows, current = [], []
+    for d in docs:
+        if current and sum(len(x) for x in current) + len(d) > ROW:
+            rows.append(current)
+            current = []
+        current.append(d)
+    rows.append(current)
+    return rows
+
+
+def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:
+    steps = []
+    for row in rows:
+        ids = torch.cat(row)[None]
+        lengths = torch.tensor([len(d) for d in row])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        pos = torch.cat([torch.arange(len(d)) for d in row])[None]
+        longest = int(lengths.max())
+        steps.append(
+            {
+                "input_ids": ids,
+                "position_ids": pos,
+                "labels": ids,
+                "use_cache": False,
+                "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
+        )
+    return steps
+
+
+def deltapack_batch(rows: list[list[torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+    ids = torch.zeros(len(rows), ROW, dtype=torch.long)
+    doc_ids = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        col = 0
+        for n, d in enumerate(row):
+            ids[r, col : col + len(d)], doc_ids[r, col : col + len(d)] = d, n + 1
+            col += len(d)
+    return {"input_ids": ids, "labels": ids.masked_fill(doc_ids == 0, -100)}, doc_ids
+
+
+def to_cuda(step: dict) -> dict:
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+
+
+def time_passes(model, make_steps, warmup: int = 1, reps: int = 3) -> dict:
+    """Forward+backward over every step of one pass (all 32768 tokens); median pass time over ``reps``."""
+    times = []
+    for i in range(warmup + reps):
+        steps = make_steps()
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for step in steps:
+            model(**step).loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return {
+        "seconds": statistics.median(times),
+        "all_seconds": times,
+        "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--skip-exact", action="store_true")
+    args = parser.parse_args()
+
+    spec = load_spec()
+    config = AutoConfig.for_model("qwen3_5_text", **spec["model"]["config"])
+    torch.manual_seed(spec["model"]["seed"])
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = model.to(torch.bfloat16).train()
+    lengths = document_lengths(spec["tokens"]["total"])
+    docs = documents(lengths, config.vocab_size)
+    total = sum(lengths)
+    rows = rows_of(docs)
+    result = {
+        "env": environment(),
+        "model_parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+        "tokens": total,
+        "documents": len(docs),
+        "hf_rows": len(rows),
+        "padded_tokens_ratio": sum(s["input_ids"].numel() for s in padded_batches(docs)) / total,
+    }
+    modes: dict[str, dict] = {}
+
+    padded = [to_cuda(s) for s in padded_batches(docs)]
+    hf_rows = [to_cuda(s) for s in hf_packed_steps(rows)]
+    for name, steps in (("padded", padded), ("hf_packed", hf_rows)):
+        try:
+            modes[name] = time_passes(model, lambda steps=steps: steps, reps=args.reps)
+        except Exception as err:  # noqa: BLE001 - record and go on with the other modes
+            modes[name] = {"error": repr(err)[:500]}
+        torch.cuda.empty_cache()
+
+    deltapack.patch(model)
+    batch, doc_ids = deltapack_batch(rows)
+    batch = to_cuda(batch)
+
+    def deltapack_steps():  # a collator hands over fresh boundaries with every batch
+        return [{**batch, "boundaries": Boundaries.from_document_ids(doc_ids).to("cuda")}]
+
+    def deltapack_row_steps():
+        out = []
+        for s in hf_rows:
+            b = Boundaries.from_cu_seqlens(s["cu_seq_lens_q"].cpu(), tuple(s["input_ids"].shape)).to("cuda")
+            out.append({"input_ids": s["input_ids"], "labels": s["labels"], "boundaries": b})
+        return out
+
+    modes["deltapack"] = time_passes(model, deltapack_steps, reps=args.reps)
+    torch.cuda.empty_cache()
+    modes["deltapack_rows"] = time_passes(model, deltapack_row_steps, reps=args.reps)
+    for m in modes.values():
+        if "seconds" in m:
+            m["tokens_per_s"] = total / m["seconds"]
+    e2e = {"modes": modes}
+    dp = modes["deltapack"]["tokens_per_s"]
+    for base in ("padded", "hf_packed"):
+        if "tokens_per_s" in modes[base]:
+            e2e[f"vs_{base}"] = dp / modes[base]["tokens_per_s"]
+    result["e2e"] = e2e
+    write(args.out, result)
+
+    if not args.skip_exact:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], boundaries=deltapack_steps()[0]["boundaries"]).logits
+            diffs, diffs_hf = [], []
+            places = [
+                (r, sum(len(x) for x in row[:n]), len(d)) for r, row in enumerate(rows) for n, d in enumerate(row)
+            ]
+            for r, c, n in places:
+                ids = batch["input_ids"][r : r + 1, c : c + n]
+                cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+                alone = model(input_ids=ids, cu_seq_lens_q=cu).logits[0]
+                diffs.append((packed[r, c : c + n] - alone).abs().max().item())
+            deltapack.unpatch(model)
+            for r, c, n in places:
+                ids = batch["input_ids"][r : r + 1, c : c + n]
+                alone = model(input_ids=ids).logits[0]
+                diffs_hf.append((packed[r, c : c + n] - alone).abs().max().item())
+        result["exact"] = {
+            "max_abs_logit_diff": max(diffs),
+            "documents_bit_exact": sum(d == 0 for d in diffs),
+            "documents": len(diffs),
+            "max_abs_logit_diff_vs_unpatched_alone": max(diffs_hf),
+            "logit_abs_max": packed.abs().max().item(),
+        }
+        write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

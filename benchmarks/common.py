@@ -1,0 +1,82 @@
+"""Shared pieces of the GPU benchmarks: the end-to-end spec (model and token stream), timing, environment."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SPEC_PATH = Path(__file__).with_name("e2e-spec.json")
+
+
+def load_spec() -> dict:
+    return json.loads(SPEC_PATH.read_text())
+
+
+def document_lengths(total: int = 32768) -> list[int]:
+    """The spec's lognormal lengths (median 600, clipped to [16, 4096]), summing exactly to ``total``."""
+    gen = torch.Generator().manual_seed(1)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(int(min(4096, max(16, math.exp(math.log(600) + torch.randn(1, generator=gen).item())))))
+    lengths[-1] -= sum(lengths) - total
+    if lengths[-1] < 1:
+        rest = lengths.pop()
+        lengths[-1] += rest
+    assert sum(lengths) == total
+    return lengths
+
+
+def documents(lengths: list[int], vocab: int = 32000) -> list[torch.Tensor]:
+    """The spec's token ids: one generator (seed 0), one randint per document in order."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> dict:
+    """Median and spread of ``fn`` in ms, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    try:
+        import fla
+
+        fla_version = getattr(fla, "__version__", "unknown")
+    except ImportError:
+        fla_version = None
+    return {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "fla": fla_version,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def write(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text)
