@@ -102,3 +102,10 @@ def test_plot_without_matplotlib_says_so(tmp_path, capsys: pytest.CaptureFixture
     assert code == 0
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "h.png").exists()
+
+
+def test_plot_writes_a_heatmap(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "heat.png"
+    assert main(["audit", "--format", "position_ids", "--no-grad", "--plot", str(path)]) == 0
+    assert path.stat().st_size > 1000

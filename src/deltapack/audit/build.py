@@ -64,7 +64,7 @@ def build_model(
         config = AutoConfig.for_model(model_type, **fields)
         arch = arch or model_type
         if shrink:
-            config, more = shrinking.shrink_config(config, model_type)
+            config, more = shrinking.shrink_config(config, model_type, {**fields, "model_type": model_type})
             notes += more
         else:
             notes.append("built from the given config at full size (random init)")

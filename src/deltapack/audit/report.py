@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from typing import Any
 
@@ -276,12 +275,9 @@ def plot(report: AuditReport, path: str, fmt: str | None = None) -> str:
         ) from exc
     states = list(report.states.values())
     name = fmt or _most_leaking_format(report)
-    fig, axes = plt.subplots(
-        1,
-        len(states),
-        figsize=(3 + 1.2 * len(report.doc_lengths) * len(states), 1.5 + 0.4 * len(report.layer_types)),
-        squeeze=False,
-    )
+    docs = max((len(s.formats[name].docs) for s in states if name in s.formats), default=1)
+    width, height = (2.5 + 0.9 * docs) * len(states), 1.2 + 0.35 * (len(report.layer_types) + 1)
+    fig, axes = plt.subplots(1, len(states), figsize=(width, height), squeeze=False)
     for ax, state in zip(axes[0], states):
         r = state.formats.get(name)
         if r is None or r.raised is not None:
@@ -306,7 +302,3 @@ def _most_leaking_format(report: AuditReport) -> str:
     state = report.states.get("unpatched") or next(iter(report.states.values()))
     runs = [(r.worst(), f) for f, r in state.formats.items() if r.raised is None]
     return max(runs)[1] if runs else report.formats[0].name
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")

@@ -113,7 +113,13 @@ def to_markdown(summaries: list[dict[str, Any]], seconds: float, versions: str) 
         "output and the logits, and gradient relative diff <= 1e-4. *Leaks by itself* names the modules that "
         "still differ when fed the clean per-document inputs.",
         "",
-        "Totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
+        "Totals over all formats: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + ". "
+        + _format_totals(summaries, "position_ids", "With restarting position_ids and use_cache=False alone")
+        + " Every architecture deltapack supports: "
+        + _patched_totals(summaries)
+        + ".",
         "",
         "Columns per input format: `ok` exact, a number = the worst max |diff| (a leak), `raises` = the model "
         "refuses the input. Formats: " + "; ".join(f"`{f.name}` {f.title}" for f in FORMATS) + ".",
@@ -145,6 +151,23 @@ _SHORT = {
     "padding_right": "pad right",
     "indexed_mask_padded": "indexed+pad",
 }
+
+
+def _format_totals(summaries: list[dict[str, Any]], fmt: str, title: str) -> str:
+    counts = {"exact": 0, "leaks": 0, "raises": 0}
+    for s in summaries:
+        value = s.get("unpatched", {}).get("formats", {}).get(fmt)
+        if value is not None:
+            counts["exact" if value == "exact" else "raises" if value == "raises" else "leaks"] += 1
+    return f"{title}: {counts['exact']} exact, {counts['leaks']} leak, {counts['raises']} raise."
+
+
+def _patched_totals(summaries: list[dict[str, Any]]) -> str:
+    supported = [s for s in summaries if s.get("patch") == "supported"]
+    exact = [s["arch"] for s in supported if s.get("patched", {}).get("verdict") == "exact"]
+    others = [s["arch"] for s in supported if s["arch"] not in exact]
+    text = f"{', '.join(exact) or 'none'} exact after patching (every format, forward and gradient)"
+    return text + (f"; NOT exact after patching: {', '.join(others)}" if others else "")
 
 
 def _cell(value: Any) -> str:

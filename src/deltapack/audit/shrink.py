@@ -87,6 +87,7 @@ CONSISTENT: dict[str, dict[str, Any]] = {
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_expand": 2},
 }
 
+_ALWAYS = ("head_dim", "num_key_value_heads")
 _TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "layer_block_types")
 
 
@@ -113,7 +114,10 @@ def _needed_layers(types: Any) -> int:
 def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
     """Small values for the size fields ``config`` has, plus the layer count (and types) that cover its layers."""
     fields = config.to_dict()
-    out: dict[str, Any] = {k: v for k, v in SMALL.items() if fields.get(k) is not None}
+    # head_dim / num_key_value_heads are set even where the default leaves them None (some models read them as is)
+    out: dict[str, Any] = {
+        k: v for k, v in SMALL.items() if fields.get(k) is not None or (k in _ALWAYS and k in fields)
+    }
     # fields that alias the hidden or intermediate size under another name
     for size_field, small in (("hidden_size", HIDDEN), ("intermediate_size", INTERMEDIATE)):
         size = fields.get(size_field)
@@ -143,6 +147,10 @@ def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
                 out[k] = v[:keep]
     elif isinstance(fields.get("num_hidden_layers"), int):
         out["num_hidden_layers"] = min(fields["num_hidden_layers"], 2)
+    if "qk_rope_head_dim" in out and "head_dim" in out:  # MLA: the rotary part is the head_dim of the rope
+        out["head_dim"] = out["qk_rope_head_dim"]
+    if isinstance(fields.get("rotary_dim"), int):
+        out["rotary_dim"] = min(fields["rotary_dim"], HEAD_DIM // 2)
     out.update(CONSISTENT.get(arch or "", {}))
     for name in ("num_layers", "n_layer", "n_layers", "decoder_layers", "encoder_layers"):
         if isinstance(fields.get(name), int) and name not in out:
@@ -150,15 +158,21 @@ def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
     return out
 
 
-def shrink_config(config: Any, arch: str | None = None) -> tuple[Any, list[str]]:
-    """A tiny config of the same class as ``config``; the notes say what was done."""
+def shrink_config(config: Any, arch: str | None = None, fields: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """A tiny config of the same class as ``config``; the notes say what was done.
+
+    ``fields``: the fields ``config`` was built from (a config.json), kept where not shrunk; None for a default
+    config of ``arch``.
+    """
     cls = type(config)
     overrides = _overrides(config, arch)
     for name in getattr(cls, "sub_configs", {}) or {}:
         sub = getattr(config, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
             overrides[name] = {**sub.to_dict(), **_overrides(sub, None)}
-    base = {k: v for k, v in config.to_dict().items() if k in _constructor_fields(config)}
+    # a default config is rebuilt from the overrides alone (its __init__ derives the rest); a config read from a
+    # file keeps its own fields
+    base = {k: v for k, v in (fields or {}).items() if k in _constructor_fields(config)}
     small = cls(**{**base, **overrides})
     text = small.get_text_config() if hasattr(small, "get_text_config") else small
     # fields derived inside __init__ from sizes we did not pass (mamba's time_step_rank = ceil(hidden / 16))
