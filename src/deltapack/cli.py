@@ -12,6 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deltapack import audit
 
     audit.add_arguments(sub.add_parser("audit", help="packed vs alone, per layer and document, before/after patching"))
+    from deltapack import train
+
+    train.add_arguments(sub.add_parser("train", help="packed SFT run (default: embedded tiny model and data, CPU)"))
     return parser
 
 

@@ -1,0 +1,336 @@
+"""``deltapack train``: a short packed SFT run, end to end.
+
+With no arguments it fine-tunes the embedded tiny Qwen3.5 (random init) on the embedded arithmetic dataset on the
+CPU, in well under a minute: documents are packed with best-fit decreasing, batched by :class:`PackedCollator` and
+run through the patched model. A progress bar shows loss, tokens/s and fill; the summary compares the tokens
+computed with what padded batches of the same documents would have cost. Nothing is fetched from a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["add_arguments", "run", "TrainReport"]
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class TrainError(ValueError):
+    """A problem with the command's inputs (a missing path, a bad data line); printed without a traceback."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``deltapack train``; sets ``run`` as the subcommand's entry."""
+    parser.add_argument("--model", metavar="PATH", help="a local HF model directory (weights) or config directory")
+    parser.add_argument("--arch", default="qwen3_5", help="embedded tiny model when no --model (default qwen3_5)")
+    parser.add_argument(
+        "--data", metavar="FILE", help="a .jsonl file: 'text', or 'prompt'/'completion', or 'input_ids'"
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="PATH", help="a local tokenizer directory (default: --model's, else chars)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=1024, help="tokens per packed row (default 1024)")
+    parser.add_argument("--batch-rows", type=int, default=4, help="packed rows per step (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    parser.add_argument("--output", metavar="DIR", help="save the trained model (save_pretrained) and tokenizer here")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (PEFT) instead of all weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class TrainReport:
+    """What a run did: counts, losses, time, and padding compared with one-document-per-row batches."""
+
+    model: str
+    device: str
+    documents: int
+    rows: int
+    steps: int
+    tokens: int
+    fill: float
+    packed_tokens_computed: int
+    padded_tokens_computed: int
+    first_loss: float
+    last_loss: float
+    wall_s: float
+    skipped_steps: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokens_per_s": self.tokens_per_s}
+
+    def __str__(self) -> str:
+        packed_pad = 1 - self.tokens / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
+        padded_pad = 1 - self.tokens / self.padded_tokens_computed if self.padded_tokens_computed else 0.0
+        saved = self.padded_tokens_computed / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
+        return "\n".join(
+            [
+                f"model            {self.model} on {self.device}",
+                f"data             {self.documents} documents packed into {self.rows} rows (fill {self.fill:.1%})",
+                f"trained          {self.steps} steps, {self.tokens} tokens in {self.wall_s:.1f} s "
+                f"({self.tokens_per_s:,.0f} tokens/s)",
+                f"loss             {self.first_loss:.4f} -> {self.last_loss:.4f}"
+                + (f" ({self.skipped_steps} batches without trained tokens skipped)" if self.skipped_steps else ""),
+                f"padding          {packed_pad:.1%} of computed tokens packed vs {padded_pad:.1%} in padded batches "
+                f"of the same documents ({saved:.2f}x the tokens computed without packing)",
+            ]
+        )
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _existing(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrainError(
+            f"deltapack train: {what} {path!r} does not exist; expected a local path (nothing is downloaded)"
+        )
+    return p
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model to train (fp32) and a name for it: --model PATH (weights or config), else the embedded tiny one."""
+    if args.model is None:
+        from deltapack.tiny import tiny_model
+
+        return tiny_model(args.arch, seed=args.seed), f"tiny {args.arch} (embedded, random init)"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = _existing(args.model, "--model")
+    if path.is_file():
+        if path.name != "config.json":
+            raise TrainError(f"deltapack train: --model {args.model!r} is a file; expected a directory or config.json")
+        path = path.parent
+    if not (path / "config.json").exists():
+        raise TrainError(f"deltapack train: --model {args.model!r} has no config.json; expected a HF model directory")
+    if any((path / name).exists() for name in WEIGHT_FILES):
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        return model, f"{path.name} (weights)"
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    return model, f"{path.name} (config only, random init)"
+
+
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    from deltapack.data.demo import char_tokenizer
+
+    source = args.tokenizer
+    if source is None and args.model is not None:
+        model_dir = Path(args.model).expanduser()
+        model_dir = model_dir.parent if model_dir.is_file() else model_dir
+        if any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            source = str(model_dir)
+    if source is None:
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_existing(source, "--tokenizer"), local_files_only=True)
+
+
+def load_documents(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, list[int]]]:
+    """Token ids (and labels) per document from --data, else the embedded dataset."""
+    from deltapack.data.demo import demo_examples, tokenize_examples
+
+    if args.data is None:
+        return tokenize_examples(demo_examples(seed=args.seed), tokenizer)
+    path = _existing(args.data, "--data")
+    docs = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TrainError(f"deltapack train: {path.name} line {number} is not JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise TrainError(f"deltapack train: {path.name} line {number} is not a JSON object")
+            if "input_ids" in record:
+                ids = record["input_ids"]
+                labels = record.get("labels", ids)
+                if len(labels) != len(ids):
+                    raise TrainError(
+                        f"deltapack train: {path.name} line {number} has {len(ids)} input_ids and {len(labels)} "
+                        "labels; expected one label per token"
+                    )
+                docs.append({"input_ids": list(ids), "labels": list(labels)})
+            else:
+                try:
+                    docs.extend(tokenize_examples([record], tokenizer))
+                except ValueError as err:
+                    raise TrainError(f"deltapack train: {path.name} line {number}: {err}") from err
+    if not docs:
+        raise TrainError(f"deltapack train: {path.name} holds no documents")
+    return docs
+
+
+def _check_vocab(docs: list[dict[str, list[int]]], vocab_size: int) -> None:
+    top = max((max(d["input_ids"]) for d in docs if d["input_ids"]), default=0)
+    if top >= vocab_size:
+        raise TrainError(
+            f"deltapack train: token id {top} is outside the model's vocabulary of {vocab_size}; "
+            "expected a tokenizer that matches the model"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def padded_tokens(lengths: list[int], rows_per_batch: int) -> int:
+    """Tokens computed when the documents (``lengths``, in data order) go one per row, ``rows_per_batch`` rows per
+    batch, each batch padded to its longest document (what a padding collator does)."""
+    return sum(
+        len(lengths[i : i + rows_per_batch]) * max(lengths[i : i + rows_per_batch])
+        for i in range(0, len(lengths), rows_per_batch)
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = train(args)
+    except TrainError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def train(args: argparse.Namespace) -> TrainReport:
+    import deltapack
+    from deltapack.data import PackedCollator, pack_documents
+
+    if args.max_tokens < 1 or args.batch_rows < 1:
+        raise TrainError("deltapack train: --max-tokens and --batch-rows must be positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, name = load_model(args)
+    tokenizer = load_tokenizer(args)
+    docs = load_documents(args, tokenizer)
+    _check_vocab(docs, model.config.get_text_config().vocab_size)
+    packed = pack_documents(docs, args.max_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = PackedCollator(pad_token_id=pad_id)
+
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+        )
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    deltapack.patch(model)
+    if device.type == "cuda":
+        model.to(device, dtype=torch.bfloat16)  # the FLA kernels run in bf16; the reference path stays fp32 on CPU
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    rows = list(packed.rows)
+    steps_per_epoch = math.ceil(len(rows) / args.batch_rows)
+    steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
+    rng = random.Random(args.seed)
+    order: list[int] = []
+    tokens = packed_computed = skipped = 0
+    first_loss = last_loss = float("nan")
+    bar = _progress(steps)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if len(order) < args.batch_rows:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order += epoch
+        picked, order = order[: args.batch_rows], order[args.batch_rows :]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked]).items()}
+        if bool((batch["labels"][:, 1:] != -100).any()):
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = loss.item()
+            first_loss = last_loss if math.isnan(first_loss) else first_loss
+        else:
+            skipped += 1  # only prompt tokens (pieces of split documents): nothing to learn from
+        real = sum(len(rows[i]["input_ids"]) for i in picked)
+        tokens += real
+        packed_computed += batch["input_ids"].numel()
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", fill=f"{real / batch['input_ids'].numel():.1%}"
+        )
+    bar.close()
+    wall = time.perf_counter() - start
+
+    # the same documents one per row, as many per batch as our packed batches hold on average
+    lengths = [len(d["input_ids"]) for d in docs if d["input_ids"]]
+    docs_per_batch = max(1, round(args.batch_rows * len(lengths) / len(rows)))
+    padded_per_real = padded_tokens(lengths, docs_per_batch) / sum(lengths)
+
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"deltapack train: --output {args.output!r} is a file; expected a directory")
+        deltapack.unpatch(model)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print(f"saved to {out}", file=sys.stderr)
+    return TrainReport(
+        model=name,
+        device=str(device),
+        documents=packed.stats.documents,
+        rows=packed.stats.rows,
+        steps=steps,
+        tokens=tokens,
+        fill=packed.stats.fill,
+        packed_tokens_computed=packed_computed,
+        padded_tokens_computed=round(tokens * padded_per_real),
+        first_loss=first_loss,
+        last_loss=last_loss,
+        wall_s=wall,
+        skipped_steps=skipped,
+    )
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with the train extra
+        return _PlainProgress(total)
+    return tqdm(total=total, desc="deltapack train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _PlainProgress:
+    def __init__(self, total: int):
+        self.total, self.n, self.postfix = total, 0, {}
+
+    def update(self, n: int) -> None:
+        self.n += n
+        print(f"step {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in self.postfix.items()), file=sys.stderr)
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = kw
+
+    def close(self) -> None:
+        pass
