@@ -104,13 +104,38 @@ def pack_dataset(
     array_type, offset_type = (pa.LargeListArray, np.int64) if large else (pa.ListArray, np.int32)
     packed = []
     for col in cols:
-        pieces = array_type.from_arrays(pa.array(piece_offsets.astype(offset_type)), col.flatten())
-        tokens = pieces.take(order).flatten()
-        packed.append(array_type.from_arrays(pa.array(row_offsets.astype(offset_type)), tokens))
+        packed.append(
+            array_type.from_arrays(pa.array(row_offsets.astype(offset_type)), _reorder(col, piece_offsets, order))
+        )
     doc_offsets = np.concatenate([[0], np.cumsum(docs_per_row)]).astype(np.int32)
     packed.append(pa.ListArray.from_arrays(pa.array(doc_offsets), pa.array(ordered_len.astype(np.int32))))
     out = pa.Table.from_arrays(packed, names=[*names, "seq_lengths"])
-    return datasets.Dataset(datasets.table.InMemoryTable(out))
+    # a fingerprint given up front: otherwise datasets hashes the whole table (seconds per million documents)
+    fingerprint = datasets.fingerprint.generate_random_fingerprint()
+    return datasets.Dataset(datasets.table.InMemoryTable(out), fingerprint=fingerprint)
+
+
+def _reorder(column: Any, piece_offsets: np.ndarray, order: Any) -> Any:
+    """The tokens of ``column`` (a list array, one document per entry) laid out piece by piece in ``order``.
+
+    Integer tokens are copied with numpy slices (about 4x faster than Arrow's list ``take``); other types go
+    through ``take``.
+    """
+    import pyarrow as pa
+
+    values = column.flatten()
+    order_np = order.to_numpy()
+    if pa.types.is_integer(values.type) and values.null_count == 0:
+        tokens = values.to_numpy()
+        starts = piece_offsets[:-1][order_np].tolist()
+        ends = piece_offsets[1:][order_np].tolist()
+        if not starts:
+            return values.slice(0, 0)
+        return pa.array(np.concatenate([tokens[a:b] for a, b in zip(starts, ends)]))
+    array_type = pa.LargeListArray if pa.types.is_large_list(column.type) else pa.ListArray
+    offset_type = np.int64 if array_type is pa.LargeListArray else np.int32
+    pieces = array_type.from_arrays(pa.array(piece_offsets.astype(offset_type)), values)
+    return pieces.take(order).flatten()
 
 
 def dataset_stats(dataset: Any, max_tokens: int) -> PackStats:
