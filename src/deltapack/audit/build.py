@@ -79,9 +79,29 @@ def build_model(
             raise ValueError(f"{arch!r} is not a causal-LM model_type of the installed transformers")
         config, more = shrinking.shrink_config(AutoConfig.for_model(arch), arch)
         notes += more
+    if any("shrunk" in n for n in notes):
+        _check_size(config, attn_implementation)
     model = _instantiate(config, seed, attn_implementation)
     notes += shrinking.set_long_memory(model, seed)
     return Built(model.float().eval(), arch, notes)
+
+
+MAX_SHRUNK_PARAMETERS = 50_000_000
+
+
+def _check_size(config: Any, attn_implementation: str) -> None:
+    """Refuse a shrunk config that is still large (some size field the generic shrink does not know), counting
+    parameters on the meta device so that nothing is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except Exception:
+        return  # building for real will tell
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_SHRUNK_PARAMETERS:
+        raise ValueError(f"the shrunk config still has {count / 1e6:.0f}M parameters (a size field the shrink misses)")
 
 
 def _instantiate(config: Any, seed: int, attn_implementation: str) -> nn.Module:

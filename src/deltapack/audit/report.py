@@ -24,10 +24,12 @@ def _num(v: float | None) -> str:
 
 def module_kind(class_name: str, attr: str) -> str:
     """What a module probably is, from its class and attribute names: conv, recurrence, attention, norm, ..."""
-    text = f"{class_name} {attr.rsplit('.', 1)[-1]}".lower()
+    named = [part for part in attr.split(".") if not part.isdigit()]
+    text = f"{class_name} {named[-1] if named else ''}".lower()
     for words, kind in (
         (("conv",), "conv"),
         (("shift", "zeropad"), "token shift"),
+        (("rotary", "rope"), "positions (rotary)"),
         (("norm",), "norm"),
         (
             (

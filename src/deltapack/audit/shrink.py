@@ -87,7 +87,7 @@ CONSISTENT: dict[str, dict[str, Any]] = {
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_expand": 2},
 }
 
-_ALWAYS = ("head_dim", "num_key_value_heads")
+_ALWAYS = ("head_dim", "num_key_value_heads", "num_experts_per_tok")
 _TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "layer_block_types")
 
 
@@ -147,8 +147,17 @@ def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
                 out[k] = v[:keep]
     elif isinstance(fields.get("num_hidden_layers"), int):
         out["num_hidden_layers"] = min(fields["num_hidden_layers"], 2)
-    if "qk_rope_head_dim" in out and "head_dim" in out:  # MLA: the rotary part is the head_dim of the rope
-        out["head_dim"] = out["qk_rope_head_dim"]
+    keep_layers = out.get("num_hidden_layers")
+    for k, v in fields.items():  # per-layer settings keyed by layer index: keep those of the kept layers
+        if isinstance(v, dict) and v and keep_layers and all(str(i).isdigit() for i in v):
+            out[k] = {i: x for i, x in v.items() if int(i) < keep_layers}
+    if "is_decoder" in fields:  # encoder architectures used as causal LMs (bert, roberta, ...) must be causal
+        out["is_decoder"] = True
+    if "qk_rope_head_dim" in out:  # MLA: head_dim is the rotary part; as in real MLA configs, kv heads = heads
+        if "head_dim" in out:
+            out["head_dim"] = out["qk_rope_head_dim"]
+        if "num_key_value_heads" in out:
+            out["num_key_value_heads"] = HEADS
     if isinstance(fields.get("rotary_dim"), int):
         out["rotary_dim"] = min(fields["rotary_dim"], HEAD_DIM // 2)
     out.update(CONSISTENT.get(arch or "", {}))
