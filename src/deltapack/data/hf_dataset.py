@@ -27,9 +27,13 @@ def _require_datasets() -> Any:
 def _list_column(table: Any, name: str) -> Any:
     import pyarrow as pa
 
-    column = table.column(name).combine_chunks()
-    if isinstance(column, pa.ChunkedArray):  # a table with zero chunks
-        column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], type=column.type)
+    chunked = table.column(name)
+    if chunked.num_chunks == 1:
+        column = chunked.chunk(0)  # no copy
+    elif chunked.num_chunks == 0:
+        column = pa.array([], type=chunked.type)
+    else:
+        column = pa.concat_arrays(chunked.chunks)
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
         raise ValueError(f"deltapack: column {name!r} has type {column.type}; expected a list of token ids per row")
     return column
