@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +61,18 @@ class ModelParts:
     layer_types: list[str]
     watched: list[tuple[str, nn.Module]]
     depth: dict[str, int]
+    probes: list[FunctionProbe] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def probing(self) -> Iterator[None]:
+        """Route the probed functions of the modeling modules through their probes while the block runs."""
+        for probe in self.probes:
+            setattr(probe.home, probe.attr, probe)
+        try:
+            yield
+        finally:
+            for probe in self.probes:
+                setattr(probe.home, probe.attr, probe.fn)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelParts:
@@ -74,7 +89,41 @@ class ModelParts:
                 continue
             watched.append((name, module))
             depth[name] = level
-        return cls(layers, layer_types, watched, depth)
+        probes = _function_probes([m for _, m in watched])
+        for probe in probes:
+            watched.append((probe.label, probe))
+            depth[probe.label] = 3
+        return cls(layers, layer_types, watched, depth, probes)
+
+
+# module-level functions of a modeling module that hold a conv or a recurrence (called by the mixers' forward)
+_PROBED = re.compile(r"conv1d|delta_rule|selective_scan|scan_fn|ssd|recurrent_gated|chunk_.*rule|wkv|lightning")
+
+
+class FunctionProbe(nn.Module):
+    """A module-level function of a transformers modeling module, made an ``nn.Module`` for the audit's hooks.
+
+    Called once per layer in a forward; the audit keys its calls ``name()#k`` (k = 0, 1, ... in call order).
+    """
+
+    def __init__(self, home: types.ModuleType, attr: str, fn: Callable[..., Any]):
+        super().__init__()
+        self.home, self.attr, self.fn = home, attr, fn
+        self.label = f"{attr}()"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def _function_probes(modules: Sequence[nn.Module]) -> list[FunctionProbe]:
+    homes = {type(m).__module__ for m in modules if type(m).__module__.startswith("transformers.models.")}
+    probes = []
+    for home_name in sorted(homes):
+        home = sys.modules.get(home_name)
+        for attr, fn in sorted(vars(home).items()) if home is not None else ():
+            if callable(fn) and not isinstance(fn, type) and _PROBED.search(attr) and not attr.endswith("update"):
+                probes.append(FunctionProbe(home, attr, fn))
+    return probes
 
 
 def _in_vision_tower(name: str) -> bool:
@@ -149,7 +198,18 @@ def _float_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def _channels_first(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv1d)
+    """Modules and functions that take [B, C, T]: ``nn.Conv1d`` and the conv1d functions of modeling modules."""
+    return isinstance(module, nn.Conv1d) or (isinstance(module, FunctionProbe) and "conv" in module.attr)
+
+
+def _call_key(name: str, module: nn.Module, counts: dict[str, int]) -> str | None:
+    """The key of this call of a watched module: its name on the first call, ``name#k`` for function probes
+    (called once per layer); None for later calls of ordinary modules (only the first is measured)."""
+    k = counts.get(name, 0)
+    counts[name] = k + 1
+    if isinstance(module, FunctionProbe):
+        return f"{name}#{k}"
+    return name if k == 0 else None
 
 
 @dataclass
@@ -194,26 +254,30 @@ def run_alone(model: nn.Module, parts: ModelParts, doc: int, ids_L: torch.Tensor
     inputs: dict[str, dict[Any, torch.Tensor]] = {}
     outputs: dict[str, list[torch.Tensor | None]] = {}
     handles = []
+    pre_counts: dict[str, int] = {}
+    post_counts: dict[str, int] = {}
     for name, module in parts.watched:
         cf = _channels_first(module)
 
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name, cf: bool = cf):
-            if name in inputs:
+            key = _call_key(name, mod, pre_counts)
+            if key is None:
                 return None
-            inputs[name] = {}
-            for key, t in _float_inputs(mod, args, kwargs).items():
+            inputs[key] = {}
+            for arg, t in _float_inputs(mod, args, kwargs).items():
                 split = layout.split(t.detach(), cf)
                 if split is not None:
-                    inputs[name][key] = split[0].clone()
+                    inputs[key][arg] = split[0].clone()
             return None
 
         def post(mod: nn.Module, args: Any, kwargs: Any, out: Any, name: str = name, cf: bool = cf):
-            if name in outputs:
+            key = _call_key(name, mod, post_counts)
+            if key is None:
                 return None
-            outputs[name] = []
+            outputs[key] = []
             for t in _output_tensors(out):
                 split = None if t is None or not t.is_floating_point() else layout.split(t.detach(), cf)
-                outputs[name].append(None if split is None else split[0].clone())
+                outputs[key].append(None if split is None else split[0].clone())
             return None
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -363,52 +427,65 @@ def _localise(
     own: dict[str, list[float]] = {}
     for level in sorted(set(parts.depth.values())):
         handles = []
+        pre_counts: dict[str, int] = {}
+        post_counts: dict[str, int] = {}
         for name, module in parts.watched:
-            if parts.depth[name] != level or any(name not in alone[d].outputs for d in docs):
+            if parts.depth[name] != level:
                 continue
-            handles.append(module.register_forward_pre_hook(_clean_inputs(name, layout, alone, docs), with_kwargs=True))
-            handles.append(module.register_forward_hook(_own_diff(name, layout, alone, docs, own), with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(_clean_inputs(name, layout, alone, docs, pre_counts), with_kwargs=True)
+            )
+            handles.append(
+                module.register_forward_hook(_own_diff(name, layout, alone, docs, own, post_counts), with_kwargs=True)
+            )
         with _hooks(handles), torch.no_grad():
             model(**kwargs)
     return own
 
 
-def _clean_inputs(name: str, layout: Layout, alone: dict[int, AloneRun], docs: list[int]) -> Any:
-    """A forward pre-hook that swaps a module's per-token float inputs for the documents' clean ones (first call)."""
-    calls = [0]
+def _clean_inputs(
+    name: str, layout: Layout, alone: dict[int, AloneRun], docs: list[int], counts: dict[str, int]
+) -> Any:
+    """A forward pre-hook that swaps a module's per-token float inputs for the documents' clean ones."""
 
     def pre(mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-        calls[0] += 1
-        if calls[0] > 1:
+        key = _call_key(name, mod, counts)
+        if key is None or any(key not in alone[d].inputs for d in docs):
             return None
         cf = _channels_first(mod)
-        clean = [alone[d].inputs.get(name, {}) for d in docs]
+        clean = [alone[d].inputs[key] for d in docs]
         new_args, new_kw = list(args), dict(kw)
-        for key, t in _float_inputs(mod, args, kw).items():
-            refs = [c.get(key) for c in clean]
+        for arg, t in _float_inputs(mod, args, kw).items():
+            refs = [c.get(arg) for c in clean]
             split = layout.split(t, cf)
             if split is None or any(r is None or r.shape != s.shape for r, s in zip(refs, split)):
                 continue
             fresh = layout.assemble(t, refs, cf)
-            if isinstance(key, int):
-                new_args[key] = fresh
+            if isinstance(arg, int):
+                new_args[arg] = fresh
             else:
-                new_kw[key] = fresh
+                new_kw[arg] = fresh
         return tuple(new_args), new_kw
 
     return pre
 
 
 def _own_diff(
-    name: str, layout: Layout, alone: dict[int, AloneRun], docs: list[int], own: dict[str, list[float]]
+    name: str,
+    layout: Layout,
+    alone: dict[int, AloneRun],
+    docs: list[int],
+    own: dict[str, list[float]],
+    counts: dict[str, int],
 ) -> Any:
-    """A forward hook that records a module's max |diff| per document against its clean outputs (first call)."""
+    """A forward hook that records a module's max |diff| per document against its clean outputs."""
 
     def post(mod: nn.Module, args: Any, kw: Any, out: Any) -> None:
-        if name in own:
+        key = _call_key(name, mod, counts)
+        if key is None or key in own or any(key not in alone[d].outputs for d in docs):
             return
         cf = _channels_first(mod)
-        clean = [alone[d].outputs[name] for d in docs]
+        clean = [alone[d].outputs[key] for d in docs]
         diffs = [0.0] * len(docs)
         for pos, t in enumerate(_output_tensors(out)):
             refs = [c[pos] if pos < len(c) else None for c in clean]
@@ -417,6 +494,6 @@ def _own_diff(
                 continue
             for j, (s, r) in enumerate(zip(split, refs)):
                 diffs[j] = max(diffs[j], _max_abs(s, r) or 0.0)
-        own[name] = diffs
+        own[key] = diffs
 
     return post

@@ -128,37 +128,57 @@ def audit_model(
         atol=atol,
         grad_rtol=grad_rtol,
         formats=list(formats),
-        module_classes={n: type(m).__name__ for n, m in parts.watched},
+        module_classes={
+            n: "function" if n in {p.label for p in parts.probes} else type(m).__name__ for n, m in parts.watched
+        },
     )
-    used = sorted({d for f in formats for row in f.rows for d in row})
     settings = dict(gradient=gradient, localise=localise, pad_token_id=pad, localise_above=atol)
 
     # every state is compared with the documents run alone through the original (unpatched) model
     was_patched = deltapack.is_patched(model)
     try:
-        deltapack.unpatch(model)
-        try:
-            alone = {d: run_alone(model, parts, d, documents[d], gradient) for d in used}
-        except Exception as exc:
-            error = f"running a document alone raised {short_reason(exc)}"
-            report.states["unpatched"] = StateReport("unpatched", error=error)
-            return report
-        if unpatched:
-            report.states["unpatched"] = _audit_state("unpatched", model, parts, formats, documents, alone, settings)
-        if patched:
-            try:
-                deltapack.patch(model)
-                report.patch_supported = True
-            except ValueError as exc:
-                report.patch_error = short_reason(exc, 200)
-            if report.patch_supported:
-                report.states["patched"] = _audit_state("patched", model, parts, formats, documents, alone, settings)
+        with parts.probing():
+            _audit_states(model, report, parts, formats, documents, settings, patched, unpatched)
     finally:
         deltapack.unpatch(model)
         if was_patched:
             deltapack.patch(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _audit_states(
+    model: nn.Module,
+    report: AuditReport,
+    parts: ModelParts,
+    formats: Sequence[InputFormat],
+    documents: list[torch.Tensor],
+    settings: dict[str, Any],
+    patched: bool,
+    unpatched: bool,
+) -> None:
+    """Fill ``report.states``: the documents alone through the original model, then each state's formats."""
+    import deltapack
+
+    used = sorted({d for f in formats for row in f.rows for d in row})
+    deltapack.unpatch(model)
+    try:
+        alone = {d: run_alone(model, parts, d, documents[d], settings["gradient"]) for d in used}
+    except Exception as exc:
+        report.states["unpatched"] = StateReport(
+            "unpatched", error=f"running a document alone raised {short_reason(exc)}"
+        )
+        return
+    if unpatched:
+        report.states["unpatched"] = _audit_state("unpatched", model, parts, formats, documents, alone, settings)
+    if patched:
+        try:
+            deltapack.patch(model)
+            report.patch_supported = True
+        except ValueError as exc:
+            report.patch_error = short_reason(exc, 200)
+        if report.patch_supported:
+            report.states["patched"] = _audit_state("patched", model, parts, formats, documents, alone, settings)
 
 
 def _audit_state(

@@ -72,6 +72,9 @@ def leak_sources(result: FormatResult, report: AuditReport) -> list[dict[str, An
         if worst <= report.atol:
             continue
         layer, rel = None, name
+        if "()#" in name:  # a probed function: its k-th call in the forward
+            rel, call = name.split("#")
+            layer = -1 - int(call)
         for i, layer_name in enumerate(report.layer_names):
             if name == layer_name:
                 layer, rel = i, ""
@@ -88,8 +91,10 @@ def leak_sources(result: FormatResult, report: AuditReport) -> list[dict[str, An
         entry = groups.setdefault(
             key, {"module": key, "class": cls, "kind": module_kind(cls, rel or cls), "layers": [], "max": 0.0}
         )
-        if layer is not None:
+        if layer is not None and layer >= 0:
             entry["layers"].append(layer)
+        elif layer is not None:
+            entry.setdefault("calls", []).append(-1 - layer)
         entry["max"] = max(entry["max"], worst)
     return list(groups.values())
 
@@ -98,6 +103,8 @@ def _describe_sources(sources: list[dict[str, Any]]) -> str:
     parts = []
     for s in sources:
         where = f" (layers {','.join(map(str, s['layers']))})" if s["layers"] else ""
+        if s.get("calls"):
+            where = f" (calls {','.join(map(str, s['calls']))})"
         cls = f" {s['class']}" if s["class"] else ""
         parts.append(f"{s['module']}{cls}{where}: {s['kind']}, {_num(s['max'])}")
     return "; ".join(parts)
