@@ -55,12 +55,18 @@ def test_batch_describes_the_documents(layout, multiple, indexed) -> None:
     assert int((batch["labels"][:, 1:] != -100).sum()) == int((model_targets != -100).sum())
 
 
-def test_rows_with_only_position_ids_or_nothing() -> None:
-    rows = [{"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]}, {"input_ids": [9, 10, 11]}]
+def test_rows_with_only_position_ids() -> None:
+    rows = [{"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]}, {"input_ids": [9, 10, 11], "seq_lengths": [3]}]
     batch = PackedCollator(pad_token_id=3)(rows)
     assert batch["attention_mask"].tolist() == [[1, 1, 2, 2], [1, 1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, 10, 11, -100]]
     assert batch["input_ids"][1, 3] == 3
+
+
+def test_a_row_without_document_lengths_raises() -> None:
+    """A row whose seq_lengths were dropped (e.g. by a Trainer) must not silently become one document."""
+    with pytest.raises(ValueError, match="neither seq_lengths nor position_ids"):
+        PackedCollator(pad_token_id=3)([{"input_ids": [9, 10, 11]}])
 
 
 def test_packer_rows_go_straight_in() -> None:

@@ -73,11 +73,15 @@ def test_hf_trainer_with_packed_collator_and_gradient_checkpointing(reference, t
     train = packed_dataset()
     assert len(train) < len(documents())
     model = deltapack.patch(copy.deepcopy(reference[0]))
-    # the patched forward takes **kwargs, so keep the dataset's columns for the collator
+    collator = PackedCollator(pad_token_id=PAD)
+    # by default the Trainer drops dataset columns the forward does not name, seq_lengths among them: a clear error
+    args = one_step_args(TrainingArguments, tmp_path, len(train), activation_checkpointing=True)
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
     args = one_step_args(
         TrainingArguments, tmp_path, len(train), activation_checkpointing=True, remove_unused_columns=False
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=PackedCollator(pad_token_id=PAD))
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     trainer.train()
     assert model.is_activation_checkpointing
     check_step(model, reference)
@@ -107,12 +111,9 @@ def test_trl_sft_trainer_with_prepacked_dataset_and_packed_collator(reference, t
     assert trainer.state.log_history[0]["num_tokens"] == sum(len(d) for d in documents())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SFTTrainer's fused LM head calls the decoder stack directly, past the patched entry forward; "
-    "patch(model) must come after SFTTrainer(...) until the decoder stack itself unpads packed inputs",
-)
 def test_trl_sft_trainer_model_patched_before_the_trainer(reference, tmp_path) -> None:
+    """SFTTrainer's fused LM head calls the decoder stack directly, past the entry forward: the patched decoder
+    stack unpads packed inputs itself, so patching before the trainer is exact too."""
     trainer = sft_trainer(deltapack.patch(copy.deepcopy(reference[0])), tmp_path)
     trainer.train()
     check_step(trainer.model, reference)

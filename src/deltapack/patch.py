@@ -78,7 +78,8 @@ def patch(model: ModelT) -> ModelT:
             wrapped.append(_wrap(module, "_deltapack_text_inner", _text_model_forward))
         elif is_full_attention(module):
             wrapped.append(_wrap(module, WRAPPED_ATTR, _attention_forward))
-    wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
+    if not isinstance(target, text_cls):  # a bare decoder stack is its own entry
+        wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
@@ -106,9 +107,23 @@ class _PatchState:
 
 
 def _wrap(module: nn.Module, attr: str, forward: Callable[..., Any]) -> tuple[nn.Module, str]:
-    # keep the forward in place now (instance or class level) and bind ours to the instance: deepcopy rebinds both
-    module.__dict__[attr] = module.forward
-    module.forward = types.MethodType(forward, module)
+    """Replace ``module.forward`` on this instance by ``forward`` bound to it, keeping the original at ``attr``.
+
+    The bound function is a copy of ``forward`` that carries the original signature (the Trainer reads it to pick
+    the batch columns it keeps). Nothing is captured in a closure, so a deepcopy of the model rebinds everything to
+    the copy.
+    """
+    original = module.forward
+    module.__dict__[attr] = original
+    fn = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__)
+    fn.__doc__ = getattr(original, "__doc__", None)
+    try:
+        params = list(inspect.signature(original).parameters.values())
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        fn.__signature__ = inspect.Signature([self_param, *params])
+    except (TypeError, ValueError):
+        pass  # no introspectable signature: keep (*args, **kwargs)
+    module.forward = types.MethodType(fn, module)
     return module, attr
 
 
@@ -134,6 +149,11 @@ def _as_kwargs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
 # ---------------------------------------------------------------------------------------------- the entry model
 def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__["_deltapack_entry_inner"]
+    return _route(inner, inner, args, kwargs)
+
+
+def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``."""
     call = _as_kwargs(inner, args, kwargs)
     bounds = call.pop("boundaries", None)
     explicit = bounds is not None or any(call.get(k) is not None for k in PACKING_KWARGS)
@@ -160,7 +180,7 @@ def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
             "the shape of input_ids"
         )
-    return _packed_call(inner, call, bounds)
+    return _packed_call(packed, call, bounds)
 
 
 def _batch_shape(call: dict[str, Any]) -> tuple[int, int]:
@@ -260,11 +280,16 @@ def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
 
 # ---------------------------------------------------------------------------------------------- inner modules
 def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The decoder stack: with boundaries, the full-attention mask or varlen plan; without, the entry logic itself,
+    so a caller that runs the decoder stack directly (TRL's fused LM head does) still gets packing right."""
     inner = self.__dict__["_deltapack_text_inner"]
-    bounds: Boundaries | None = kwargs.get("boundaries")
-    if bounds is None:
-        return inner(*args, **kwargs)
-    call = _as_kwargs(inner, args, kwargs)
+    if kwargs.get("boundaries") is None:
+        return _route(lambda **call: _text_model_packed(self, inner, call), inner, args, kwargs)
+    return _text_model_packed(self, inner, _as_kwargs(inner, args, kwargs))
+
+
+def _text_model_packed(self: nn.Module, inner: Callable[..., Any], call: dict[str, Any]) -> Any:
+    bounds: Boundaries = call["boundaries"]
     embeds = call.get("inputs_embeds")
     dtype = embeds.dtype if embeds is not None else self.get_input_embeddings().weight.dtype
     mask, extra = attention_inputs(bounds, self.config._attn_implementation, dtype, text_model=self)

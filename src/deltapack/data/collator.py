@@ -25,7 +25,7 @@ def _ints(x: Any) -> list[int]:
 
 
 def row_seq_lengths(row: Mapping[str, Any], index: int = 0) -> list[int]:
-    """The document lengths of one packed row, from ``seq_lengths``, else ``position_ids``, else one document.
+    """The document lengths of one packed row, from ``seq_lengths``, else ``position_ids``; ValueError if neither.
 
     ``position_ids`` follow deltapack's one rule: a document starts where the position is 0, and inside a document
     positions go up by exactly 1. Raises ValueError when the row's description is inconsistent.
@@ -57,7 +57,10 @@ def row_seq_lengths(row: Mapping[str, Any], index: int = 0) -> list[int]:
                 )
         lengths = [b - a for a, b in zip(starts, [*starts[1:], size])]
     else:
-        lengths = [size] if size else []
+        raise ValueError(
+            f"deltapack: row {index} has neither seq_lengths nor position_ids; expected the document lengths of the "
+            "packed row (a transformers Trainer drops the seq_lengths column unless remove_unused_columns=False)"
+        )
     if positions is not None and seq_lengths is not None:
         expected = [p for n in lengths for p in range(n)]
         if _ints(positions) != expected:
@@ -74,7 +77,8 @@ class PackedCollator:
 
     Each row is a mapping with ``input_ids`` and optional ``labels`` (-100 where a token is not trained on),
     ``seq_lengths`` (document lengths, as :func:`deltapack.data.pack_documents` and TRL write them) or
-    ``position_ids`` restarting at 0 per document; a row with neither is one document. Other keys are ignored.
+    ``position_ids`` restarting at 0 per document; a row with neither raises (never a silent single document).
+    Other keys are ignored.
 
     Returns int64 tensors [B, T], rows padded on the right:
 
