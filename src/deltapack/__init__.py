@@ -7,9 +7,20 @@ out = model(input_ids, attention_mask=doc_ids)   # doc_ids: 1..n per document in
 """
 
 from deltapack.boundaries import Boundaries
+from deltapack.data import PackedCollator, pack_dataset, pack_documents
 from deltapack.models.registry import SUPPORTED
 from deltapack.patch import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["Boundaries", "SUPPORTED", "is_patched", "patch", "unpatch", "__version__"]
+__all__ = [
+    "Boundaries",
+    "PackedCollator",
+    "SUPPORTED",
+    "is_patched",
+    "pack_dataset",
+    "pack_documents",
+    "patch",
+    "unpatch",
+    "__version__",
+]
