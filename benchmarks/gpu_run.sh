@@ -22,7 +22,7 @@ stage() {  # name, time limit (s), command...
 }
 for what in "$@"; do
   case "$what" in
-    tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu tests/gpu -p no:cacheprovider ;;
+    tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short --timeout="${TEST_TIMEOUT:-150}" -m gpu tests/gpu -p no:cacheprovider ;;
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
