@@ -86,7 +86,7 @@ def leak_sources(result: FormatResult, report: AuditReport) -> list[dict[str, An
     for layer, rel, name, worst in located:
         if not rel and layer in inner:
             continue
-        cls = report.module_classes.get(name, "")
+        cls = report.module_classes.get(name.split("#")[0], "")
         key = rel or "(decoder layer)"
         entry = groups.setdefault(
             key, {"module": key, "class": cls, "kind": module_kind(cls, rel or cls), "layers": [], "max": 0.0}
