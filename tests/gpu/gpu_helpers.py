@@ -10,7 +10,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; inf when out holds a NaN or an inf."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if not bool(torch.isfinite(out).all()):
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
