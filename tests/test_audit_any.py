@@ -3,7 +3,7 @@ a leak planted in a tiny custom module is found and localised."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -96,8 +96,9 @@ def _formats(*names: str):
     return [f for f in FORMATS if f.name in names]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib_says_so(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib_says_so(tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     code = main(["audit", "--arch", "llama", "--format", "position_ids", "--plot", str(tmp_path / "h.png")])
     assert code == 0
     assert "--plot needs matplotlib" in capsys.readouterr().err
