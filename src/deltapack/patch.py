@@ -47,6 +47,9 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 # keyword arguments through which transformers users describe packed documents; deltapack owns them once patched
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k", "seq_idx")
 _STATE = "_deltapack_state"
+# the cache keyword of the model forwards and of the GDN layers (transformers 5.24 renames both to ``cache``)
+CACHE_KWARGS = ("past_key_values", "cache")
+GDN_CACHE_KWARGS = ("cache_params", "cache")
 
 
 def _target(model: nn.Module) -> nn.Module:
@@ -160,7 +163,7 @@ def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[An
     mask = call.get("attention_mask")
     if isinstance(mask, dict) and not explicit:
         return inner(*args, **kwargs)  # the caller built per-layer masks itself
-    if call.get("past_key_values") is not None:
+    if any(call.get(name) is not None for name in CACHE_KWARGS):
         # cached decoding: transformers handles padding there; packed documents cannot share one cache
         if explicit or (isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1):
             raise ValueError(
@@ -251,7 +254,8 @@ def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Bounda
     new["attention_mask"] = None
     new["position_ids"] = bounds.position_ids
     new["use_cache"] = False
-    new["past_key_values"] = None
+    for name in CACHE_KWARGS:
+        new.pop(name, None)
     if new.get("labels") is not None:
         new["labels"] = bounds.unpad(new["labels"])
         new["shift_labels"] = bounds.shift_labels(new["labels"])
@@ -303,7 +307,7 @@ def _gdn_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     bounds: Boundaries | None = kwargs.get("boundaries")
     if bounds is None:
         return inner(*args, **kwargs)
-    if kwargs.get("cache_params") is not None:
+    if any(kwargs.get(name) is not None for name in GDN_CACHE_KWARGS):
         raise ValueError("deltapack: a GDN layer got both packed boundaries and a cache; expected no cache")
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     return packed_gdn_forward(self, hidden_states, bounds)
