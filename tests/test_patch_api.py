@@ -196,3 +196,11 @@ def test_moe_routing_is_unchanged_per_token(arch):
     r, c, n = packed.places[1]
     leaky_doc = leaky[-1].reshape(batch, width, -1)[r, c : c + n]
     assert (leaky_doc - alone[1][-1]).abs().max().item() > LEAK
+
+
+def test_boundaries_on_another_device_than_the_inputs_raise():
+    model = cached_model("qwen3_5")
+    ids = torch.randint(0, 128, (1, 6))
+    bounds = Boundaries.from_document_ids(torch.tensor([[1, 1, 2, 2, 2, 2]]), device="meta")
+    with patched(model), pytest.raises(ValueError, match="expected both on one device"):
+        model(input_ids=ids, boundaries=bounds)

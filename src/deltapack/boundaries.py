@@ -304,28 +304,30 @@ class Boundaries:
         device = device if device is not None else _device_of(attention_mask, position_ids, cu_seqlens)
         indexed = mask is not None and mask.numel() > 0 and int(mask.max()) > 1
 
+        # built and checked on the host, moved to the device once at the end
         if cu_seqlens is not None:
             padding = None if mask is None or indexed else mask
             if indexed:
                 _fail("both cu_seqlens and an indexed attention_mask were given", "one description of the documents")
-            bounds = cls.from_cu_seqlens(cu_seqlens, batch_shape, padding, device)
+            bounds = cls.from_cu_seqlens(cu_seqlens, batch_shape, padding, "cpu")
         elif indexed:
-            bounds = cls.from_document_ids(mask, device)
+            bounds = cls.from_document_ids(mask, "cpu")
         elif pos is not None and _restarts_inside_a_row(_integer_host(pos, "position_ids"), mask):
             return cls.from_position_ids(pos, mask, device)
         elif mask is not None and not bool(mask.all()):
-            bounds = cls.from_padding_mask(mask, device)
+            bounds = cls.from_padding_mask(mask, "cpu")
         else:
             return None
         if pos is not None:
             given = bounds.unpad(_integer_host(pos, "position_ids").unsqueeze(-1)).reshape(1, -1)
-            if not torch.equal(given, bounds.position_ids.cpu()):
-                where = int((given != bounds.position_ids.cpu()).nonzero()[0, 1])
+            if not torch.equal(given, bounds.position_ids):
+                where = int((given != bounds.position_ids).nonzero()[0, 1])
                 _fail(
                     f"position_ids disagree with the document boundaries at real token {where} "
                     f"({int(given[0, where])} given, {int(bounds.position_ids[0, where])} from the boundaries)",
                     "positions that restart at 0 for each document (or no position_ids)",
                 )
+        bounds = bounds.to(device)
         return bounds
 
 

@@ -183,7 +183,18 @@ def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[An
             f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
             "the shape of input_ids"
         )
+    device = _input_device(call)
+    if bounds.device != device:
+        raise ValueError(
+            f"deltapack: boundaries are on {bounds.device} and the inputs on {device}; expected both on one device "
+            "(Boundaries.to(device))"
+        )
     return _packed_call(packed, call, bounds)
+
+
+def _input_device(call: dict[str, Any]) -> torch.device:
+    ids = call.get("input_ids")
+    return (ids if ids is not None else call["inputs_embeds"]).device
 
 
 def _batch_shape(call: dict[str, Any]) -> tuple[int, int]:
@@ -215,10 +226,12 @@ def _boundaries_from_call(call: dict[str, Any], batch_shape: tuple[int, int]) ->
         attention_mask=call.get("attention_mask"),
         position_ids=call.get("position_ids"),
         cu_seqlens=cu,
+        device=_input_device(call),
     )
     seq_idx = call.get("seq_idx")
     if bounds is not None and seq_idx is not None:
-        given = bounds.unpad(torch.as_tensor(seq_idx).reshape(batch_shape).cpu().unsqueeze(-1))[0, :, 0]
+        given = bounds.unpad(torch.as_tensor(seq_idx).reshape(batch_shape).to(bounds.device).unsqueeze(-1))[0, :, 0]
+        given = given.cpu()
         change = torch.ones_like(given, dtype=torch.bool)
         change[1:] = given[1:] != given[:-1]
         starts = torch.zeros_like(change)
