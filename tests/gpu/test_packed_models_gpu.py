@@ -129,3 +129,23 @@ def test_no_host_sync_in_packed_forward_backward(arch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_collator_batch_on_gpu(arch):
+    """What PackedCollator hands a trainer (indexed mask, restarting position_ids, labels, padding), moved to CUDA
+    as is: boundaries built inside the forward, exact vs alone in fp32, and the unpatched model leaks."""
+    from deltapack.data import PackedCollator
+
+    model = model_on_cuda(arch, torch.float32)
+    ids, _, places = make_batch(model.config.vocab_size, seed=3)
+    rows = [{"input_ids": ids[r, : sum(row)].tolist(), "seq_lengths": row} for r, row in enumerate(ROWS)]
+    batch = {k: v.cuda() for k, v in PackedCollator(pad_token_id=0)(rows).items()}
+    with torch.no_grad():
+        leaky = model(**batch, use_cache=False).logits
+        deltapack.patch(model)
+        out = model(**batch)
+        alone_logits = [alone(model, ids[r, c : c + n]) for r, c, n in places]
+    assert torch.isfinite(out.loss).item()
+    assert per_doc_diff(out.logits, places, alone_logits, torch.float32) <= TOL[torch.float32]
+    assert per_doc_diff(leaky, places, alone_logits, torch.float32) > LEAK
