@@ -7,9 +7,10 @@ set -u
 out="${OUT:-benchmarks/results/run}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang
+cache="${KERNEL_CACHE_DIR:-$PWD/.kernel-cache}"  # Triton's and TileLang's compiled kernels
+export TRITON_CACHE_DIR="$cache/triton" TILELANG_CACHE_DIR="$cache/tilelang"
 mkdir -p "$TRITON_CACHE_DIR" "$TILELANG_CACHE_DIR"
-if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then tar -C /tmp/kcache -xJf "$KERNEL_CACHE"; fi
+if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then tar -C "$cache" -xJf "$KERNEL_CACHE"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 stage() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
@@ -28,5 +29,5 @@ for what in "$@"; do
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
   esac
 done
-tar -C /tmp/kcache -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
-du -sh /tmp/kcache/*
+tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
+du -sh "$cache"/*
