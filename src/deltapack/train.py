@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    scale = parser.add_argument_group("several processes (torchrun; NCCL on CUDA, gloo on CPU)")
+    scale.add_argument("--nproc", type=int, default=1, help="processes on this machine: starts torchrun (default 1)")
+    scale.add_argument(
+        "--cp", type=int, default=1, metavar="K", help="context parallelism: K ranks split each packed stream"
+    )
+    scale.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default="zigzag", help="(default zigzag)")
+    scale.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
     parser.set_defaults(run=run)
 
 
@@ -75,6 +83,11 @@ class TrainReport:
     last_loss: float
     wall_s: float
     skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    ranks: int = 1
+    context_parallel: int = 1
+    fsdp: bool = False
+    stream_pad_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,13 +96,20 @@ class TrainReport:
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "tokens_per_s": self.tokens_per_s}
 
+    def _layout(self) -> str:
+        if self.ranks == 1:
+            return ""
+        parts = [f"{self.ranks} ranks", f"{self.ranks // self.context_parallel} data-parallel"]
+        parts += [f"context parallel {self.context_parallel}"] if self.context_parallel > 1 else []
+        return " (" + ", ".join(parts + (["FSDP2"] if self.fsdp else [])) + ")"
+
     def __str__(self) -> str:
         packed_pad = 1 - self.tokens / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
         padded_pad = 1 - self.tokens / self.padded_tokens_computed if self.padded_tokens_computed else 0.0
         saved = self.padded_tokens_computed / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
         return "\n".join(
             [
-                f"model            {self.model} on {self.device}",
+                f"model            {self.model} on {self.device}" + self._layout(),
                 f"data             {self.documents} documents packed into {self.rows} rows (fill {self.fill:.1%})",
                 f"trained          {self.steps} steps, {self.tokens} tokens in {self.wall_s:.1f} s "
                 f"({self.tokens_per_s:,.0f} tokens/s)",
@@ -208,22 +228,146 @@ def padded_tokens(lengths: list[int], rows_per_batch: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deltapack.distributed import launch
+
     try:
+        if args.nproc > 1 and not launch.is_launched():
+            return _start_torchrun(args)
         report = train(args)
     except TrainError as err:
-        print(err, file=sys.stderr)
+        if launch.rank_in_env() == 0:  # every rank reads the same inputs, so every rank fails alike
+            print(err, file=sys.stderr)
         return 2
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
+    if launch.rank_in_env() == 0:
+        print(json.dumps(report.as_dict(), indent=2) if args.json else report)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltapack.train`` (what torchrun starts on every rank): the options of ``deltapack train``."""
+    parser = argparse.ArgumentParser(prog="deltapack.train", description="Packed SFT run (deltapack train).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+def _check_parallel_options(args: argparse.Namespace, world_size: int) -> None:
+    from deltapack.distributed.launch import check_parallel_sizes
+
+    if args.nproc < 1:
+        raise TrainError(f"deltapack train: --nproc {args.nproc}; expected at least 1")
+    try:
+        check_parallel_sizes(world_size, args.cp)
+    except ValueError as err:
+        raise TrainError(f"deltapack train: {err}".replace("deltapack: ", "")) from err
+    if args.batch_rows < world_size // args.cp:
+        raise TrainError(
+            f"deltapack train: --batch-rows {args.batch_rows} for {world_size // args.cp} data-parallel replicas "
+            f"({world_size} processes / --cp {args.cp}); expected at least one row per replica"
+        )
+
+
+def _forwarded_argv(args: argparse.Namespace) -> list[str]:
+    """The options of ``args`` that differ from the defaults, as a command line (without --nproc)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "nproc":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return argv
+
+
+def _start_torchrun(args: argparse.Namespace) -> int:
+    """``deltapack train --nproc N``: the same run under torchrun, N processes on this machine (127.0.0.1)."""
+    from deltapack.distributed.launch import run_torchrun
+
+    _check_parallel_options(args, args.nproc)
+    return run_torchrun(args.nproc, _forwarded_argv(args))
+
+
+def _setup_parallel(args: argparse.Namespace) -> Any:
+    """The process group and this rank's place when torchrun started us; None for a single process."""
+    from deltapack.distributed import launch
+
+    if not launch.is_launched():
+        if args.cp > 1 or args.fsdp:
+            raise TrainError(
+                "deltapack train: --cp and --fsdp need several processes; expected `deltapack train --nproc N ...` "
+                "or `torchrun --nproc-per-node N -m deltapack.train ...`"
+            )
+        _check_parallel_options(args, 1)
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    if args.nproc > 1 and args.nproc != world_size:
+        raise TrainError(f"deltapack train: --nproc {args.nproc} under torchrun with {world_size} processes")
+    _check_parallel_options(args, world_size)
+    parallel = launch.init_parallel(args.cp, args.device)
+    if not parallel.is_main:
+        import logging
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    return parallel
+
+
+def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Any) -> None:
+    """Context parallelism, then FSDP2 (or every rank starting from rank 0's weights) on the patched model."""
+    import torch.distributed as dist
+
+    from deltapack.distributed import apply_fsdp, enable_context_parallel
+
+    if args.cp > 1:
+        enable_context_parallel(model)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
+        # bf16 compute on GPUs (fp32 master weights); the reference path on the CPU stays fp32, as in one process
+        compute = torch.bfloat16 if parallel.device.type == "cuda" else torch.float32
+        apply_fsdp(model, mesh, param_dtype=compute, context_parallel_size=args.cp)
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_`` that also takes FSDP's sharded gradients (the norm of the whole gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def train(args: argparse.Namespace) -> TrainReport:
-    import deltapack
-    from deltapack.data import PackedCollator, pack_documents
 
     if args.max_tokens < 1 or args.batch_rows < 1:
         raise TrainError("deltapack train: --max-tokens and --batch-rows must be positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parallel = _setup_parallel(args)
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, parallel: Any) -> TrainReport:
+    import deltapack
+    from deltapack.data import PackedCollator, pack_documents
+
+    if parallel is None:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        device = parallel.device
+    is_main = parallel is None or parallel.is_main
     model, name = load_model(args)
     tokenizer = load_tokenizer(args)
     docs = load_documents(args, tokenizer)
@@ -240,8 +384,10 @@ def train(args: argparse.Namespace) -> TrainReport:
         )
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     deltapack.patch(model)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.fsdp:
         model.to(device, dtype=torch.bfloat16)  # the FLA kernels run in bf16; the reference path stays fp32 on CPU
+    if parallel is not None:
+        _distribute(model, args, parallel)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -251,9 +397,10 @@ def train(args: argparse.Namespace) -> TrainReport:
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
     rng = random.Random(args.seed)
     order: list[int] = []
-    tokens = packed_computed = skipped = 0
+    tokens = packed_computed = skipped = stream_pad = 0
     first_loss = last_loss = float("nan")
-    bar = _progress(steps)
+    losses: list[float] = []
+    bar = _progress(steps) if is_main else _NoProgress()
     start = time.perf_counter()
     for _ in range(steps):
         if len(order) < args.batch_rows:
@@ -263,18 +410,25 @@ def train(args: argparse.Namespace) -> TrainReport:
         picked, order = order[: args.batch_rows], order[args.batch_rows :]
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked]).items()}
         if bool((batch["labels"][:, 1:] != -100).any()):
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if parallel is None:
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:
+                loss = _parallel_backward(model, batch, params, args, parallel, pad_id)
+                _clip_grad_norm(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last_loss = loss.item()
+            losses.append(last_loss)
             first_loss = last_loss if math.isnan(first_loss) else first_loss
         else:
             skipped += 1  # only prompt tokens (pieces of split documents): nothing to learn from
         real = sum(len(rows[i]["input_ids"]) for i in picked)
         tokens += real
         packed_computed += batch["input_ids"].numel()
+        if args.cp > 1:  # tokens of the extra document that makes each replica's stream split into equal parts
+            stream_pad += _stream_padding([len(rows[i]["input_ids"]) for i in picked], parallel, args.cp_layout)
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(
@@ -289,13 +443,7 @@ def train(args: argparse.Namespace) -> TrainReport:
     padded_per_real = padded_tokens(lengths, docs_per_batch) / sum(lengths)
 
     if args.output:
-        out = Path(args.output).expanduser()
-        if out.exists() and not out.is_dir():
-            raise TrainError(f"deltapack train: --output {args.output!r} is a file; expected a directory")
-        deltapack.unpatch(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        print(f"saved to {out}", file=sys.stderr)
+        _save(model, tokenizer, args, parallel)
     return TrainReport(
         model=name,
         device=str(device),
@@ -310,7 +458,73 @@ def train(args: argparse.Namespace) -> TrainReport:
         last_loss=last_loss,
         wall_s=wall,
         skipped_steps=skipped,
+        losses=losses,
+        ranks=1 if parallel is None else parallel.world_size,
+        context_parallel=args.cp,
+        fsdp=args.fsdp,
+        stream_pad_tokens=stream_pad,
     )
+
+
+def _stream_padding(row_tokens: list[int], parallel: Any, layout: str) -> int:
+    """Tokens added to the streams of all replicas so that each splits over the context-parallel ranks."""
+    from deltapack.distributed import padded_total
+
+    dp = parallel.data_parallel
+    streams = [sum(row_tokens[d::dp]) for d in range(dp)]
+    return sum(padded_total(n, parallel.context_parallel, layout) - n for n in streams)
+
+
+def _parallel_backward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    params: list[nn.Parameter],
+    args: argparse.Namespace,
+    parallel: Any,
+    pad_id: int,
+) -> torch.Tensor:
+    """This rank's part of the global batch, forward and backward; gradients summed over ranks. Returns the global
+    token-mean loss (the same on every rank)."""
+    from deltapack.distributed import launch
+
+    try:
+        local = launch.split_batch(batch, parallel, pad_id, layout=args.cp_layout)
+    except ValueError as err:
+        raise TrainError(f"deltapack train: {err}".replace("deltapack: ", "")) from err
+    loss = launch.local_loss(model, local)
+    if args.fsdp:  # FSDP averages over the data-parallel replicas; the loss shares are to be summed
+        (loss * parallel.data_parallel).backward()
+    else:
+        loss.backward()
+        launch.sum_gradients(params)
+    return launch.global_sum(loss)
+
+
+def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Any) -> None:
+    """save_pretrained of the unpatched model (rank 0; FSDP's shards gathered first) and the tokenizer."""
+    import deltapack
+
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"deltapack train: --output {args.output!r} is a file; expected a directory")
+    state = None
+    if parallel is not None and args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if parallel is None or parallel.is_main:
+        if args.cp > 1:
+            from deltapack.distributed import disable_context_parallel
+
+            disable_context_parallel(model)
+        deltapack.unpatch(model)
+        model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
+        tokenizer.save_pretrained(out)
+        print(f"saved to {out}", file=sys.stderr)
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _progress(total: int) -> Any:
@@ -319,6 +533,19 @@ def _progress(total: int) -> Any:
     except ImportError:  # pragma: no cover - tqdm comes with the train extra
         return _PlainProgress(total)
     return tqdm(total=total, desc="deltapack train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _NoProgress:
+    """The progress bar of ranks other than 0."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _PlainProgress:
@@ -334,3 +561,9 @@ class _PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+if __name__ == "__main__":
+    from deltapack.train import main as _main  # the package's module, not this file run a second time as __main__
+
+    sys.exit(_main())
