@@ -4,7 +4,7 @@ Two launches (each ~15 s: two processes importing transformers): ``deltapack tra
 starts torchrun itself; context parallelism 2 over each packed stream, padded to split) and
 ``torchrun --nproc-per-node 2 -m deltapack.train --fsdp`` (FSDP2 over 2 data-parallel replicas of one row each).
 Both compute in fp32 on the CPU, so one process is the exact reference (relative <= 1e-4). Rendezvous on a free
-port of 127.0.0.1.
+port of 127.0.0.1. Standard output must be one JSON summary: only rank 0 prints.
 """
 
 from __future__ import annotations

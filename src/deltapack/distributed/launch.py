@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +95,19 @@ def torchrun_command(
 
 
 def run_torchrun(nproc: int, argv: list[str], module: str = "deltapack.train") -> int:
-    """Run ``module`` on ``nproc`` local processes under torchrun; returns its exit status."""
-    return subprocess.run(torchrun_command(nproc, argv, module), check=False).returncode
+    """Run ``module`` on ``nproc`` local processes through torchrun's API; returns the first failed rank's exit
+    status (0 when all succeed), without torchrun's traceback (rank 0 has printed what went wrong)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    options = get_args_parser().parse_args(torchrun_command(nproc, argv, module)[3:])
+    try:
+        torchrun(options)
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values()]
+        return next((code for code in codes if code > 0), 1)
+    return 0
 
 
 @dataclass(frozen=True)
