@@ -4,6 +4,9 @@ With no arguments it fine-tunes the embedded tiny Qwen3.5 (random init) on the e
 CPU, in well under a minute: documents are packed with best-fit decreasing, batched by :class:`PackedCollator` and
 run through the patched model. A progress bar shows loss, tokens/s and fill; the summary compares the tokens
 computed with what padded batches of the same documents would have cost. Nothing is fetched from a network.
+
+On several processes (``deltapack train --nproc N`` or ``torchrun --nproc-per-node N -m deltapack.train``), with
+``--cp K`` (context parallelism) and ``--fsdp``: see :mod:`deltapack.distributed.launch`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["add_arguments", "run", "TrainReport"]
+if TYPE_CHECKING:
+    from deltapack.distributed.launch import Parallel
+
+__all__ = ["add_arguments", "main", "run", "train", "TrainReport"]
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -291,7 +297,7 @@ def _start_torchrun(args: argparse.Namespace) -> int:
     return run_torchrun(args.nproc, _forwarded_argv(args))
 
 
-def _setup_parallel(args: argparse.Namespace) -> Any:
+def _setup_parallel(args: argparse.Namespace) -> Parallel | None:
     """The process group and this rank's place when torchrun started us; None for a single process."""
     from deltapack.distributed import launch
 
@@ -315,7 +321,7 @@ def _setup_parallel(args: argparse.Namespace) -> Any:
     return parallel
 
 
-def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Any) -> None:
+def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) -> None:
     """Context parallelism, then FSDP2 (or every rank starting from rank 0's weights) on the patched model."""
     import torch.distributed as dist
 
@@ -351,7 +357,8 @@ def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
 
 
 def train(args: argparse.Namespace) -> TrainReport:
-
+    """The run ``args`` describe, on this process (one of torchrun's ranks when started by it); every rank returns
+    the same report."""
     if args.max_tokens < 1 or args.batch_rows < 1:
         raise TrainError("deltapack train: --max-tokens and --batch-rows must be positive")
     parallel = _setup_parallel(args)
@@ -364,7 +371,7 @@ def train(args: argparse.Namespace) -> TrainReport:
             dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, parallel: Any) -> TrainReport:
+def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     import deltapack
     from deltapack.data import PackedCollator, pack_documents
 
@@ -471,7 +478,7 @@ def _train(args: argparse.Namespace, parallel: Any) -> TrainReport:
     )
 
 
-def _stream_padding(row_tokens: list[int], parallel: Any, layout: str) -> int:
+def _stream_padding(row_tokens: list[int], parallel: Parallel, layout: str) -> int:
     """Tokens added to the streams of all replicas so that each splits over the context-parallel ranks."""
     from deltapack.distributed import padded_total
 
@@ -485,7 +492,7 @@ def _parallel_backward(
     batch: dict[str, torch.Tensor],
     params: list[nn.Parameter],
     args: argparse.Namespace,
-    parallel: Any,
+    parallel: Parallel,
     pad_id: int,
 ) -> torch.Tensor:
     """This rank's part of the global batch, forward and backward; gradients summed over ranks. Returns the global
@@ -505,7 +512,7 @@ def _parallel_backward(
     return launch.global_sum(loss)
 
 
-def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Any) -> None:
+def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Parallel | None) -> None:
     """save_pretrained of the unpatched model (rank 0; FSDP's shards gathered first) and the tokenizer."""
     import deltapack
 
