@@ -20,8 +20,7 @@ import argparse
 import statistics
 
 import torch
-from common import document_lengths, documents, environment, load_spec, write
-from transformers import AutoConfig, AutoModelForCausalLM
+from common import document_lengths, documents, e2e_model, environment, load_spec, write
 
 import deltapack
 from deltapack import Boundaries
@@ -124,11 +123,8 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_spec()
-    config = AutoConfig.for_model("qwen3_5_text", **spec["model"]["config"])
-    torch.manual_seed(spec["model"]["seed"])
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model = model.to(torch.bfloat16).train()
+    model = e2e_model(spec).train()
+    config = model.config
     lengths = document_lengths(spec["tokens"]["total"])
     docs = documents(lengths, config.vocab_size)
     total = sum(lengths)

@@ -18,6 +18,17 @@ def load_spec() -> dict:
     return json.loads(SPEC_PATH.read_text())
 
 
+def e2e_model(spec: dict) -> torch.nn.Module:
+    """The spec's model: random init from its seed, bf16, on CUDA, sdpa attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_5_text", **spec["model"]["config"])
+    torch.manual_seed(spec["model"]["seed"])
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(torch.bfloat16)
+
+
 def document_lengths(total: int = 32768) -> list[int]:
     """The spec's lognormal lengths (median 600, clipped to [16, 4096]), summing exactly to ``total``."""
     gen = torch.Generator().manual_seed(1)

@@ -15,8 +15,7 @@ import argparse
 
 import torch
 from bench_e2e import deltapack_batch, rows_of, to_cuda
-from common import document_lengths, documents, environment, load_spec, write
-from transformers import AutoConfig, AutoModelForCausalLM
+from common import document_lengths, documents, e2e_model, environment, load_spec, write
 
 import deltapack
 from deltapack import Boundaries
@@ -55,11 +54,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     spec = load_spec()
-    config = AutoConfig.for_model("qwen3_5_text", **spec["model"]["config"])
-    torch.manual_seed(spec["model"]["seed"])
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model = model.to(torch.bfloat16).eval()
+    model = e2e_model(spec).eval()
+    config = model.config
     docs = documents(document_lengths(spec["tokens"]["total"]), config.vocab_size)
     rows = rows_of(docs)
     deltapack.patch(model)
