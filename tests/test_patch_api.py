@@ -37,6 +37,12 @@ def test_unpacked_inputs_are_bit_identical(arch):
             padded_gen_after = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     for a, b in zip(before, after):
         assert torch.equal(a, b)
+    # a 4-D mask the caller built: transformers' own path, untouched
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].expand(2, 1, 9, 9)
+    with torch.no_grad():
+        custom = model(ids, attention_mask=causal, use_cache=False).logits
+        with patched(model):
+            assert torch.equal(model(ids, attention_mask=causal, use_cache=False).logits, custom)
     assert torch.equal(gen_before, gen_after)
     assert torch.equal(padded_gen_before, padded_gen_after)
 

@@ -161,8 +161,8 @@ def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[An
     bounds = call.pop("boundaries", None)
     explicit = bounds is not None or any(call.get(k) is not None for k in PACKING_KWARGS)
     mask = call.get("attention_mask")
-    if isinstance(mask, dict) and not explicit:
-        return inner(*args, **kwargs)  # the caller built per-layer masks itself
+    if (isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)) and not explicit:
+        return inner(*args, **kwargs)  # the caller built the attention masks itself
     if any(call.get(name) is not None for name in CACHE_KWARGS):
         # cached decoding: transformers handles padding there; packed documents cannot share one cache
         if explicit or (isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1):
