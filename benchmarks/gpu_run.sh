@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on a GPU machine: GPU tests, then the layer, attention and end-to-end benchmarks.
 # Usage (project root, GPU packages on the path): OUT=<dir> bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
+#   [cp-tests] [cp-665m] [cp-large]   (the cp-* stages need 2 GPUs)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end.
 set -u
@@ -27,7 +28,16 @@ for what in "$@"; do
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
+    # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
+    cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v \
+        --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
+    cp-665m) stage cp-665m "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
+        --out "$out/cp_665m.json" ;;
+    cp-large) stage cp-large "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
+        --first-tokens 65536 --out "$out/cp_large.json"
+      stage cp-large-one-gpu 60 python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536 \
+        --out "$out/cp_large_one_gpu.json" ;;
   esac
 done
-tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
+[ "${SAVE_KERNEL_CACHE:-1}" = 1 ] && tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
 du -sh "$cache"/*

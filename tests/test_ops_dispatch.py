@@ -103,3 +103,39 @@ def test_fla_plan_chunks_and_splits(monkeypatch):
     monkeypatch.setattr(fla, "MAX_CHUNKS_PER_CALL", 3)
     with pytest.raises(ValueError, match="a document of 200 tokens needs 4 chunks"):
         fla.prepare(cu, tuple(host), None)
+
+
+def test_varlen_attention_key_segments_align_bottom_right():
+    """With cu_seqlens_k, each query segment is the tail of its document and reads the document's keys up to its own
+    position: equal to the tail rows of causal attention over the whole document. Aligning top-left instead (what a
+    kernel without the convention does) would differ."""
+    gen = torch.Generator().manual_seed(0)
+    doc_lengths, tail_lengths = [9, 4, 12], [3, 4, 5]
+    qs, ks, vs, want = [], [], [], []
+    for n, t in zip(doc_lengths, tail_lengths):
+        q, k, v = (torch.randn(n, 4, 8, generator=gen) for _ in range(3))
+        whole = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        qs.append(q[n - t :])
+        ks.append(k[:n])
+        vs.append(v[:n])
+        want.append(whole.transpose(0, 1)[n - t :])
+    cu_q = torch.tensor([0, *torch.tensor(tail_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v, want = (torch.cat(t) for t in (qs, ks, vs, want))
+    out = attention.varlen_attention(
+        q, k, v, cu_seqlens=cu_q, max_seqlen=5, cu_seqlens_k=cu_k, max_seqlen_k=12, backend="reference"
+    )
+    assert (out - want).abs().max() < 1e-5
+    top_left = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), is_causal=True
+            ).transpose(0, 1)
+            for a, b, c in zip(qs, ks, vs)
+        ]
+    )
+    assert (top_left - want).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        attention.varlen_attention(q, k, v, cu_seqlens=cu_q, max_seqlen=5, cu_seqlens_k=cu_k)
+    with pytest.raises(ValueError, match="one key segment per query segment"):
+        attention.varlen_attention(q, k, v, cu_seqlens=cu_q, max_seqlen=5, cu_seqlens_k=cu_k[:-1], max_seqlen_k=12)

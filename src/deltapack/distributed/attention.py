@@ -1,40 +1,88 @@
 """Full attention across context-parallel ranks: every rank's queries see their document's keys on all ranks.
 
-Each rank all-gathers the keys and values of all ranks (one collective for both, differentiable), then applies the
-per-document causal mask in global stream positions: query i may read key j when both belong to the same document
-and j <= i in the stream. The result equals the single-device attention on this rank's queries, and the gradient of
-every key and value flows back to the rank that computed it.
+Each rank all-gathers the keys and values of all ranks (one collective for both, differentiable), then runs varlen
+attention of its own queries against exactly the keys they need: every local piece of a document (see
+:mod:`deltapack.distributed.sharding`) against that document's keys from its first token up to the piece's last one,
+causal aligned bottom-right (flash-attn's convention for a query segment shorter than its key segment). The key
+segments are gathered once per layer with one index built per batch; nothing is masked densely on the GPU. The
+result equals the single-device attention on this rank's queries, and the gradient of every key and value flows
+back to the rank that computed it.
+
+The same code runs on every backend of :func:`deltapack.ops.attention.varlen_attention`: the flash kernels on GPUs
+(bf16 / fp16), its exact reference elsewhere (the CPU tests, fp32).
+
+All-gather rather than ring: a rank needs the keys of every earlier part of its documents, which for the long
+documents context parallelism is for is most of the stream anyway; the gather is one collective per layer whose
+cost is measured in ``benchmarks/bench_cp.py``.
 
 It plugs into transformers as an attention implementation (``AttentionInterface``): the transformers attention module
 computes q, k, v, q/k norms and rope as it always does, then calls :func:`context_parallel_attention` with this
 rank's tensors. :func:`deltapack.distributed.enable_context_parallel` selects it on a patched model.
-
-The mask here is dense [T_local, total]: exact on any device and what the CPU tests use. On GPUs the same gather
-feeds a varlen kernel instead (each local piece's queries against its document's keys up to the piece's end, causal
-aligned bottom-right), with no mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltapack.distributed.collectives import all_gather
-from deltapack.distributed.sharding import ContextShard
+from deltapack.distributed.sharding import ContextShard, chain_parts_of_rank
 from deltapack.models.attention import CONTEXT_PARALLEL as ATTENTION_NAME
+from deltapack.ops.attention import varlen_attention
 
-__all__ = ["ATTENTION_NAME", "context_parallel_attention", "register_attention"]
+__all__ = ["ATTENTION_NAME", "KeyPlan", "context_parallel_attention", "key_plan", "register_attention"]
+
+_CACHE_KEY = "context_parallel_keys"
 
 
-def context_parallel_mask(shard: ContextShard, device: torch.device) -> torch.Tensor:
-    """[T_local, total] bool: True where a local query may read a key, keys in rank-major gather order."""
-    doc = shard.global_bounds.seq_idx[0].to(device)
-    key_pos = torch.cat([shard.global_index(r) for r in range(shard.world_size)]).to(device)
-    query_pos = shard.local_index.to(device)
-    return (doc[query_pos][:, None] == doc[key_pos][None, :]) & (key_pos[None, :] <= query_pos[:, None])
+@dataclass(frozen=True)
+class KeyPlan:
+    """Which gathered keys each local query piece reads (built once per batch, kept in the local boundaries' cache).
+
+    Attributes:
+        index: [Tk] int64 rows of the gathered [P * 2 * T_local] key/value buffer (rank-major, keys then values per
+            rank) holding the keys of every piece, piece after piece; index + T_local gives the values.
+        cu_seqlens_k: [pieces + 1] int32 key segment offsets. max_seqlen_k: the longest key segment (host int).
+    """
+
+    index: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_k: int
+
+
+def key_plan(shard: ContextShard, device: torch.device) -> KeyPlan:
+    """This rank's :class:`KeyPlan`: each local piece reads its document from its first token to the piece's end."""
+    cache = shard.local.cache
+    plan = cache.get(_CACHE_KEY)
+    if plan is not None and plan.index.device == device:
+        return plan
+    local = shard.num_local_tokens
+    # where each global token sits in the gathered buffer: rank r's local token i is row r * 2 * local + i
+    row_of = torch.empty(shard.total, dtype=torch.long)
+    for rank in range(shard.world_size):
+        base = rank * 2 * local
+        for chain in chain_parts_of_rank(rank, shard.world_size, shard.layout):
+            part = shard.chain[chain]
+            row_of[part.start : part.end] = torch.arange(base, base + part.length)
+            base += part.length
+    cu = shard.global_bounds.cu_seqlens_host
+    ranges, offsets = [], [0]
+    for part in shard.parts:
+        for j, doc in enumerate(part.docs):
+            first, end = cu[doc], part.start + part.pieces[j + 1]
+            ranges.append(row_of[first:end])
+            offsets.append(offsets[-1] + end - first)
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    plan = KeyPlan(
+        index=torch.cat(ranges).to(device),
+        cu_seqlens_k=torch.tensor(offsets, dtype=torch.int32).to(device),
+        max_seqlen_k=max(lengths),
+    )
+    cache[_CACHE_KEY] = plan
+    return plan
 
 
 def context_parallel_attention(
@@ -69,21 +117,32 @@ def context_parallel_attention(
         )
     if attention_mask is not None:
         raise ValueError("deltapack: context-parallel attention got a mask; expected None (the shard holds the mask)")
+    if dropout:
+        raise ValueError(f"deltapack: context-parallel attention got dropout {dropout}; expected 0 (attention_dropout)")
     if query.shape[0] != 1 or query.shape[2] != shard.num_local_tokens:
         raise ValueError(
             f"deltapack: context-parallel attention got queries of shape {tuple(query.shape)}; expected "
             f"[1, heads, {shard.num_local_tokens}, head_dim]"
         )
-    gathered = all_gather(torch.stack([key[0], value[0]]), shard.group, shard.world_size)  # [P, 2, Hkv, T, D]
-    keys, values = (
-        gathered[:, i].permute(1, 0, 2, 3).reshape(1, key.shape[1], -1, key.shape[-1]) for i in range(2)
-    )  # [1, Hkv, total, D], rank-major
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    mask = context_parallel_mask(shard, query.device)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    local = shard.num_local_tokens
+    # [2, T_local, Hkv, D]: tokens first, as varlen kernels take them; gathered [P, 2, T_local, Hkv, D]
+    kv = torch.stack([key[0].transpose(0, 1), value[0].transpose(0, 1)])
+    gathered = all_gather(kv, shard.group, shard.world_size)
+    plan = key_plan(shard, query.device)
+    rows = gathered.reshape(-1, *gathered.shape[-2:]).index_select(0, torch.cat([plan.index, plan.index + local]))
+    keys, values = rows.chunk(2)  # [Tk, Hkv, D] each
+    bounds_local = shard.local
+    out = varlen_attention(
+        query[0].transpose(0, 1).contiguous(),
+        keys,
+        values,
+        cu_seqlens=bounds_local.cu_seqlens.to(query.device),
+        max_seqlen=bounds_local.max_seqlen,
+        scale=scaling,
+        cu_seqlens_k=plan.cu_seqlens_k,
+        max_seqlen_k=plan.max_seqlen_k,
+    )
+    return out.unsqueeze(0), None
 
 
 def register_attention() -> str:

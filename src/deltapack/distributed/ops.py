@@ -1,4 +1,13 @@
-"""Exact context-parallel versions of the two GDN primitives, on top of the reference ops.
+"""Exact context-parallel versions of the two GDN primitives: FLA's context-parallel kernels on GPUs, and the same
+algebra written over the reference ops everywhere else.
+
+Backends follow :func:`deltapack.ops.dispatch.resolve_backend` (argument, ``DELTAPACK_BACKEND``, automatic). On
+``fla`` the conv runs FLA's context-parallel conv (any dtype, parts of at least W - 1 tokens) and the delta rule
+FLA's context-parallel ``chunk_gated_delta_rule`` (bf16 / fp16, head dims <= 256), both through one
+``fla.ops.cp.FLACPContext`` built per batch (``build_cp_context`` with the global offsets, the group and the layout)
+and kept in the local boundaries' cache with its chunk indices. Inputs FLA does not take (fp32 delta rule, parts
+shorter than W - 1) run the reference algebra below, which is exact; every rank decides the same way, since the
+decision reads only the shard and dtypes all ranks share.
 
 Legend: T = this rank's tokens (its local buffer), P = ranks, C = parts of the stream along the chain (see
 :mod:`deltapack.distributed.sharding`), D = conv channels, W = conv width, Hk / Hv = key / value heads,
@@ -26,34 +35,59 @@ share, so the collectives (and their backward) always pair up.
 from __future__ import annotations
 
 import logging
-import os
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from deltapack.distributed.collectives import all_gather
 from deltapack.distributed.sharding import ContextShard
-from deltapack.ops import reference
+from deltapack.ops import fla, reference
+from deltapack.ops.dispatch import resolve_backend
 
 __all__ = ["causal_conv1d", "gated_delta_rule"]
 
 logger = logging.getLogger("deltapack")
-_logged: set[str] = set()
+_logged: set[tuple[str, str]] = set()
+_FLA_CACHE_KEY = "fla_context_parallel"
+_GDN_ONLY = None  # the conv width of the context the delta rule uses (it reads no conv metadata)
 
 
-def _resolve(backend: str | None, op: str) -> str:
-    """Context-parallel ops run on the reference backend; FLA's context-parallel kernels are not wired in yet."""
-    requested = backend or os.environ.get("DELTAPACK_BACKEND") or "auto"
-    if requested == "fla":
+def _note(op: str, backend: str, why: str = "") -> None:
+    if (op, backend) not in _logged:
+        _logged.add((op, backend))
+        logger.info("deltapack: context-parallel %s runs on the %s backend%s", op, backend, why)
+
+
+def _fla_plan(shard: ContextShard, conv_width: int | None, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """(FLA's context for this rank, its chunk indices), built once per batch and conv width."""
+    cache = shard.local.cache
+    key = (_FLA_CACHE_KEY, conv_width, str(device))
+    plan = cache.get(key)
+    if plan is not None:
+        return plan
+    from fla.ops.cp import build_cp_context
+
+    cu_host = torch.tensor(shard.global_bounds.cu_seqlens_host, dtype=torch.long)
+    group = shard.group if shard.group is not None else dist.group.WORLD
+    context = build_cp_context(
+        cu_host.to(device), group, conv1d_kernel_size=conv_width, cu_seqlens_cpu=cu_host, layout=shard.layout
+    )
+    local = tuple(int(c) for c in context.cu_seqlens_cpu.tolist())
+    if local != shard.local_cu_seqlens_host:
         raise RuntimeError(
-            f"deltapack: backend 'fla' was requested for context-parallel {op}, which runs on the reference backend "
-            "only for now; choose backend='reference' (or leave the backend automatic)"
+            f"deltapack: FLA's context-parallel split {local} differs from this shard's pieces "
+            f"{shard.local_cu_seqlens_host} (rank {shard.rank} of {shard.world_size}, {shard.layout}); expected the "
+            "same split: is the shard built over the same process group?"
         )
-    if requested not in ("auto", "reference"):
-        raise ValueError(f"unknown deltapack backend {requested!r}; expected 'reference', 'fla' or 'auto'")
-    if op not in _logged:
-        _logged.add(op)
-        logger.info("deltapack: context-parallel %s runs on the reference backend", op)
-    return "reference"
+    lengths = [b - a for a, b in zip(local[:-1], local[1:])]
+    plan = (context, fla.chunk_indices(context.cu_seqlens, lengths))
+    cache[key] = plan
+    return plan
+
+
+def _fla_takes(shard: ContextShard) -> bool:
+    return shard.num_local_tokens <= fla.MAX_CHUNKS_PER_CALL * fla.CHUNK
 
 
 def _check_stream(name: str, x: torch.Tensor, shard: ContextShard) -> None:
@@ -89,14 +123,20 @@ def causal_conv1d(
 
     Args:
         x: [1, T, D] this rank's stream (local-buffer order). weight: [D, W]. bias: [D] or None.
-        activation: None or "silu". shard: this rank's :class:`ContextShard`. backend: None or "reference".
+        activation: None or "silu". shard: this rank's :class:`ContextShard`.
+        backend: "reference", "fla" or None (automatic).
 
     Returns:
         [1, T, D] in the dtype of x: equal to the conv over the whole stream, restricted to this rank's tokens.
     """
     _check_stream("x", x, shard)
-    _resolve(backend, "causal_conv1d")
     keep = weight.shape[-1] - 1
+    if resolve_backend(backend, x.device, "context-parallel causal_conv1d") == "fla":
+        if fla.runs_causal_conv1d(activation) and shard.part_len >= keep and _fla_takes(shard):
+            _note("causal_conv1d", "fla")
+            context, chunk_indices = _fla_plan(shard, weight.shape[-1], x.device)
+            return fla.causal_conv1d_cp(x, weight, bias, activation, cp_context=context, chunk_indices=chunk_indices)
+        _note("causal_conv1d", "reference", f" (FLA takes parts of at least {keep} tokens and silu or no activation)")
     seq_idx = shard.local.seq_idx.to(x.device)
     if keep == 0 or not shard.crosses_ranks:
         return reference.causal_conv1d_ref(x, weight, bias, activation, seq_idx=seq_idx)
@@ -161,7 +201,7 @@ def gated_delta_rule(
     Args:
         q, k: [1, T, Hk, K]. v: [1, T, Hv, V]. g: [1, T, Hv] log-decay. beta: [1, T, Hv].
         shard: this rank's :class:`ContextShard`. scale, use_qk_l2norm: as in the reference.
-        backend: None or "reference".
+        backend: "reference", "fla" or None (automatic).
 
     Returns:
         (o [1, T, Hv, V] in the dtype of q, None): equal to the rule over the whole stream on this rank's tokens.
@@ -169,7 +209,23 @@ def gated_delta_rule(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_stream(name, t, shard)
-    _resolve(backend, "gated_delta_rule")
+    if resolve_backend(backend, q.device, "context-parallel gated_delta_rule") == "fla":
+        if fla.runs_gated_delta_rule(q, v) and _fla_takes(shard):
+            _note("gated_delta_rule", "fla")
+            context, chunk_indices = _fla_plan(shard, _GDN_ONLY, q.device)
+            o = fla.gated_delta_rule_cp(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                cp_context=context,
+                chunk_indices=chunk_indices,
+                scale=scale,
+                use_qk_l2norm=use_qk_l2norm,
+            )
+            return o, None
+        _note("gated_delta_rule", "reference", " (FLA's delta rule takes bf16 / fp16 with head dims <= 256)")
     cu_host = shard.local_cu_seqlens_host
     cu = torch.tensor(cu_host, dtype=torch.int32, device=q.device)
     common = dict(cu_seqlens=cu, cu_seqlens_host=cu_host, scale=scale, use_qk_l2norm=use_qk_l2norm)

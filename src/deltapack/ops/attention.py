@@ -87,16 +87,32 @@ def resolve_attention_backend(backend: str | None, q: torch.Tensor) -> str:
     return chosen
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor | None
+) -> None:
+    same_tokens = cu_seqlens_k is not None or k.shape[0] == q.shape[0]
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or not same_tokens or k.shape[2] != q.shape[2]:
         raise ValueError(
-            f"expected q [T, Hq, D] and k, v [T, Hkv, D], got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            f"expected q [T, Hq, D] and k, v [{'Tk' if cu_seqlens_k is not None else 'T'}, Hkv, D], got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key-value heads ({k.shape[1]})")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be 1-D int32 [N + 1], got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None and (cu.dim() != 1 or cu.dtype != torch.int32):
+            raise ValueError(f"{name} must be 1-D int32 [N + 1], got {tuple(cu.shape)} {cu.dtype}")
+    if cu_seqlens_k is not None and cu_seqlens_k.shape != cu_seqlens.shape:
+        raise ValueError(
+            f"cu_seqlens_k has {cu_seqlens_k.numel()} offsets and cu_seqlens {cu_seqlens.numel()}; expected one key "
+            "segment per query segment"
+        )
+
+
+def _segments(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([total] segment of each token, [total] its offset inside the segment) for offsets ``cu`` [N + 1]."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    seg = torch.arange(lengths.numel(), device=cu.device).repeat_interleave(lengths, output_size=total)
+    return seg, torch.arange(total, device=cu.device) - cu.long()[seg]
 
 
 def varlen_attention_ref(
@@ -108,19 +124,24 @@ def varlen_attention_ref(
     max_seqlen: int,
     scale: float | None = None,
     seq_idx: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Reference: SDPA over the whole stream with a block-diagonal causal mask. Same arguments as varlen_attention.
+    """Reference: SDPA over the whole stream with an exact block causal mask. Same arguments as varlen_attention.
 
-    ``seq_idx`` ([1, T] int, the document of each token) saves deriving it from ``cu_seqlens``.
+    ``seq_idx`` ([1, T] int, the document of each token) saves deriving it from ``cu_seqlens`` (self-attention only).
     """
-    _check(q, k, v, cu_seqlens)
+    _check(q, k, v, cu_seqlens, cu_seqlens_k)
     total = q.shape[0]
-    if seq_idx is None:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_idx = torch.arange(lengths.numel(), device=q.device).repeat_interleave(lengths, output_size=total)
-    doc = seq_idx.reshape(-1)
-    pos = torch.arange(total, device=q.device)
-    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if cu_seqlens_k is None:
+        doc = seq_idx.reshape(-1) if seq_idx is not None else _segments(cu_seqlens, total)[0]
+        pos = torch.arange(total, device=q.device)
+        allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    else:  # causal aligned bottom-right: a segment's last query sees its last key
+        q_seg, q_off = _segments(cu_seqlens, total)
+        k_seg, k_off = _segments(cu_seqlens_k, k.shape[0])
+        shift = ((cu_seqlens_k[1:] - cu_seqlens_k[:-1]) - (cu_seqlens[1:] - cu_seqlens[:-1])).long()
+        allowed = (q_seg[:, None] == k_seg[None, :]) & (k_off[None, :] <= (q_off + shift[q_seg])[:, None])
     group = q.shape[1] // k.shape[1]
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
     out = F.scaled_dot_product_attention(
@@ -147,6 +168,8 @@ def _run_torch_varlen(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
 ) -> torch.Tensor:
     varlen_attn, params = _torch_varlen()
     kwargs: dict[str, Any] = {"scale": scale}
@@ -160,7 +183,7 @@ def _run_torch_varlen(
     # on an H200 (torch 2.11, 32768 tokens, 16/4 heads) the same output as expanded heads, bit for bit, 3-5% faster
     if "num_splits" in params:
         kwargs["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
 
 
 def varlen_attention(
@@ -173,25 +196,38 @@ def varlen_attention(
     scale: float | None = None,
     seq_idx: torch.Tensor | None = None,
     backend: str | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each document of a packed stream.
 
     Args:
-        q: [T, Hq, D]. k, v: [T, Hkv, D], Hq a multiple of Hkv (grouped KV heads).
+        q: [T, Hq, D]. k, v: [T, Hkv, D] (or [Tk, Hkv, D] with ``cu_seqlens_k``), Hq a multiple of Hkv.
         cu_seqlens: [N + 1] int32 document offsets on q's device. max_seqlen: longest document (host int).
         scale: softmax scale, default D ** -0.5.
         seq_idx: optional [1, T] document index per token (used by the reference only).
         backend: "torch_varlen", "flash_attn", "reference" or None (automatic).
+        cu_seqlens_k, max_seqlen_k: key segments when they differ from the query segments (flash-attn's varlen
+            convention): segment n's queries ``cu_seqlens[n]:cu_seqlens[n + 1]`` are the *last* queries of a
+            document whose keys are ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``, causal aligned bottom-right. Context
+            parallelism uses it: a rank's piece of a document against the document's keys up to the piece's end.
 
     Returns:
         [T, Hq, D] in the dtype of q.
     """
-    _check(q, k, v, cu_seqlens)
+    _check(q, k, v, cu_seqlens, cu_seqlens_k)
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+        reference_kwargs: dict[str, Any] = {"seq_idx": seq_idx}
+    else:
+        if max_seqlen_k is None:
+            raise ValueError("cu_seqlens_k needs max_seqlen_k (the longest key segment, a host int)")
+        reference_kwargs = {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
     chosen = resolve_attention_backend(backend, q)
     if chosen == "torch_varlen":
-        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
     if chosen == "flash_attn":
         return _flash_attn()(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=True
+            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, dropout_p=0.0, softmax_scale=scale, causal=True
         )
-    return varlen_attention_ref(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, seq_idx=seq_idx)
+    return varlen_attention_ref(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, **reference_kwargs)

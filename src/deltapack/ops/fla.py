@@ -46,7 +46,19 @@ except Exception:  # noqa: BLE001 - any import failure means: not available, use
     _fla_causal_conv1d = _fla_chunk_gated_delta_rule = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "CHUNK", "MAX_CHUNKS_PER_CALL", "causal_conv1d", "gated_delta_rule", "prepare"]
+__all__ = [
+    "AVAILABLE",
+    "CHUNK",
+    "MAX_CHUNKS_PER_CALL",
+    "causal_conv1d",
+    "causal_conv1d_cp",
+    "chunk_indices",
+    "gated_delta_rule",
+    "gated_delta_rule_cp",
+    "prepare",
+    "runs_causal_conv1d",
+    "runs_gated_delta_rule",
+]
 
 CHUNK = 64  # FLA's chunk length for both kernels (the conv's BT and the delta rule's chunk_size)
 MAX_CHUNKS_PER_CALL = 65535  # CUDA's grid-axis-y limit; FLA puts the chunk index there
@@ -77,7 +89,7 @@ class _Plan:
     parts: tuple[_Part, ...]
 
 
-def _chunk_indices(cu_seqlens: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def chunk_indices(cu_seqlens: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """[chunks, 2] (document, chunk index inside it) on the device of ``cu_seqlens``, without a host sync."""
     chunks = sum(-(-n // CHUNK) for n in lengths)
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -127,7 +139,7 @@ def prepare(cu_seqlens: torch.Tensor, cu_seqlens_host: Sequence[int], cache: dic
         rel = [c - start for c in host[first : last + 1]]
         lengths = [b - a for a, b in zip(rel[:-1], rel[1:])]
         cu_cpu = torch.tensor(rel, dtype=torch.long)
-        parts.append(_Part(start, end, cu, cu_cpu, _chunk_indices(cu, lengths)))
+        parts.append(_Part(start, end, cu, cu_cpu, chunk_indices(cu, lengths)))
     plan = _Plan(host, tuple(parts))
     if cache is not None:
         cache[_CACHE_KEY] = plan
@@ -157,7 +169,7 @@ def causal_conv1d(
     cache: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """FLA varlen depthwise causal conv1d. x: [1, T, D] -> [1, T, D] in the dtype of x (see dispatch)."""
-    if activation not in _ACTIVATIONS:  # FLA fuses silu only: anything else takes the exact reference
+    if not runs_causal_conv1d(activation):
         return reference.causal_conv1d_ref(x, weight, bias, activation, seq_idx=seq_idx)
     plan = prepare(cu_seqlens, _host_offsets(cu_seqlens, cu_seqlens_host), cache)
     outs = []
@@ -175,6 +187,20 @@ def causal_conv1d(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def runs_causal_conv1d(activation: str | None) -> bool:
+    """Whether FLA's conv takes this activation (it fuses silu only; anything else runs the exact reference)."""
+    return activation in _ACTIVATIONS
+
+
+def runs_gated_delta_rule(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FLA's delta rule takes these inputs (else the exact reference runs).
+
+    fp32 takes the reference: FLA's fp32 path failed our fp32 checks on an H200 (1e-3 against the reference, 1e-5
+    packed vs alone on the tiny models); its Triton dots default to tf32, the likely cause.
+    """
+    return q.shape[-1] <= _MAX_HEAD_DIM and v.shape[-1] <= _MAX_HEAD_DIM and q.dtype in _FAST_DTYPES
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,10 +216,7 @@ def gated_delta_rule(
     cache: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FLA chunked gated delta rule, state reset per document (arguments and results as in dispatch)."""
-    head_k, head_v = q.shape[-1], v.shape[-1]
-    # fp32 takes the reference: FLA's fp32 path failed our fp32 checks on an H200 (1e-3 against the reference,
-    # 1e-5 packed vs alone on the tiny models); its Triton dots default to tf32, the likely cause
-    if head_k > _MAX_HEAD_DIM or head_v > _MAX_HEAD_DIM or q.dtype not in _FAST_DTYPES:
+    if not runs_gated_delta_rule(q, v):
         return reference.gated_delta_rule_ref(
             q,
             k,
@@ -227,3 +250,52 @@ def gated_delta_rule(
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     final = None if not output_final_state else (finals[0] if len(finals) == 1 else torch.cat(finals, dim=0))
     return o, final
+
+
+# ---------------------------------------------------------------------------------------------- context parallelism
+# FLA's document-aware context parallelism (``fla.ops.cp``): the caller builds one ``FLACPContext`` per batch (this
+# rank's pieces, how many ranks the first and last document span) with ``build_cp_context`` and passes it here; the
+# conv exchanges the W - 1 tail tokens of a document cut by a rank boundary, the delta rule one all-gather of per-rank
+# state transitions. deltapack.distributed.ops decides when these run and keeps the context in the batch's cache.
+def causal_conv1d_cp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    *,
+    cp_context: Any,
+    chunk_indices: torch.Tensor,
+) -> torch.Tensor:
+    """FLA's context-parallel conv. x: [1, T_local, D] this rank's tokens -> [1, T_local, D] in the dtype of x."""
+    y, _ = _fla_causal_conv1d(
+        x, weight, bias, activation=activation, cp_context=cp_context, chunk_indices=chunk_indices
+    )
+    return y
+
+
+def gated_delta_rule_cp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    cp_context: Any,
+    chunk_indices: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """FLA's context-parallel chunked delta rule over this rank's tokens (shapes as in :func:`gated_delta_rule`;
+    bf16 / fp16 only, see :func:`runs_gated_delta_rule`). Returns o [1, T_local, Hv, V]."""
+    o, _ = _fla_chunk_gated_delta_rule(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+        cp_context=cp_context,
+        chunk_indices=chunk_indices,
+    )
+    return o

@@ -1,0 +1,277 @@
+"""The largest packed row that trains with context parallelism 1 vs 2, on 2 GPUs: step time, tokens/s, peak memory.
+
+    torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m --out cp_665m.json
+    python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536      # the larger config on one GPU
+
+Both settings shard parameters, gradients and optimizer state over the 2 GPUs with FSDP2 (bf16 compute, fp32 master
+weights and reductions, the GDN decay parameters in fp32) and checkpoint every decoder layer's activations:
+
+- ``cp1``: each GPU trains its own packed row of N tokens (data parallelism 2): 2N tokens per step.
+- ``cp2``: the two GPUs split one packed row of N tokens (zigzag), FLA's context-parallel GDN kernels and varlen
+  attention over all-gathered keys: N tokens per step.
+
+N doubles from ``--start`` until a step runs out of memory, then the midpoint is tried once. One step is an
+optimizer step (forward, backward, AdamW) on the e2e spec's documents (lognormal lengths, median 600 tokens) repeated
+to N tokens. The LM head's loss is computed in chunks of 4096 tokens (logits of a 512K-token row in fp32 would take
+64 GB alone); the same head runs in both settings.
+
+Models: ``665m`` is the model of ``e2e-spec.json``; ``large`` is a 32-layer Qwen3.5 config of 4.8B parameters (hidden
+3072, 24 GDN + 8 attention layers), whose fp32 master weights and AdamW state alone need 77 GB on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import document_lengths, documents, environment, load_spec  # noqa: E402
+
+import deltapack  # noqa: E402
+from deltapack import Boundaries  # noqa: E402
+from deltapack.distributed import (  # noqa: E402
+    ContextShard,
+    apply_fsdp,
+    disable_context_parallel,
+    enable_context_parallel,
+    num_targets,
+)
+
+LARGE = dict(
+    vocab_size=32000,
+    hidden_size=3072,
+    intermediate_size=10240,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+)
+LOSS_CHUNK = 4096
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Token-sum cross entropy of ``hidden @ weight.T`` over ``denom``, chunk by chunk; gradients made in forward, so
+    no [T, vocab] tensor lives beyond one chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, denom):  # [T, H], [V, H], [T], scalar
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], LOSS_CHUNK):
+            h, lab = hidden[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK]
+            logits = (h @ weight.T).float()
+            valid = lab != -100
+            target = lab.clamp(min=0)
+            lse = logits.logsumexp(-1)
+            total += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+            grad = (logits - lse[:, None]).exp_()
+            grad[torch.arange(len(lab), device=lab.device), target] -= 1
+            grad = (grad * (valid[:, None] / denom)).to(hidden.dtype)
+            grad_hidden[s : s + LOSS_CHUNK] = grad @ weight
+            grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), None, None
+
+
+class ChunkedHead(nn.Module):
+    """The LM head as a loss: hidden [1, T, H], next-token labels [1, T], the number of targets -> scalar."""
+
+    def __init__(self, lm_head: nn.Linear):
+        super().__init__()
+        self.weight = lm_head.weight
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        return _ChunkedLMLoss.apply(hidden[0], self.weight, labels[0], denom.float())
+
+
+def build(name: str, mesh) -> tuple[nn.Module, ChunkedHead, torch.optim.Optimizer, int]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = load_spec()["model"]["config"] if name == "665m" else LARGE
+    config = AutoConfig.for_model("qwen3_5_text", **fields, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    params = sum(p.numel() for p in model.parameters())
+    head = ChunkedHead(model.lm_head)
+    model.lm_head = nn.Identity()  # the model returns hidden states; the head takes the loss
+    model = deltapack.patch(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    apply_fsdp(model, mesh)
+    fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-5)
+    return model, head, optimizer, params
+
+
+def set_reduction(modules: list[nn.Module], divide_by: float) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(divide_by)
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def row(tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """[1, tokens] ids and document offsets: the spec's documents, repeated until the row is full (the last cut)."""
+    base, kept = document_lengths(), []
+    while sum(kept) < tokens:
+        kept.extend(base)
+    while sum(kept) > tokens:
+        excess = sum(kept) - tokens
+        if kept[-1] > excess:
+            kept[-1] -= excess
+        else:
+            kept.pop()
+    cu = [0]
+    for length in kept:
+        cu.append(cu[-1] + length)
+    return torch.cat(documents(kept)).unsqueeze(0), cu
+
+
+def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int = 2) -> dict:
+    ids, cu = row(tokens)
+    ids = ids.cuda()
+    bounds = Boundaries.from_cu_seqlens(cu, (1, tokens)).to("cuda")
+    if mode == "cp2":
+        shard = ContextShard.build(bounds, None, layout="zigzag")
+        inputs = dict(input_ids=shard.shard(ids), boundaries=shard.local)
+        labels = shard.shift_labels(shard.shard(ids))
+        denom = num_targets(labels, shard)
+        tokens_per_step = tokens
+    else:
+        inputs = dict(input_ids=ids, boundaries=bounds)
+        labels = bounds.shift_labels(ids)
+        denom = (labels != -100).sum()
+        tokens_per_step = tokens * world
+    times, losses = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hidden = model(**inputs).logits
+        loss = head(hidden, labels, denom)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        loss = loss.detach()
+        if mode == "cp2":  # each rank holds its share of the row's token mean
+            dist.all_reduce(loss)
+        losses.append(loss.item())
+    step_s = statistics.median(times[1:])  # the first step compiles kernels and allocates optimizer state
+    return {
+        "tokens": tokens,
+        "tokens_per_step": tokens_per_step,
+        "step_s": round(step_s, 3),
+        "tokens_per_s": round(tokens_per_step / step_s),
+        "loss": losses[-1],
+    }
+
+
+def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world: int, out: dict, path: str) -> None:
+    rank = dist.get_rank()
+    set_reduction([model, head], float(world) if mode == "cp1" else 1.0)
+    (enable_context_parallel if mode == "cp2" else disable_context_parallel)(model)
+    results, ok_sizes, failed = out.setdefault(mode, []), [], None
+    tokens = start
+    tried_mid = False
+    while tokens <= limit:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        record: dict = {"tokens": tokens}
+        oom = torch.zeros((), device="cuda")
+        try:
+            record = trial(model, head, optimizer, tokens, mode, world)
+        except torch.OutOfMemoryError:
+            oom.fill_(1)
+            optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(oom, op=dist.ReduceOp.MAX)
+        peaks = [None] * world
+        dist.all_gather_object(peaks, round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        record |= {"oom": bool(oom.item()), "peak_mem_GiB_per_gpu": peaks}
+        results.append(record)
+        if rank == 0:
+            print(json.dumps({mode: record}), flush=True)
+            Path(path).write_text(json.dumps(out, indent=1))
+        if record["oom"]:
+            failed = tokens
+            if tried_mid or not ok_sizes:
+                break
+            tokens, tried_mid = (ok_sizes[-1] + failed) // 2 // 4096 * 4096, True
+            continue
+        ok_sizes.append(tokens)
+        if tried_mid:
+            break
+        tokens *= 2
+    out[f"{mode}_largest_tokens"] = max(ok_sizes) if ok_sizes else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("665m", "large"), default="665m")
+    parser.add_argument("--modes", default="cp1,cp2")
+    parser.add_argument("--first-tokens", type=int, default=32768)
+    parser.add_argument("--limit", type=int, default=2**20)
+    parser.add_argument("--one-gpu", action="store_true", help="one process, one GPU: train --tokens once")
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--out", default="cp_bench.json")
+    args = parser.parse_args()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if args.one_gpu:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    else:
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (world,))
+    out: dict = {"model": args.model, "world": world, "environment": environment()}
+    try:
+        model, head, optimizer, params = build(args.model, mesh)
+        out["parameters_millions"] = round(params / 1e6, 1)
+    except torch.OutOfMemoryError:
+        out["oom_building"] = True
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print(json.dumps(out), flush=True)
+        return
+    if args.one_gpu:
+        run_ladder(model, head, optimizer, "cp1", args.tokens, args.tokens, world, out, args.out)
+    else:
+        for mode in args.modes.split(","):
+            run_ladder(model, head, optimizer, mode, args.first_tokens, args.limit, world, out, args.out)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Context parallelism on 2 GPUs (NCCL): FLA's context-parallel kernels and varlen attention across ranks, against
+one GPU on the same packed stream.
+
+One spawn runs every check (each rank on its own GPU); each rank writes what it measured to a JSON file and the
+tests below assert on it. Streams of 4096 tokens have documents that cross the rank boundary, documents wholly on one
+rank, and one longer than a rank's share (2048 tokens contiguous, 1024 per part zigzag).
+
+- fp32: context parallelism 2 equals one GPU within 1e-4 (relative), logits, loss and every gradient.
+- bf16: the difference between context parallelism 2 and one GPU is within the spread of two bf16 runs on one GPU:
+  the fast path (FLA, flash attention) against the reference ops in bf16 (fp32 arithmetic inside the GDN ops).
+  Both bf16 runs are also compared with the fp32 result, the truth they approximate.
+
+Every check has its naive twin (each rank's tokens as independent documents), which must be far off.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import deltapack
+from deltapack.boundaries import Boundaries
+from deltapack.distributed import ContextShard, disable_context_parallel, enable_context_parallel, token_mean_loss
+from deltapack.distributed import ops as cp_ops
+from deltapack.distributed.collectives import all_reduce_sum
+from deltapack.ops import fla, reference
+from deltapack.tiny import tiny_model
+
+pytestmark = pytest.mark.gpu
+
+WORLD = 2
+FP32_TOL = 1e-4
+NAIVE_MIN = 1e-2
+STREAMS = {
+    # 300 tokens on rank 0 only; 2600 crossing the boundary (longer than a share); 50 and 1146 on the last rank
+    "mixed": [0, 300, 2900, 2950, 4096],
+    # 40 documents of 1 to 300 tokens, starts unaligned to the kernels' 64-token chunks
+    "many": None,
+}
+LAYOUTS = ("contiguous", "zigzag")
+ARCHS = ("qwen3_5", "qwen3_5_moe")
+# head dims of the real checkpoints' order of magnitude; FLA's kernels and flash attention take them
+DIMS = dict(
+    vocab_size=512,
+    hidden_size=256,
+    head_dim=64,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+)
+
+
+def _many() -> list[int]:
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.randint(1, 300, (39,), generator=gen).tolist()
+    lengths.append(4096 - sum(lengths))
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- ops (per rank)
+def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
+    """FLA's context-parallel conv and delta rule (bf16) against FLA over the whole stream on one GPU."""
+    total = cu[-1]
+    bounds = Boundaries.from_cu_seqlens(cu, (1, total)).to("cuda")
+    shard = ContextShard.build(bounds, None, layout=layout)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    out: dict[str, float] = {}
+    whole = dict(cu_seqlens=bounds.cu_seqlens, cu_seqlens_host=bounds.cu_seqlens_host)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        x, weight, bias = randn(1, total, 256).to(dtype), randn(256, 4).to(dtype), randn(256).to(dtype)
+        cot = randn(1, total, 256)
+        full = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fla.causal_conv1d(*full, "silu", **whole)
+        (y.float() * cot).sum().backward()
+        local = [shard.shard(x).detach(), weight.clone(), bias.clone()]
+        local = [t.requires_grad_() for t in local]
+        y_local = cp_ops.causal_conv1d(*local, "silu", shard=shard, backend="fla")
+        (y_local.float() * shard.shard(cot)).sum().backward()
+        out[f"conv.{tag}.out"] = _rel(y_local, shard.shard(y))
+        out[f"conv.{tag}.dx"] = _rel(local[0].grad, shard.shard(full[0].grad))
+        out[f"conv.{tag}.dweight"] = _rel(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
+        naive = fla.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard))
+        out[f"conv.{tag}.naive"] = _rel(naive, shard.shard(y))
+
+    # the delta rule in bf16 (FLA), with long memory so that a lost state shows; dims of a real layer
+    q, k = (randn(1, total, 4, 128).bfloat16() for _ in range(2))
+    v = randn(1, total, 8, 128).bfloat16()
+    g = -torch.empty(1, total, 8, device="cuda").uniform_(1e-3, 2e-2, generator=gen)
+    beta = torch.rand(1, total, 8, device="cuda", generator=gen).bfloat16()
+    cot = randn(1, total, 8, 128)
+    names = ("dq", "dk", "dv", "dg", "dbeta")
+
+    def grads_of(o: torch.Tensor, inputs: list[torch.Tensor], c: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad((o.float() * c).sum(), inputs))
+
+    full = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o_fast, _ = fla.gated_delta_rule(*full, **whole)
+    fast_grads = grads_of(o_fast, full, cot)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]  # bf16 inputs, fp32 arithmetic inside
+    o_ref, _ = reference.gated_delta_rule_ref(*ref_in, **whole)
+    ref_grads = grads_of(o_ref, ref_in, cot)
+    local = [shard.shard(t).detach().requires_grad_() for t in (q, k, v, g, beta)]
+    o_local, _ = cp_ops.gated_delta_rule(*local, shard=shard, backend="fla")
+    local_grads = grads_of(o_local, local, shard.shard(cot))
+    out["gdn.bf16.out"] = _rel(o_local, shard.shard(o_fast))
+    out["gdn.bf16.spread.out"] = _rel(shard.shard(o_fast), shard.shard(o_ref))
+    for name, mine, fast, ref in zip(names, local_grads, fast_grads, ref_grads):
+        out[f"gdn.bf16.{name}"] = _rel(mine, shard.shard(fast))
+        out[f"gdn.bf16.spread.{name}"] = _rel(shard.shard(fast), shard.shard(ref))
+    naive, _ = fla.gated_delta_rule(*(shard.shard(t) for t in (q, k, v, g, beta)), **_pieces(shard))
+    out["gdn.bf16.naive"] = _rel(naive, shard.shard(o_fast))
+    return out
+
+
+def _pieces(shard: ContextShard) -> dict:
+    """This rank's pieces as documents of their own (the naive split: nothing crosses ranks)."""
+    return dict(cu_seqlens=shard.local.cu_seqlens, cu_seqlens_host=shard.local_cu_seqlens_host)
+
+
+# ---------------------------------------------------------------------------------------------- models (per rank)
+def _one_gpu(model: torch.nn.Module, ids: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, ...]:
+    model.zero_grad(set_to_none=True)
+    result = model(input_ids=ids, labels=ids, boundaries=bounds)
+    result.loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result.logits.detach().float(), result.loss.detach().float(), grads
+
+
+def _context_parallel(model: torch.nn.Module, ids: torch.Tensor, shard: ContextShard) -> tuple[torch.Tensor, ...]:
+    model.zero_grad(set_to_none=True)
+    enable_context_parallel(model)
+    logits = model(input_ids=shard.shard(ids), boundaries=shard.local).logits
+    loss = token_mean_loss(logits, shard.shift_labels(shard.shard(ids)), shard)
+    loss.backward()
+    grads = {n: all_reduce_sum(p.grad.float(), None, WORLD) for n, p in model.named_parameters() if p.grad is not None}
+    disable_context_parallel(model)
+    return logits.detach().float(), all_reduce_sum(loss.detach().float(), None, WORLD), grads
+
+
+def _compare(prefix: str, got: tuple, want: tuple, shard: ContextShard, out: dict[str, float]) -> None:
+    logits, loss, grads = got
+    want_logits, want_loss, want_grads = want
+    if logits.shape != want_logits.shape:  # this rank's tokens against the same tokens of the whole stream
+        want_logits = shard.shard(want_logits)
+    out[f"{prefix}.logits"] = _rel(logits, want_logits)
+    out[f"{prefix}.loss"] = _rel(loss, want_loss)
+    out[f"{prefix}.grads"] = max(_rel(grads[n], want_grads[n]) for n in want_grads)
+    out[f"{prefix}.missing_grads"] = float(len(set(want_grads) - set(grads)))
+
+
+def _model_checks(arch: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    cu = STREAMS["mixed"]
+    total = cu[-1]
+    bounds = Boundaries.from_cu_seqlens(cu, (1, total)).to("cuda")
+    model = deltapack.patch(tiny_model(arch, **DIMS).cuda())
+    ids = torch.randint(0, DIMS["vocab_size"], (1, total), generator=torch.Generator().manual_seed(3)).cuda()
+
+    fp32 = _one_gpu(model, ids, bounds)
+    for layout in LAYOUTS:
+        shard = ContextShard.build(bounds, None, layout=layout)
+        _compare(f"{arch}.{layout}.fp32", _context_parallel(model, ids, shard), fp32, shard, out)
+        pieces = Boundaries.from_cu_seqlens(shard.local_cu_seqlens_host, (1, shard.num_local_tokens)).to("cuda")
+        with torch.no_grad():
+            naive = model(input_ids=shard.shard(ids), boundaries=pieces).logits
+        out[f"{arch}.{layout}.fp32.naive"] = _rel(naive, shard.shard(fp32[0]))
+
+    model.bfloat16()
+    fast = _one_gpu(model, ids, bounds)
+    os.environ["DELTAPACK_BACKEND"] = os.environ["DELTAPACK_ATTENTION_BACKEND"] = "reference"
+    try:
+        slow = _one_gpu(model, ids, bounds)
+    finally:
+        del os.environ["DELTAPACK_BACKEND"], os.environ["DELTAPACK_ATTENTION_BACKEND"]
+    for layout in LAYOUTS:
+        shard = ContextShard.build(bounds, None, layout=layout)
+        cp_ops._logged.clear()
+        cp = _context_parallel(model, ids, shard)
+        out[f"{arch}.{layout}.bf16.ran_fla"] = float(
+            {("causal_conv1d", "fla"), ("gated_delta_rule", "fla")} <= cp_ops._logged
+        )
+        _compare(f"{arch}.{layout}.bf16", cp, fast, shard, out)
+        _compare(f"{arch}.{layout}.bf16.spread", fast, slow, shard, out)
+        _compare(f"{arch}.{layout}.bf16.vs_fp32", cp, fp32, shard, out)
+        _compare(f"{arch}.{layout}.bf16.one_gpu_vs_fp32", fast, fp32, shard, out)
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=300),
+        device_id=torch.device("cuda", rank),
+    )
+    results: dict[str, float] = {}
+    try:
+        for stream, cu in STREAMS.items():
+            for layout in LAYOUTS:
+                checks = _ops_checks(cu or _many(), layout)
+                results |= {f"ops.{stream}.{layout}.{k}": v for k, v in checks.items()}
+        for arch in ARCHS:
+            results |= _model_checks(arch)
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """Every rank's measurements, the worst over ranks for each key (the smallest for the naive twins)."""
+    if torch.cuda.device_count() < WORLD or not dist.is_nccl_available():
+        pytest.skip(f"needs {WORLD} CUDA GPUs and NCCL")
+    if not fla.AVAILABLE:
+        pytest.skip("needs FLA (deltapack[gpu])")
+    out_dir = tmp_path_factory.mktemp("nccl")
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
+    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    keys = ranks[0]
+    worst = {k: (min if k.endswith(("naive", "ran_fla")) else max)(r[k] for r in ranks) for k in keys}
+    if os.environ.get("DELTAPACK_CP_REPORT"):
+        Path(os.environ["DELTAPACK_CP_REPORT"]).write_text(json.dumps(worst, indent=1, sort_keys=True))
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------- assertions
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stream", STREAMS)
+def test_fla_conv_matches_one_gpu(measured: dict[str, float], stream: str, layout: str) -> None:
+    """FLA's context-parallel conv: the same taps as over the whole stream, so equal up to fp rounding order."""
+    for tag, tol in (("fp32", 1e-6), ("bf16", 1e-2)):
+        key = f"ops.{stream}.{layout}.conv.{tag}"
+        for what in ("out", "dx", "dweight"):
+            assert measured[f"{key}.{what}"] <= tol, (key, what, measured[f"{key}.{what}"])
+        assert measured[f"{key}.naive"] > NAIVE_MIN
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stream", STREAMS)
+def test_fla_delta_rule_within_bf16_spread(measured: dict[str, float], stream: str, layout: str) -> None:
+    """FLA's context-parallel delta rule vs FLA over the whole stream: within the spread between FLA and the
+    reference on one GPU (the same bf16 inputs)."""
+    key = f"ops.{stream}.{layout}.gdn.bf16"
+    for what in ("out", "dq", "dk", "dv", "dg", "dbeta"):
+        assert measured[f"{key}.{what}"] <= measured[f"{key}.spread.{what}"], (key, what)
+    assert measured[f"{key}.naive"] > NAIVE_MIN
+    assert measured[f"{key}.naive"] > 10 * measured[f"{key}.spread.out"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_fp32_matches_one_gpu(measured: dict[str, float], arch: str, layout: str) -> None:
+    key = f"{arch}.{layout}.fp32"
+    for what in ("logits", "loss", "grads"):
+        assert measured[f"{key}.{what}"] <= FP32_TOL, (key, what, measured[f"{key}.{what}"])
+    assert measured[f"{key}.missing_grads"] == 0
+    assert measured[f"{key}.naive"] > NAIVE_MIN
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_bf16_within_the_spread_of_one_gpu(measured: dict[str, float], arch: str, layout: str) -> None:
+    """bf16 through FLA's context-parallel kernels and flash attention across ranks: as close to one GPU as two bf16
+    runs on one GPU are to each other, and as close to the fp32 result as one GPU is."""
+    key = f"{arch}.{layout}.bf16"
+    assert measured[f"{key}.ran_fla"] == 1.0
+    for what in ("logits", "loss", "grads"):
+        assert measured[f"{key}.{what}"] <= measured[f"{key}.spread.{what}"], (key, what)
+        assert measured[f"{key}.vs_fp32.{what}"] <= 1.1 * measured[f"{key}.one_gpu_vs_fp32.{what}"], (key, what)
+    assert measured[f"{key}.missing_grads"] == 0
