@@ -15,14 +15,16 @@ optimizer step (forward, backward, AdamW) on the e2e spec's documents (lognormal
 to N tokens. The LM head's loss is computed in chunks of 4096 tokens (logits of a 512K-token row in fp32 would take
 64 GB alone); the same head runs in both settings.
 
-Models: ``665m`` is the model of ``e2e-spec.json``; ``large`` is a 32-layer Qwen3.5 config of 4.8B parameters (hidden
-3072, 24 GDN + 8 attention layers), whose fp32 master weights and AdamW state alone need 77 GB on one GPU.
+Models: ``665m`` is the model of ``e2e-spec.json``; ``large`` is a 32-layer Qwen3.5 config of 7.2B parameters (hidden
+4096, 24 GDN + 8 attention layers, the layout of the 9B checkpoint with a 32K vocabulary), whose fp32 master weights,
+gradients and AdamW state alone need 115 GB on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import gc
 import json
 import os
@@ -50,8 +52,8 @@ from deltapack.distributed import (  # noqa: E402
 
 LARGE = dict(
     vocab_size=32000,
-    hidden_size=3072,
-    intermediate_size=10240,
+    hidden_size=4096,
+    intermediate_size=12288,
     num_hidden_layers=32,
     num_attention_heads=16,
     num_key_value_heads=4,
@@ -180,6 +182,8 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if dist.get_rank() == 0:
+            print(f"{mode} {tokens} tokens: step {len(times)} in {times[-1]:.2f} s", flush=True)
         loss = loss.detach()
         if mode == "cp2":  # each rank holds its share of the row's token mean
             dist.all_reduce(loss)
@@ -207,11 +211,15 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
         torch.cuda.reset_peak_memory_stats()
         record: dict = {"tokens": tokens}
         oom = torch.zeros((), device="cuda")
+        faulthandler.dump_traceback_later(240, exit=True)  # a rank stuck in a collective: show where
         try:
             record = trial(model, head, optimizer, tokens, mode, world)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # Triton kernels raise RuntimeError on OOM
+            if "out of memory" not in str(err):
+                raise
             oom.fill_(1)
             optimizer.zero_grad(set_to_none=True)
+        faulthandler.cancel_dump_traceback_later()
         dist.all_reduce(oom, op=dist.ReduceOp.MAX)
         peaks = [None] * world
         dist.all_gather_object(peaks, round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -236,7 +244,7 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("665m", "large"), default="665m")
-    parser.add_argument("--modes", default="cp1,cp2")
+    parser.add_argument("--modes", default="cp2,cp1")
     parser.add_argument("--first-tokens", type=int, default=32768)
     parser.add_argument("--limit", type=int, default=2**20)
     parser.add_argument("--one-gpu", action="store_true", help="one process, one GPU: train --tokens once")

@@ -29,12 +29,12 @@ for what in "$@"; do
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
-    cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v \
+    cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
-    cp-665m) stage cp-665m "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
+    cp-665m) stage cp-665m "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m --first-tokens 65536 \
         --out "$out/cp_665m.json" ;;
     cp-large) stage cp-large "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
-        --first-tokens 65536 --out "$out/cp_large.json"
+        --first-tokens 32768 --out "$out/cp_large.json"
       stage cp-large-one-gpu 60 python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536 \
         --out "$out/cp_large_one_gpu.json" ;;
   esac

@@ -16,6 +16,7 @@ Every check has its naive twin (each rank's tokens as independent documents), wh
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import logging
 import os
@@ -97,8 +98,9 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
 
     for dtype in (torch.bfloat16, torch.float32):
         tag = "bf16" if dtype == torch.bfloat16 else "fp32"
-        x, weight, bias = randn(1, total, 256).to(dtype), randn(256, 4).to(dtype), randn(256).to(dtype)
-        cot = randn(1, total, 256)
+        # the conv of the model checks below (2 * 2 * 64 + 4 * 64 channels): the kernels compile once
+        x, weight, bias = randn(1, total, 512).to(dtype), randn(512, 4).to(dtype), randn(512).to(dtype)
+        cot = randn(1, total, 512)
         full = [t.clone().requires_grad_() for t in (x, weight, bias)]
         y = fla.causal_conv1d(*full, "silu", **whole)
         (y.float() * cot).sum().backward()
@@ -112,12 +114,12 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         naive = fla.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard))
         out[f"conv.{tag}.naive"] = _rel(naive, shard.shard(y))
 
-    # the delta rule in bf16 (FLA), with long memory so that a lost state shows; dims of a real layer
-    q, k = (randn(1, total, 4, 128).bfloat16() for _ in range(2))
-    v = randn(1, total, 8, 128).bfloat16()
-    g = -torch.empty(1, total, 8, device="cuda").uniform_(1e-3, 2e-2, generator=gen)
-    beta = torch.rand(1, total, 8, device="cuda", generator=gen).bfloat16()
-    cot = randn(1, total, 8, 128)
+    # the delta rule in bf16 (FLA), with long memory so that a lost state shows; the model checks' heads
+    q, k = (randn(1, total, 2, 64).bfloat16() for _ in range(2))
+    v = randn(1, total, 4, 64).bfloat16()
+    g = -torch.empty(1, total, 4, device="cuda").uniform_(1e-3, 2e-2, generator=gen)
+    beta = torch.rand(1, total, 4, device="cuda", generator=gen).bfloat16()
+    cot = randn(1, total, 4, 64)
     names = ("dq", "dk", "dv", "dg", "dbeta")
 
     def grads_of(o: torch.Tensor, inputs: list[torch.Tensor], c: torch.Tensor) -> list[torch.Tensor]:
@@ -216,7 +218,12 @@ def _model_checks(arch: str) -> dict[str, float]:
     return out
 
 
+def _progress(rank: int, what: str) -> None:
+    print(f"rank {rank}: {what} done", flush=True)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(int(os.environ.get("DELTAPACK_CP_STACKS_AFTER", "600")), exit=False)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.cuda.set_device(rank)
     dist.init_process_group(
@@ -233,8 +240,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for layout in LAYOUTS:
                 checks = _ops_checks(cu or _many(), layout)
                 results |= {f"ops.{stream}.{layout}.{k}": v for k, v in checks.items()}
+                _progress(rank, f"ops {stream} {layout}")
         for arch in ARCHS:
             results |= _model_checks(arch)
+            _progress(rank, f"model {arch}")
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
