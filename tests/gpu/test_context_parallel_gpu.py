@@ -7,8 +7,9 @@ rank, and one longer than a rank's share (2048 tokens contiguous, 1024 per part 
 
 - fp32: context parallelism 2 equals one GPU within 1e-4 (relative), logits, loss and every gradient.
 - bf16: the difference between context parallelism 2 and one GPU is within the spread of two bf16 runs on one GPU:
-  the fast path (FLA, flash attention) against the reference ops in bf16 (fp32 arithmetic inside the GDN ops).
-  Both bf16 runs are also compared with the fp32 result, the truth they approximate.
+  the fast path (FLA, flash attention) against the reference ops in bf16 (fp32 arithmetic inside the GDN ops); and
+  context parallelism is as close to the fp32 result as those runs are. At the op level, FLA's context-parallel
+  delta rule is as close to the exact result as FLA on one GPU.
 
 Every check has its naive twin (each rank's tokens as independent documents), which must be far off.
 """
@@ -44,7 +45,7 @@ NAIVE_MIN = 1e-2
 STREAMS = {
     # 300 tokens on rank 0 only; 2600 crossing the boundary (longer than a share); 50 and 1146 on the last rank
     "mixed": [0, 300, 2900, 2950, 4096],
-    # 40 documents of 1 to 300 tokens, starts unaligned to the kernels' 64-token chunks
+    # 39 documents of 1 to 99 tokens and one long one, starts unaligned to the kernels' 64-token chunks
     "many": None,
 }
 LAYOUTS = ("contiguous", "zigzag")
@@ -64,7 +65,7 @@ DIMS = dict(
 
 def _many() -> list[int]:
     gen = torch.Generator().manual_seed(11)
-    lengths = torch.randint(1, 300, (39,), generator=gen).tolist()
+    lengths = torch.randint(1, 100, (39,), generator=gen).tolist()  # at most 3861 tokens: the last fills to 4096
     lengths.append(4096 - sum(lengths))
     cu = [0]
     for n in lengths:
@@ -134,11 +135,15 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     local = [shard.shard(t).detach().requires_grad_() for t in (q, k, v, g, beta)]
     o_local, _ = cp_ops.gated_delta_rule(*local, shard=shard, backend="fla")
     local_grads = grads_of(o_local, local, shard.shard(cot))
-    out["gdn.bf16.out"] = _rel(o_local, shard.shard(o_fast))
-    out["gdn.bf16.spread.out"] = _rel(shard.shard(o_fast), shard.shard(o_ref))
+    # against the exact result (the reference's fp32 arithmetic on the same bf16 inputs): context parallelism and
+    # one GPU each round their own way (chunks aligned at the rank boundary vs at the document start)
+    out["gdn.bf16.out"] = _rel(o_local, shard.shard(o_ref))
+    out["gdn.bf16.one_gpu.out"] = _rel(shard.shard(o_fast), shard.shard(o_ref))
+    out["gdn.bf16.vs_one_gpu.out"] = _rel(o_local, shard.shard(o_fast))
     for name, mine, fast, ref in zip(names, local_grads, fast_grads, ref_grads):
-        out[f"gdn.bf16.{name}"] = _rel(mine, shard.shard(fast))
-        out[f"gdn.bf16.spread.{name}"] = _rel(shard.shard(fast), shard.shard(ref))
+        out[f"gdn.bf16.{name}"] = _rel(mine, shard.shard(ref))
+        out[f"gdn.bf16.one_gpu.{name}"] = _rel(shard.shard(fast), shard.shard(ref))
+        out[f"gdn.bf16.vs_one_gpu.{name}"] = _rel(mine, shard.shard(fast))
     naive, _ = fla.gated_delta_rule(*(shard.shard(t) for t in (q, k, v, g, beta)), **_pieces(shard))
     out["gdn.bf16.naive"] = _rel(naive, shard.shard(o_fast))
     return out
@@ -215,6 +220,7 @@ def _model_checks(arch: str) -> dict[str, float]:
         _compare(f"{arch}.{layout}.bf16.spread", fast, slow, shard, out)
         _compare(f"{arch}.{layout}.bf16.vs_fp32", cp, fp32, shard, out)
         _compare(f"{arch}.{layout}.bf16.one_gpu_vs_fp32", fast, fp32, shard, out)
+        _compare(f"{arch}.{layout}.bf16.reference_vs_fp32", slow, fp32, shard, out)
     return out
 
 
@@ -251,7 +257,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
-    """Every rank's measurements, the worst over ranks for each key (the smallest for the naive twins)."""
+    """Every rank's measurements, the worst over ranks for each key. For the naive twins that is the largest too:
+    one rank whose tokens need another rank's is enough to show the leak (rank 0 needs nothing, contiguous)."""
     if torch.cuda.device_count() < WORLD or not dist.is_nccl_available():
         pytest.skip(f"needs {WORLD} CUDA GPUs and NCCL")
     if not fla.AVAILABLE:
@@ -260,7 +267,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
     keys = ranks[0]
-    worst = {k: (min if k.endswith(("naive", "ran_fla")) else max)(r[k] for r in ranks) for k in keys}
+    worst = {k: (min if k.endswith("ran_fla") else max)(r[k] for r in ranks) for k in keys}
     if os.environ.get("DELTAPACK_CP_REPORT"):
         Path(os.environ["DELTAPACK_CP_REPORT"]).write_text(json.dumps(worst, indent=1, sort_keys=True))
     return worst
@@ -280,14 +287,15 @@ def test_fla_conv_matches_one_gpu(measured: dict[str, float], stream: str, layou
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stream", STREAMS)
-def test_fla_delta_rule_within_bf16_spread(measured: dict[str, float], stream: str, layout: str) -> None:
-    """FLA's context-parallel delta rule vs FLA over the whole stream: within the spread between FLA and the
-    reference on one GPU (the same bf16 inputs)."""
+def test_fla_delta_rule_as_exact_as_one_gpu(measured: dict[str, float], stream: str, layout: str) -> None:
+    """FLA's context-parallel delta rule is as close to the exact result as FLA on one GPU: the bf16 rounding of
+    another chunk alignment, no error of its own (within 1.25x of one GPU's error; a lost state is about 25x:
+    0.13 to 0.15 against 5e-3 on a pair of H200s)."""
     key = f"ops.{stream}.{layout}.gdn.bf16"
     for what in ("out", "dq", "dk", "dv", "dg", "dbeta"):
-        assert measured[f"{key}.{what}"] <= measured[f"{key}.spread.{what}"], (key, what)
+        assert measured[f"{key}.{what}"] <= 1.25 * measured[f"{key}.one_gpu.{what}"], (key, what)
     assert measured[f"{key}.naive"] > NAIVE_MIN
-    assert measured[f"{key}.naive"] > 10 * measured[f"{key}.spread.out"]
+    assert measured[f"{key}.naive"] > 10 * measured[f"{key}.one_gpu.out"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -303,11 +311,19 @@ def test_model_fp32_matches_one_gpu(measured: dict[str, float], arch: str, layou
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_bf16_within_the_spread_of_one_gpu(measured: dict[str, float], arch: str, layout: str) -> None:
-    """bf16 through FLA's context-parallel kernels and flash attention across ranks: as close to one GPU as two bf16
-    runs on one GPU are to each other, and as close to the fp32 result as one GPU is."""
+    """bf16 through FLA's context-parallel kernels and flash attention across ranks.
+
+    Two bf16 runs on one GPU (the fast path and the reference ops) set the spread: context parallelism's logits and
+    gradients are as close to one GPU as those two runs are to each other, and its distance to the fp32 result is
+    within the distances of the two one-GPU runs to it. The loss is one number, so its one-sample spread says little:
+    its difference from one GPU stays within one GPU's own bf16 error of the loss.
+    """
     key = f"{arch}.{layout}.bf16"
     assert measured[f"{key}.ran_fla"] == 1.0
-    for what in ("logits", "loss", "grads"):
+    for what in ("logits", "grads"):
         assert measured[f"{key}.{what}"] <= measured[f"{key}.spread.{what}"], (key, what)
-        assert measured[f"{key}.vs_fp32.{what}"] <= 1.1 * measured[f"{key}.one_gpu_vs_fp32.{what}"], (key, what)
+    assert measured[f"{key}.loss"] <= measured[f"{key}.one_gpu_vs_fp32.loss"], key
+    for what in ("logits", "loss", "grads"):
+        one_gpu = max(measured[f"{key}.one_gpu_vs_fp32.{what}"], measured[f"{key}.reference_vs_fp32.{what}"])
+        assert measured[f"{key}.vs_fp32.{what}"] <= 1.1 * one_gpu, (key, what)
     assert measured[f"{key}.missing_grads"] == 0
