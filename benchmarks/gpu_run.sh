@@ -3,7 +3,8 @@
 # Usage (project root, GPU packages on the path): OUT=<dir> bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-large]   (the cp-* stages need 2 GPUs)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
-# autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end.
+# autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
+# (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
 set -u
 out="${OUT:-benchmarks/results/run}"
 mkdir -p "$out"
@@ -12,6 +13,9 @@ cache="${KERNEL_CACHE_DIR:-$PWD/.kernel-cache}"  # Triton's and TileLang's compi
 export TRITON_CACHE_DIR="$cache/triton" TILELANG_CACHE_DIR="$cache/tilelang"
 mkdir -p "$TRITON_CACHE_DIR" "$TILELANG_CACHE_DIR"
 if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then tar -C "$cache" -xJf "$KERNEL_CACHE"; fi
+# Triton's autotuning results alone (kilobytes): with them each kernel compiles its chosen config only, not every
+# candidate; the full cache of the 2-GPU checks is too large to carry next to the GPU packages
+if [ -n "${AUTOTUNE_CACHE:-}" ] && [ -f "$AUTOTUNE_CACHE" ]; then tar -C "$cache" -xJf "$AUTOTUNE_CACHE"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 stage() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
@@ -39,5 +43,6 @@ for what in "$@"; do
         --out "$out/cp_large_one_gpu.json" ;;
   esac
 done
+(cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
 [ "${SAVE_KERNEL_CACHE:-1}" = 1 ] && tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
 du -sh "$cache"/*
