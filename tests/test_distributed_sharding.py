@@ -244,3 +244,19 @@ def test_apply_fsdp_wants_fp32_master_weights() -> None:
 
     with pytest.raises(ValueError, match="expected fp32 parameters"):
         apply_fsdp(tiny_model("qwen3_5").to(torch.bfloat16))
+
+
+def test_context_parallel_ops_refuse_fla_where_it_cannot_run() -> None:
+    """Asking for FLA's context-parallel kernels without CUDA raises and names the way out; the reference runs."""
+    bounds = _bounds([5, 11])
+    shard = ContextShard.build(bounds, None, layout="contiguous", rank=0, world_size=1)
+    x, weight = torch.randn(1, 16, 6), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        cp_ops.causal_conv1d(x, weight, shard=shard, backend="fla")
+    q = k = torch.randn(1, 16, 2, 8)
+    v, g, beta = torch.randn(1, 16, 2, 8), -torch.rand(1, 16, 2), torch.rand(1, 16, 2)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        cp_ops.gated_delta_rule(q, k, v, g, beta, shard=shard, backend="fla")
+    out = cp_ops.causal_conv1d(x, weight, shard=shard, backend="reference")
+    want = reference.causal_conv1d_ref(x, weight, seq_idx=bounds.seq_idx)
+    assert torch.equal(out, want)

@@ -137,13 +137,26 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model to train (fp32) and a name for it: --model PATH (weights or config), else the embedded tiny one."""
+def load_model(args: argparse.Namespace, on_meta: bool = False) -> tuple[nn.Module, str]:
+    """The model to train (fp32) and a name for it: --model PATH (weights or config), else the embedded tiny one.
+
+    ``on_meta``: the same architecture with its parameters on the meta device (no memory, no weights read), for the
+    ranks that receive their shards from rank 0 under FSDP.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if on_meta:
+        with torch.device("meta"):
+            if args.model is None:
+                return load_model(args)
+            path = _existing(args.model, "--model")
+            path = path.parent if path.is_file() else path
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            return AutoModelForCausalLM.from_config(config).float(), path.name
     if args.model is None:
         from deltapack.tiny import tiny_model
 
         return tiny_model(args.arch, seed=args.seed), f"tiny {args.arch} (embedded, random init)"
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = _existing(args.model, "--model")
     if path.is_file():
@@ -325,7 +338,7 @@ def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) 
     """Context parallelism, then FSDP2 (or every rank starting from rank 0's weights) on the patched model."""
     import torch.distributed as dist
 
-    from deltapack.distributed import apply_fsdp, enable_context_parallel
+    from deltapack.distributed import apply_fsdp, enable_context_parallel, load_from_rank0
 
     if getattr(model.config.get_text_config(), "output_router_logits", False):
         raise TrainError(
@@ -340,7 +353,9 @@ def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) 
         mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
         # bf16 compute on GPUs (fp32 master weights); the reference path on the CPU stays fp32, as in one process
         compute = torch.bfloat16 if parallel.device.type == "cuda" else torch.float32
+        full_state = model.state_dict() if parallel.is_main else {}
         apply_fsdp(model, mesh, param_dtype=compute, context_parallel_size=args.cp)
+        load_from_rank0(model, full_state, parallel.device)
         return
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -380,7 +395,9 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     else:
         device = parallel.device
     is_main = parallel is None or parallel.is_main
-    model, name = load_model(args)
+    # under FSDP only rank 0 reads the weights; the other ranks build the model on the meta device and receive their
+    # shards from it (no rank but the first holds the whole model in memory)
+    model, name = load_model(args, on_meta=parallel is not None and args.fsdp and not is_main)
     tokenizer = load_tokenizer(args)
     docs = load_documents(args, tokenizer)
     _check_vocab(docs, model.config.get_text_config().vocab_size)

@@ -7,7 +7,7 @@
 - :mod:`deltapack.distributed.attention`: full attention across ranks (keys and values all-gathered).
 - :func:`enable_context_parallel` and :func:`token_mean_loss`: a patched model on its shard, the loss of one device.
 - :func:`apply_fsdp`: FSDP2 per decoder layer with bf16 compute, fp32 reductions and the GDN's fp32 parameters kept
-  fp32.
+  fp32; :func:`load_from_rank0` fills the shards from rank 0's weights (the other ranks build on the meta device).
 """
 
 from deltapack.distributed.context_parallel import (
@@ -16,7 +16,7 @@ from deltapack.distributed.context_parallel import (
     num_targets,
     token_mean_loss,
 )
-from deltapack.distributed.fsdp import apply_fsdp, plan_fsdp_groups
+from deltapack.distributed.fsdp import apply_fsdp, load_from_rank0, plan_fsdp_groups
 from deltapack.distributed.sharding import LAYOUTS, ContextShard, StreamPart, padded_total
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "apply_fsdp",
     "disable_context_parallel",
     "enable_context_parallel",
+    "load_from_rank0",
     "num_targets",
     "padded_total",
     "plan_fsdp_groups",

@@ -28,7 +28,7 @@ from torch import nn
 
 from deltapack.models.registry import architecture_of
 
-__all__ = ["FP32_PARAMETERS", "FsdpGroup", "apply_fsdp", "plan_fsdp_groups"]
+__all__ = ["FP32_PARAMETERS", "FsdpGroup", "apply_fsdp", "load_from_rank0", "plan_fsdp_groups"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -159,3 +159,24 @@ def apply_fsdp(
                 # a plain sum, then the division: gloo has no pre-multiplied sum, and NCCL's zero-copy wants sums
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device | str) -> None:
+    """Rank 0's full weights into every rank's FSDP shards, for a model too large to load on every rank.
+
+    Rank 0 builds the model with its weights and takes ``full_state = model.state_dict()`` before
+    :func:`apply_fsdp`; every other rank builds the same model on the meta device (``with torch.device("meta")``) and
+    passes ``{}``. After :func:`apply_fsdp` on all ranks, call this on all ranks: the meta ranks allocate their shards
+    on ``device``, rank 0 broadcasts each tensor and every rank keeps its shard; the buffers (not sharded, some not
+    saved, such as rotary frequencies) are broadcast as they are. A collective.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
