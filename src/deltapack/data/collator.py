@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from deltapack.boundaries import Boundaries
+
 __all__ = ["PackedCollator", "row_seq_lengths"]
 
 IGNORE_INDEX = -100
@@ -27,8 +29,9 @@ def _ints(x: Any) -> list[int]:
 def row_seq_lengths(row: Mapping[str, Any], index: int = 0) -> list[int]:
     """The document lengths of one packed row, from ``seq_lengths``, else ``position_ids``; ValueError if neither.
 
-    ``position_ids`` follow deltapack's one rule: a document starts where the position is 0, and inside a document
-    positions go up by exactly 1. Raises ValueError when the row's description is inconsistent.
+    ``position_ids`` follow deltapack's one rule, :meth:`Boundaries.from_position_ids`: a document starts where the
+    position is 0, and inside a document positions go up by exactly 1. Raises ValueError when the row's description
+    is inconsistent.
     """
     size = len(row["input_ids"])
     seq_lengths = row.get("seq_lengths")
@@ -44,18 +47,13 @@ def row_seq_lengths(row: Mapping[str, Any], index: int = 0) -> list[int]:
         pos = _ints(positions)
         if len(pos) != size:
             raise ValueError(f"deltapack: row {index} has {len(pos)} position_ids for {size} tokens; expected {size}")
-        starts = [i for i, p in enumerate(pos) if p == 0]
-        if size and (not starts or starts[0] != 0):
-            raise ValueError(
-                f"deltapack: row {index} starts at position {pos[0]}; expected every document to start at 0"
-            )
-        for i in range(1, size):
-            if pos[i] != 0 and pos[i] != pos[i - 1] + 1:
-                raise ValueError(
-                    f"deltapack: row {index} position_ids go from {pos[i - 1]} to {pos[i]} at column {i}; "
-                    "expected positions that restart at 0 for each document and otherwise go up by 1"
-                )
-        lengths = [b - a for a, b in zip(starts, [*starts[1:], size])]
+        lengths = []
+        if size:  # the rule is Boundaries', applied to this one row
+            try:
+                host = Boundaries.from_position_ids(torch.tensor([pos])).cu_seqlens_host
+            except ValueError as err:
+                raise ValueError(str(err).replace("position_ids row 0", f"position_ids row {index}")) from None
+            lengths = [b - a for a, b in zip(host[:-1], host[1:])]
     else:
         raise ValueError(
             f"deltapack: row {index} has neither seq_lengths nor position_ids; expected the document lengths of the "
