@@ -210,3 +210,24 @@ def test_boundaries_on_another_device_than_the_inputs_raise():
     bounds = Boundaries.from_document_ids(torch.tensor([[1, 1, 2, 2, 2, 2]]), device="meta")
     with patched(model), pytest.raises(ValueError, match="expected both on one device"):
         model(input_ids=ids, boundaries=bounds)
+
+
+def test_unpacked_call_checks_its_inputs_once(monkeypatch):
+    """An unpacked call with a mask reads the mask on the host once (the entry model), not again in the decoder
+    stack; a packed call, and the decoder stack called on its own, still check."""
+    model = deltapack.patch(tiny_model("qwen3_5"))
+    calls = []
+    original = Boundaries.from_inputs
+    counted = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(Boundaries, "from_inputs", counted)
+    ids = torch.randint(1, 128, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert len(calls) == 1
+        model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert len(calls) == 2
+        doc_ids = torch.tensor([[1] * 4 + [2] * 5, [1] * 9])
+        out = model(input_ids=ids, attention_mask=doc_ids).logits
+        assert len(calls) == 3
+        alone = model(input_ids=ids[:1, 4:]).logits
+    assert (out[0, 4:] - alone[0]).abs().max() < EXACT

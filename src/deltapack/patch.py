@@ -21,9 +21,11 @@ the original forward, unchanged: outputs are bit-identical to the unpatched mode
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +49,9 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 # keyword arguments through which transformers users describe packed documents; deltapack owns them once patched
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k", "seq_idx")
 _STATE = "_deltapack_state"
+_ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder stacks it calls
+# the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
+_CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
 # the cache keyword of the model forwards and of the GDN layers (transformers 5.24 renames both to ``cache``)
 CACHE_KWARGS = ("past_key_values", "cache")
 GDN_CACHE_KWARGS = ("cache_params", "cache")
@@ -83,6 +88,7 @@ def patch(model: ModelT) -> ModelT:
             wrapped.append(_wrap(module, WRAPPED_ATTR, _attention_forward))
     if not isinstance(target, text_cls):  # a bare decoder stack is its own entry
         wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
+        target.__dict__[_ENTRY_TEXT_MODELS] = tuple(m for m, attr in wrapped if attr == "_deltapack_text_inner")
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
@@ -93,6 +99,7 @@ def unpatch(model: ModelT) -> ModelT:
     state: _PatchState | None = getattr(target, _STATE, None)
     if state is None:
         return model
+    target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
     for module, attr in reversed(state.wrapped):
         original = module.__dict__.pop(attr)
         if getattr(original, "__self__", None) is module and original.__func__ is type(module).forward:
@@ -152,17 +159,28 @@ def _as_kwargs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
 # ---------------------------------------------------------------------------------------------- the entry model
 def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__["_deltapack_entry_inner"]
-    return _route(inner, inner, args, kwargs)
+    return _route(inner, inner, args, kwargs, checked=self.__dict__.get(_ENTRY_TEXT_MODELS, ()))
 
 
-def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``."""
+def _route(
+    packed: Callable[..., Any],
+    inner: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    checked: tuple[nn.Module, ...] = (),
+) -> Any:
+    """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``.
+
+    ``checked``: the decoder stacks inside ``inner`` that may skip the same check when the call goes through
+    unchanged (they receive the same inputs; the check reads the mask on the host).
+    """
+    unchanged = functools.partial(_unchanged, inner, args, kwargs, checked)
     call = _as_kwargs(inner, args, kwargs)
     bounds = call.pop("boundaries", None)
     explicit = bounds is not None or any(call.get(k) is not None for k in PACKING_KWARGS)
     mask = call.get("attention_mask")
     if (isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)) and not explicit:
-        return inner(*args, **kwargs)  # the caller built the attention masks itself
+        return unchanged()  # the caller built the attention masks itself
     if any(call.get(name) is not None for name in CACHE_KWARGS):
         # cached decoding: transformers handles padding there; packed documents cannot share one cache
         if explicit or (isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1):
@@ -170,14 +188,14 @@ def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[An
                 "deltapack: packed documents were given together with past_key_values; expected packed batches "
                 "without a cache (training / scoring) or plain batches for cached generation"
             )
-        return inner(*args, **kwargs)
+        return unchanged()
     batch_shape = _batch_shape(call)
     if bounds is None:
         bounds = _boundaries_from_call(call, batch_shape)
         if bounds is None:
-            return inner(*args, **kwargs)
+            return unchanged()
         if call.get("use_cache") is True and not explicit and _padding_only(bounds):
-            return inner(*args, **kwargs)  # a padded prefill that asks for a cache: the original path
+            return unchanged()  # a padded prefill that asks for a cache: the original path
     elif bounds.batch_shape != batch_shape:
         raise ValueError(
             f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
@@ -190,6 +208,16 @@ def _route(packed: Callable[..., Any], inner: Callable[..., Any], args: tuple[An
             "(Boundaries.to(device))"
         )
     return _packed_call(packed, call, bounds)
+
+
+def _unchanged(
+    inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], checked: tuple[nn.Module, ...]
+) -> Any:
+    token = _CHECKED_UNPACKED.set(checked)
+    try:
+        return inner(*args, **kwargs)
+    finally:
+        _CHECKED_UNPACKED.reset(token)
 
 
 def _input_device(call: dict[str, Any]) -> torch.device:
@@ -301,6 +329,8 @@ def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     so a caller that runs the decoder stack directly (TRL's fused LM head does) still gets packing right."""
     inner = self.__dict__["_deltapack_text_inner"]
     if kwargs.get("boundaries") is None:
+        if any(self is m for m in _CHECKED_UNPACKED.get()):  # the entry model found no packing in these inputs
+            return inner(*args, **kwargs)
         return _route(lambda **call: _text_model_packed(self, inner, call), inner, args, kwargs)
     return _text_model_packed(self, inner, _as_kwargs(inner, args, kwargs))
 
