@@ -72,6 +72,29 @@ def test_torchrun_fsdp_data_parallel_matches_one_process(one_process: list[float
     _assert_same_losses(report["losses"], one_process)
 
 
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+def test_moe_load_balancing_loss_over_the_global_batch(tmp_path) -> None:
+    """A MoE model that adds the load-balancing loss: with context parallelism 2 (padded streams), the loss of every
+    step equals one process, whose loss counts every token of the global batch. A rank counting only its own tokens
+    would give another loss, and so does the same run without the load-balancing loss."""
+    from deltapack.tiny import tiny_config
+
+    tiny_config("qwen3_5_moe", output_router_logits=True, router_aux_loss_coef=0.5).save_pretrained(tmp_path)
+    args = [*STEPS, "--model", str(tmp_path)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = train(build_parser().parse_args(["train", *args])).losses
+    finally:
+        torch.set_num_threads(threads)
+    report = _launch([sys.executable, "-m", "deltapack.cli", "train", *args, "--nproc", "2", "--cp", "2", "--json"])
+    assert report["stream_pad_tokens"] > 0
+    _assert_same_losses(report["losses"], reference)
+    tiny_config("qwen3_5_moe", output_router_logits=False).save_pretrained(tmp_path)
+    without = train(build_parser().parse_args(["train", *args, "--steps", "1"])).losses
+    assert abs(without[0] - reference[0]) > 100 * TOL * abs(reference[0])
+
+
 # ---------------------------------------------------------------------------------------------- in one process
 def test_forwarded_options_round_trip() -> None:
     args = build_parser().parse_args(["train", "--nproc", "2", "--cp", "2", "--fsdp", "--lr", "0.01", "--steps", "4"])

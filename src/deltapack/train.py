@@ -340,11 +340,6 @@ def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) 
 
     from deltapack.distributed import apply_fsdp, enable_context_parallel, load_from_rank0
 
-    if getattr(model.config.get_text_config(), "output_router_logits", False):
-        raise TrainError(
-            "deltapack train: the model adds the MoE load-balancing loss (output_router_logits); on several "
-            "processes only the token-mean loss is computed, so expected output_router_logits=False in its config"
-        )
     if args.cp > 1:
         enable_context_parallel(model)
     if args.fsdp:

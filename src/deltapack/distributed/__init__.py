@@ -5,7 +5,8 @@
 - :mod:`deltapack.distributed.ops`: exact context-parallel causal conv1d and gated delta rule (conv tokens and
   recurrent states handed over between ranks), reached through ``deltapack.ops`` when the boundaries carry a shard.
 - :mod:`deltapack.distributed.attention`: full attention across ranks (keys and values all-gathered).
-- :func:`enable_context_parallel` and :func:`token_mean_loss`: a patched model on its shard, the loss of one device.
+- :func:`enable_context_parallel` and :func:`token_mean_loss`: a patched model on its shard, the loss of one device;
+  :func:`load_balancing_loss_share`: the MoE load-balancing loss of all ranks' tokens, shared out.
 - :func:`apply_fsdp`: FSDP2 per decoder layer with bf16 compute, fp32 reductions and the GDN's fp32 parameters kept
   fp32; :func:`load_from_rank0` fills the shards from rank 0's weights (the other ranks build on the meta device).
 """
@@ -13,6 +14,7 @@
 from deltapack.distributed.context_parallel import (
     disable_context_parallel,
     enable_context_parallel,
+    load_balancing_loss_share,
     num_targets,
     token_mean_loss,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "apply_fsdp",
     "disable_context_parallel",
     "enable_context_parallel",
+    "load_balancing_loss_share",
     "load_from_rank0",
     "num_targets",
     "padded_total",

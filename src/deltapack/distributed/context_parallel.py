@@ -18,7 +18,7 @@ device, and the sum over ranks of each rank's gradients is the gradient of one d
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,13 @@ from deltapack.distributed.collectives import all_reduce_sum
 from deltapack.distributed.sharding import ContextShard
 from deltapack.patch import is_patched
 
-__all__ = ["disable_context_parallel", "enable_context_parallel", "num_targets", "token_mean_loss"]
+__all__ = [
+    "disable_context_parallel",
+    "enable_context_parallel",
+    "load_balancing_loss_share",
+    "num_targets",
+    "token_mean_loss",
+]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 _PREVIOUS = "_deltapack_attention_before_context_parallel"
@@ -95,3 +101,43 @@ def token_mean_loss(
         logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=ignore_index, reduction="sum"
     )
     return summed / total.to(summed.dtype)
+
+
+def load_balancing_loss_share(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    group: Any = None,
+    world_size: int = 1,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's share of the MoE load-balancing loss of all ranks' tokens together (fp32 scalar).
+
+    transformers' loss (Switch Transformer) over the tokens of one device is E * sum_e f_e p_e, with f_e the share
+    of top-k assignments that went to expert e and p_e its mean router probability, both over every layer's tokens.
+    Here both means are over the tokens of every rank of ``group``: the assignment counts and the token count are
+    summed over ranks (one all-reduce, no gradient: they do not depend on the parameters smoothly), and each rank
+    contributes its own probabilities, so the sum over ranks of the shares is the loss of one device on all the
+    tokens, and so are the summed gradients.
+
+    Args:
+        router_logits: per MoE layer, [tokens, E] router logits of this rank's tokens (``output_router_logits``).
+        num_experts: E. top_k: experts per token. group, world_size: the ranks whose tokens make one batch.
+        token_mask: [tokens] bool, False for tokens that do not count (the padding that makes a stream split into
+            equal parts); None: all count.
+    """
+    device = router_logits[0].device
+    counts = torch.zeros(num_experts, device=device, dtype=torch.float32)
+    probs = torch.zeros(num_experts, device=device, dtype=torch.float32)
+    keep = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
+    rows = torch.zeros((), device=device)
+    for logits in router_logits:
+        weights = F.softmax(logits, dim=-1)  # as transformers: softmax and top-k in the logits' dtype
+        _, selected = torch.topk(weights, top_k, dim=-1)
+        ones = torch.ones(selected.shape, device=device) if keep is None else keep[:, None].expand(selected.shape)
+        counts = counts.index_add(0, selected.reshape(-1), ones.reshape(-1))
+        probs = probs + (weights.float() if keep is None else weights.float() * keep[:, None]).sum(0)
+        rows = rows + (weights.shape[0] if keep is None else keep.sum())
+    stats = all_reduce_sum(torch.cat([counts, rows[None]]), group, world_size)
+    total = stats[-1].clamp(min=1)
+    return num_experts * ((stats[:-1] / total) * (probs / total)).sum()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltapack.boundaries import Boundaries
+from deltapack.distributed.context_parallel import load_balancing_loss_share
 from deltapack.distributed.sharding import ContextShard, padded_total
 
 __all__ = [
@@ -195,6 +196,8 @@ class LocalBatch:
         labels: [b, T] labels of the rows (no context parallelism; None otherwise).
         targets: the number of targets of the whole global batch (the divisor of every rank's loss).
         shard: this rank's :class:`ContextShard` (context parallelism only).
+        real: [T_local] bool, False on the padding document that makes the stream split (context parallelism with
+            padding only; None otherwise).
     """
 
     inputs: dict[str, Any]
@@ -202,6 +205,7 @@ class LocalBatch:
     labels: torch.Tensor | None
     targets: int
     shard: ContextShard | None = None
+    real: torch.Tensor | None = None
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -258,6 +262,7 @@ def split_batch(
         labels=None,
         targets=targets,
         shard=shard,
+        real=None if total == bounds.total_tokens else shard.local_index.to(ids.device) < bounds.total_tokens,
     )
 
 
@@ -275,14 +280,31 @@ def _batch_boundaries(batch: dict[str, torch.Tensor]) -> Boundaries:
 
 def local_loss(model: nn.Module, local: LocalBatch) -> torch.Tensor:
     """This rank's share of the global token-mean loss (fp32 scalar): its summed token losses over the targets of the
-    whole global batch. Summed over ranks it is the loss of one process on the global batch."""
-    logits = model(**local.inputs).logits
+    whole global batch. Summed over ranks it is the loss of one process on the global batch.
+
+    A MoE model whose config adds the load-balancing loss (``output_router_logits``) adds its share of that loss over
+    the tokens of the whole global batch, weighted by ``router_aux_loss_coef``, as one process does.
+    """
+    config = model.config.get_text_config()
+    outputs = model(**local.inputs)
+    logits = outputs.logits
     if local.shift_labels is not None:
         shift = local.shift_labels
     else:  # rows: each token predicts the next label of its row (the collator put -100 where a document starts)
         shift = F.pad(local.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     summed = F.cross_entropy(logits.flatten(0, 1).float(), shift.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / max(local.targets, 1)
+    loss = summed / max(local.targets, 1)
+    if getattr(config, "output_router_logits", False):
+        share = load_balancing_loss_share(
+            tuple(outputs.router_logits),
+            config.num_experts,
+            config.num_experts_per_tok,
+            None,
+            dist.get_world_size(),
+            token_mask=local.real,
+        )
+        loss = loss + config.router_aux_loss_coef * share
+    return loss
 
 
 def sum_gradients(params: list[nn.Parameter], group: Any = None) -> None:
