@@ -33,6 +33,7 @@ from torch import nn
 
 from deltapack.boundaries import Boundaries
 from deltapack.models.attention import (
+    ATTENTION_MODULES,
     WRAPPED_ATTR,
     attention_inputs,
     is_full_attention,
@@ -89,6 +90,8 @@ def patch(model: ModelT) -> ModelT:
     if not isinstance(target, text_cls):  # a bare decoder stack is its own entry
         wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
         target.__dict__[_ENTRY_TEXT_MODELS] = tuple(m for m, attr in wrapped if attr == "_deltapack_text_inner")
+    for text_model in (m for m, attr in wrapped if attr == "_deltapack_text_inner"):
+        text_model.__dict__[ATTENTION_MODULES] = tuple(m for m in text_model.modules() if is_full_attention(m))
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
@@ -101,6 +104,7 @@ def unpatch(model: ModelT) -> ModelT:
         return model
     target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
     for module, attr in reversed(state.wrapped):
+        module.__dict__.pop(ATTENTION_MODULES, None)
         original = module.__dict__.pop(attr)
         if getattr(original, "__self__", None) is module and original.__func__ is type(module).forward:
             del module.forward

@@ -26,6 +26,7 @@ from deltapack.boundaries import Boundaries
 from deltapack.ops.attention import resolve_attention_backend, varlen_attention
 
 MASKED = ("eager", "sdpa")
+ATTENTION_MODULES = "_deltapack_attention_modules"  # on a patched decoder stack: its full-attention modules
 CONTEXT_PARALLEL = "deltapack_context_parallel"  # deltapack.distributed.attention registers it with transformers
 # the full-attention classes whose forward packed_attention_forward reproduces (q/k/v, output gate, rope)
 FULL_ATTENTION_CLASSES = ("Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen3NextAttention")
@@ -45,7 +46,9 @@ def _varlen_backend(bounds: Boundaries, text_model: nn.Module | None, dtype: tor
     config = text_model.config
     if text_model.training and getattr(config, "attention_dropout", 0.0):
         return None  # varlen kernels run without dropout: keep the masked path, which applies it
-    attention = [m for m in text_model.modules() if is_full_attention(m)]
+    attention = text_model.__dict__.get(ATTENTION_MODULES)  # listed by deltapack.patch, so no walk per batch
+    if attention is None:
+        attention = [m for m in text_model.modules() if is_full_attention(m)]
     if not attention or not all(WRAPPED_ATTR in m.__dict__ for m in attention):
         return None
     probe = torch.empty(0, 1, attention[0].head_dim, dtype=dtype, device=bounds.device)
