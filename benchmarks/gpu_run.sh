@@ -25,6 +25,8 @@ stage() {  # name, time limit (s), command...
   local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0)) s"
   grep -v "TileLang\|falling back to its reference" "$out/$name.log" | tail -n "${TAIL:-40}"
+  # after every stage, so that a run cut short still hands its autotuning on
+  (cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
 }
 for what in "$@"; do
   case "$what" in
@@ -43,6 +45,5 @@ for what in "$@"; do
         --out "$out/cp_large_one_gpu.json" ;;
   esac
 done
-(cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
 [ "${SAVE_KERNEL_CACHE:-1}" = 1 ] && tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
 du -sh "$cache"/*
