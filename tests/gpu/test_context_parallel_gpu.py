@@ -224,7 +224,9 @@ def _model_checks(arch: str) -> dict[str, float]:
     return out
 
 
-def _progress(rank: int, what: str) -> None:
+def _progress(rank: int, what: str, results: dict[str, float], out_dir: str) -> None:
+    """Report a finished block and keep what is measured so far (a run cut short still leaves it)."""
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     print(f"rank {rank}: {what} done", flush=True)
 
 
@@ -246,10 +248,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for layout in LAYOUTS:
                 checks = _ops_checks(cu or _many(), layout)
                 results |= {f"ops.{stream}.{layout}.{k}": v for k, v in checks.items()}
-                _progress(rank, f"ops {stream} {layout}")
+                _progress(rank, f"ops {stream} {layout}", results, out_dir)
         for arch in ARCHS:
             results |= _model_checks(arch)
-            _progress(rank, f"model {arch}")
+            _progress(rank, f"model {arch}", results, out_dir)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
