@@ -241,10 +241,67 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
     out[f"{mode}_largest_tokens"] = max(ok_sizes) if ok_sizes else 0
 
 
+def attention_exchange(name: str, sizes: list[int], out: dict) -> None:
+    """All-gather vs ring, bounded: the time of the key/value all-gather (and its reduce-scatter backward) of one
+    full-attention layer against the layer's whole context-parallel attention (gather, key rows, varlen forward and
+    backward), zigzag over the group. A ring can hide at most the exchange behind the compute, so the share is the
+    most it could save."""
+    fields = load_spec()["model"]["config"] if name == "665m" else LARGE
+    dims = fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]
+    rows = out.setdefault("attention_exchange", [])
+    for tokens in sizes:
+        record = _exchange_row(tokens, *dims)
+        rows.append(record)
+        if dist.get_rank() == 0:
+            print(json.dumps({"attention_exchange": record}), flush=True)
+
+
+def _exchange_row(tokens: int, heads: int, kv_heads: int, dim: int) -> dict:
+    from common import cuda_time_ms
+
+    from deltapack.distributed.attention import key_plan
+    from deltapack.distributed.collectives import all_gather
+    from deltapack.ops.attention import varlen_attention
+
+    world = dist.get_world_size()
+    _, cu = row(tokens)
+    shard = ContextShard.build(Boundaries.from_cu_seqlens(cu, (1, tokens)).to("cuda"), None, layout="zigzag")
+    local = shard.num_local_tokens
+    q = torch.randn(local, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(2, local, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    plan = key_plan(shard, q.device)
+    index = torch.cat([plan.index, plan.index + local])
+
+    def exchange() -> None:
+        all_gather(kv, None, world).float().sum().backward()
+
+    def attention() -> None:
+        keys, values = all_gather(kv, None, world).reshape(-1, kv_heads, dim).index_select(0, index).chunk(2)
+        o = varlen_attention(
+            q,
+            keys,
+            values,
+            cu_seqlens=shard.local.cu_seqlens,
+            max_seqlen=shard.local.max_seqlen,
+            cu_seqlens_k=plan.cu_seqlens_k,
+            max_seqlen_k=plan.max_seqlen_k,
+        )
+        o.float().sum().backward()
+
+    gather_ms = cuda_time_ms(exchange, warmup=2, reps=5)["median_ms"]
+    total_ms = cuda_time_ms(attention, warmup=2, reps=5)["median_ms"]
+    return {
+        "tokens": tokens,
+        "gather_ms": round(gather_ms, 3),
+        "attention_ms": round(total_ms, 3),
+        "gather_share": round(gather_ms / total_ms, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("665m", "large"), default="665m")
-    parser.add_argument("--modes", default="cp2,cp1")
+    parser.add_argument("--modes", default="cp2,cp1,exchange")
     parser.add_argument("--first-tokens", type=int, default=32768)
     parser.add_argument("--limit", type=int, default=2**20)
     parser.add_argument("--one-gpu", action="store_true", help="one process, one GPU: train --tokens once")
@@ -275,6 +332,9 @@ def main() -> None:
         run_ladder(model, head, optimizer, "cp1", args.tokens, args.tokens, world, out, args.out)
     else:
         for mode in args.modes.split(","):
+            if mode == "exchange":
+                attention_exchange(args.model, [65536, 131072, 262144], out)
+                continue
             run_ladder(model, head, optimizer, mode, args.first_tokens, args.limit, world, out, args.out)
     if rank == 0:
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -12,8 +12,9 @@ The same code runs on every backend of :func:`deltapack.ops.attention.varlen_att
 (bf16 / fp16), its exact reference elsewhere (the CPU tests, fp32).
 
 All-gather rather than ring: a rank needs the keys of every earlier part of its documents, which for the long
-documents context parallelism is for is most of the stream anyway; the gather is one collective per layer whose
-cost is measured in ``benchmarks/bench_cp.py``.
+documents context parallelism is for is most of the stream anyway. The gather is one collective per layer; the
+``exchange`` mode of ``benchmarks/bench_cp.py`` times it against the whole layer, which bounds what a ring (the
+exchange hidden behind compute) could save.
 
 It plugs into transformers as an attention implementation (``AttentionInterface``): the transformers attention module
 computes q, k, v, q/k norms and rope as it always does, then calls :func:`context_parallel_attention` with this
