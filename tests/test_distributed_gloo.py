@@ -16,7 +16,6 @@ import copy
 import datetime
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from deltapack.distributed import (
 from deltapack.distributed import ops as cp_ops
 from deltapack.distributed.collectives import all_reduce_sum
 from deltapack.distributed.fsdp import apply_fsdp, plan_fsdp_groups
+from deltapack.distributed.launch import free_port
 from deltapack.ops import reference
 from deltapack.tiny import tiny_model
 
@@ -54,12 +54,6 @@ MODEL_ARCHS = ("qwen3_5", "qwen3_5_moe")
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- checks (per rank)
@@ -291,7 +285,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = tmp_path_factory.mktemp("gloo")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
     return {k: max(r[k] for r in ranks) for k in ranks[0]} | {f"min.{k}": min(r[k] for r in ranks) for k in ranks[0]}
 

@@ -21,19 +21,20 @@ import faulthandler
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gpu_helpers import rel_err
 
 import deltapack
 from deltapack.boundaries import Boundaries
 from deltapack.distributed import ContextShard, disable_context_parallel, enable_context_parallel, token_mean_loss
 from deltapack.distributed import ops as cp_ops
 from deltapack.distributed.collectives import all_reduce_sum
+from deltapack.distributed.launch import free_port
 from deltapack.ops import fla, reference
 from deltapack.tiny import tiny_model
 
@@ -73,17 +74,6 @@ def _many() -> list[int]:
     return cu
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------- ops (per rank)
 def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     """FLA's context-parallel conv and delta rule (bf16) against FLA over the whole stream on one GPU."""
@@ -109,11 +99,11 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         local = [t.requires_grad_() for t in local]
         y_local = cp_ops.causal_conv1d(*local, "silu", shard=shard, backend="fla")
         (y_local.float() * shard.shard(cot)).sum().backward()
-        out[f"conv.{tag}.out"] = _rel(y_local, shard.shard(y))
-        out[f"conv.{tag}.dx"] = _rel(local[0].grad, shard.shard(full[0].grad))
-        out[f"conv.{tag}.dweight"] = _rel(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
+        out[f"conv.{tag}.out"] = rel_err(y_local, shard.shard(y))
+        out[f"conv.{tag}.dx"] = rel_err(local[0].grad, shard.shard(full[0].grad))
+        out[f"conv.{tag}.dweight"] = rel_err(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
         naive = fla.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard))
-        out[f"conv.{tag}.naive"] = _rel(naive, shard.shard(y))
+        out[f"conv.{tag}.naive"] = rel_err(naive, shard.shard(y))
 
     # the delta rule in bf16 (FLA), with long memory so that a lost state shows; the model checks' heads
     q, k = (randn(1, total, 2, 64).bfloat16() for _ in range(2))
@@ -137,15 +127,15 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     local_grads = grads_of(o_local, local, shard.shard(cot))
     # against the exact result (the reference's fp32 arithmetic on the same bf16 inputs): context parallelism and
     # one GPU each round their own way (chunks aligned at the rank boundary vs at the document start)
-    out["gdn.bf16.out"] = _rel(o_local, shard.shard(o_ref))
-    out["gdn.bf16.one_gpu.out"] = _rel(shard.shard(o_fast), shard.shard(o_ref))
-    out["gdn.bf16.vs_one_gpu.out"] = _rel(o_local, shard.shard(o_fast))
+    out["gdn.bf16.out"] = rel_err(o_local, shard.shard(o_ref))
+    out["gdn.bf16.one_gpu.out"] = rel_err(shard.shard(o_fast), shard.shard(o_ref))
+    out["gdn.bf16.vs_one_gpu.out"] = rel_err(o_local, shard.shard(o_fast))
     for name, mine, fast, ref in zip(names, local_grads, fast_grads, ref_grads):
-        out[f"gdn.bf16.{name}"] = _rel(mine, shard.shard(ref))
-        out[f"gdn.bf16.one_gpu.{name}"] = _rel(shard.shard(fast), shard.shard(ref))
-        out[f"gdn.bf16.vs_one_gpu.{name}"] = _rel(mine, shard.shard(fast))
+        out[f"gdn.bf16.{name}"] = rel_err(mine, shard.shard(ref))
+        out[f"gdn.bf16.one_gpu.{name}"] = rel_err(shard.shard(fast), shard.shard(ref))
+        out[f"gdn.bf16.vs_one_gpu.{name}"] = rel_err(mine, shard.shard(fast))
     naive, _ = fla.gated_delta_rule(*(shard.shard(t) for t in (q, k, v, g, beta)), **_pieces(shard))
-    out["gdn.bf16.naive"] = _rel(naive, shard.shard(o_fast))
+    out["gdn.bf16.naive"] = rel_err(naive, shard.shard(o_fast))
     return out
 
 
@@ -179,12 +169,12 @@ def _compare(prefix: str, got: tuple, want: tuple, shard: ContextShard, out: dic
     want_logits, want_loss, want_grads = want
     if logits.shape != want_logits.shape:  # this rank's tokens against the same tokens of the whole stream
         want_logits = shard.shard(want_logits)
-    out[f"{prefix}.logits"] = _rel(logits, want_logits)
-    out[f"{prefix}.loss"] = _rel(loss, want_loss)
-    out[f"{prefix}.grads"] = max(_rel(grads[n], want_grads[n]) for n in want_grads)  # the worst parameter
+    out[f"{prefix}.logits"] = rel_err(logits, want_logits)
+    out[f"{prefix}.loss"] = rel_err(loss, want_loss)
+    out[f"{prefix}.grads"] = max(rel_err(grads[n], want_grads[n]) for n in want_grads)  # the worst parameter
     names = sorted(want_grads)
     if all(n in grads for n in names):  # all gradients as one vector: not one small parameter's noise
-        out[f"{prefix}.grads_all"] = _rel(
+        out[f"{prefix}.grads_all"] = rel_err(
             torch.cat([grads[n].reshape(-1) for n in names]), torch.cat([want_grads[n].reshape(-1) for n in names])
         )
     out[f"{prefix}.missing_grads"] = float(len(set(want_grads) - set(grads)))
@@ -205,7 +195,7 @@ def _model_checks(arch: str) -> dict[str, float]:
         pieces = Boundaries.from_cu_seqlens(shard.local_cu_seqlens_host, (1, shard.num_local_tokens)).to("cuda")
         with torch.no_grad():
             naive = model(input_ids=shard.shard(ids), boundaries=pieces).logits
-        out[f"{arch}.{layout}.fp32.naive"] = _rel(naive, shard.shard(fp32[0]))
+        out[f"{arch}.{layout}.fp32.naive"] = rel_err(naive, shard.shard(fp32[0]))
 
     model.bfloat16()
     fast = _one_gpu(model, ids, bounds)
@@ -271,7 +261,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     if not fla.AVAILABLE:
         pytest.skip("needs FLA (deltapack[gpu])")
     out_dir = tmp_path_factory.mktemp("nccl")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
     keys = ranks[0]
     worst = {k: (min if k.endswith("ran_fla") else max)(r[k] for r in ranks) for k in keys}
