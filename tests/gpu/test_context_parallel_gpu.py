@@ -323,7 +323,7 @@ def test_model_bf16_within_the_spread_of_one_gpu(measured: dict[str, float], arc
     assert measured[f"{key}.loss"] <= measured[f"{key}.one_gpu_vs_fp32.loss"], key
     # against fp32, the gradients as one vector: the worst single parameter is one noisy sample (measured on a
     # pair of H200s: qwen3_5 zigzag 8.0e-2 against one GPU's 4.9e-2, MoE 0.20 against 0.23)
-    for what in ("logits", "loss", "grads_all"):
+    for what in ("logits", "grads_all"):  # the loss is one number: bounded by one GPU's own error above
         one_gpu = max(measured[f"{key}.one_gpu_vs_fp32.{what}"], measured[f"{key}.reference_vs_fp32.{what}"])
         assert measured[f"{key}.vs_fp32.{what}"] <= 1.1 * one_gpu, (key, what)
     assert measured[f"{key}.missing_grads"] == 0
