@@ -103,7 +103,9 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         out[f"conv.{tag}.dx"] = rel_err(local[0].grad, shard.shard(full[0].grad))
         out[f"conv.{tag}.dweight"] = rel_err(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
         naive = fla.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard))
-        out[f"conv.{tag}.naive"] = rel_err(naive, shard.shard(y))
+        # the naive split misses only the W - 1 rows after a cut: the largest difference, not an average over 2048
+        want = shard.shard(y).float()
+        out[f"conv.{tag}.naive"] = float((naive.float() - want).abs().max() / want.abs().max())
 
     # the delta rule in bf16 (FLA), with long memory so that a lost state shows; the model checks' heads
     q, k = (randn(1, total, 2, 64).bfloat16() for _ in range(2))
