@@ -10,7 +10,8 @@ weights and reductions, the GDN decay parameters in fp32) and checkpoint every d
 - ``cp2``: the two GPUs split one packed row of N tokens (zigzag), FLA's context-parallel GDN kernels and varlen
   attention over all-gathered keys: N tokens per step.
 
-N doubles from ``--start`` until a step runs out of memory, then the midpoint is tried once. One step is an
+N grows by 1.5x from ``--first-tokens`` until a step runs out of memory, which ends that setting's ladder (run
+each setting in its own launch: ``--modes cp2``, then ``--modes cp1,exchange``). One step is an
 optimizer step (forward, backward, AdamW) on the e2e spec's documents (lognormal lengths, median 600 tokens) repeated
 to N tokens. The LM head's loss is computed in chunks of 4096 tokens (logits of a 512K-token row in fp32 would take
 64 GB alone); the same head runs in both settings.
@@ -65,6 +66,7 @@ LARGE = dict(
     layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
 )
 LOSS_CHUNK = 4096
+STEP, ALIGN = 1.5, 16384  # the ladder: each row 1.5x the last, a multiple of 16384 tokens
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
@@ -202,16 +204,15 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
     rank = dist.get_rank()
     set_reduction([model, head], float(world) if mode == "cp1" else 1.0)
     (enable_context_parallel if mode == "cp2" else disable_context_parallel)(model)
-    results, ok_sizes, failed = out.setdefault(mode, []), [], None
+    results, ok_sizes = out.setdefault(mode, []), []
     tokens = start
-    tried_mid = False
     while tokens <= limit:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         record: dict = {"tokens": tokens}
         oom = torch.zeros((), device="cuda")
-        faulthandler.dump_traceback_later(240, exit=True)  # a rank stuck in a collective: show where
+        faulthandler.dump_traceback_later(400, exit=True)  # a rank stuck in a collective: show where
         try:
             record = trial(model, head, optimizer, tokens, mode, world)
         except (torch.OutOfMemoryError, RuntimeError) as err:  # Triton kernels raise RuntimeError on OOM
@@ -228,16 +229,10 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
         if rank == 0:
             print(json.dumps({mode: record}), flush=True)
             Path(path).write_text(json.dumps(out, indent=1))
-        if record["oom"]:
-            failed = tokens
-            if tried_mid or not ok_sizes:
-                break
-            tokens, tried_mid = (ok_sizes[-1] + failed) // 2 // 4096 * 4096, True
-            continue
-        ok_sizes.append(tokens)
-        if tried_mid:
+        if record["oom"]:  # the end of the ladder: FSDP's state after a failed backward is not trusted further
             break
-        tokens *= 2
+        ok_sizes.append(tokens)
+        tokens = int(tokens * STEP) // ALIGN * ALIGN
     out[f"{mode}_largest_tokens"] = max(ok_sizes) if ok_sizes else 0
 
 

@@ -37,11 +37,17 @@ for what in "$@"; do
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
-    cp-665m) stage cp-665m "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m --first-tokens 65536 \
-        --out "$out/cp_665m.json" ;;
-    cp-large) stage cp-large "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
-        --first-tokens 32768 --out "$out/cp_large.json"
-      stage cp-large-one-gpu 60 python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536 \
+    cp-665m)
+      stage cp-665m-cp2 "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
+        --modes cp2 --first-tokens 65536 --out "$out/cp_665m_cp2.json"
+      stage cp-665m-cp1 "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
+        --modes cp1,exchange --first-tokens 65536 --out "$out/cp_665m_cp1.json" ;;
+    cp-large)
+      stage cp-large-cp2 "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
+        --modes cp2 --first-tokens 32768 --out "$out/cp_large_cp2.json"
+      stage cp-large-cp1 "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
+        --modes cp1,exchange --first-tokens 32768 --out "$out/cp_large_cp1.json"
+      stage cp-large-one-gpu 90 python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536 \
         --out "$out/cp_large_one_gpu.json" ;;
   esac
 done
