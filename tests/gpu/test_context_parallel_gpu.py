@@ -21,6 +21,7 @@ import faulthandler
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,33 @@ def _model_checks(arch: str) -> dict[str, float]:
     return out
 
 
+def _host_syncs(arch: str) -> float:
+    """Host syncs in a context-parallel bf16 forward and backward once the batch's plans exist (the boundaries, FLA's
+    context, the key rows are built once per batch, before the layers run): the layers must add none."""
+    total = STREAMS["mixed"][-1]
+    bounds = Boundaries.from_cu_seqlens(STREAMS["mixed"], (1, total)).to("cuda")
+    model = enable_context_parallel(deltapack.patch(tiny_model(arch, **DIMS).cuda().bfloat16()))
+    shard = ContextShard.build(bounds, None, layout="zigzag")
+    ids = torch.randint(0, DIMS["vocab_size"], (1, total), generator=torch.Generator().manual_seed(5))
+    ids = shard.shard(ids.cuda())
+    labels = shard.shift_labels(ids)
+
+    def step() -> None:
+        token_mean_loss(model(input_ids=ids, boundaries=shard.local).logits, labels, shard).backward()
+
+    step()  # builds the per-batch plans
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    disable_context_parallel(model)
+    return float(sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught))
+
+
 def _progress(rank: int, what: str, results: dict[str, float], out_dir: str) -> None:
     """Report a finished block and keep what is measured so far (a run cut short still leaves it)."""
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -249,6 +277,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for arch in ARCHS:
             results |= _model_checks(arch)
             _progress(rank, f"model {arch}", results, out_dir)
+        for arch in ARCHS:
+            results[f"{arch}.host_syncs"] = _host_syncs(arch)
+        _progress(rank, "host syncs", results, out_dir)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -329,3 +360,8 @@ def test_model_bf16_within_the_spread_of_one_gpu(measured: dict[str, float], arc
         one_gpu = max(measured[f"{key}.one_gpu_vs_fp32.{what}"], measured[f"{key}.reference_vs_fp32.{what}"])
         assert measured[f"{key}.vs_fp32.{what}"] <= 1.1 * one_gpu, (key, what)
     assert measured[f"{key}.missing_grads"] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_host_sync_in_context_parallel_layers(measured: dict[str, float], arch: str) -> None:
+    assert measured[f"{arch}.host_syncs"] == 0
