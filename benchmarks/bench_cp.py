@@ -212,7 +212,7 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
         torch.cuda.reset_peak_memory_stats()
         record: dict = {"tokens": tokens}
         oom = torch.zeros((), device="cuda")
-        faulthandler.dump_traceback_later(400, exit=True)  # a rank stuck in a collective: show where
+        faulthandler.dump_traceback_later(120, repeat=True)  # every 2 min of one trial: where each rank is
         try:
             record = trial(model, head, optimizer, tokens, mode, world)
         except (torch.OutOfMemoryError, RuntimeError) as err:  # Triton kernels raise RuntimeError on OOM
