@@ -87,11 +87,12 @@ def patch(model: ModelT) -> ModelT:
             wrapped.append(_wrap(module, "_deltapack_text_inner", _text_model_forward))
         elif is_full_attention(module):
             wrapped.append(_wrap(module, WRAPPED_ATTR, _attention_forward))
+    text_models = tuple(m for m, attr in wrapped if attr == "_deltapack_text_inner")
+    for text_model in text_models:
+        text_model.__dict__[ATTENTION_MODULES] = tuple(m for m in text_model.modules() if is_full_attention(m))
     if not isinstance(target, text_cls):  # a bare decoder stack is its own entry
         wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
-        target.__dict__[_ENTRY_TEXT_MODELS] = tuple(m for m, attr in wrapped if attr == "_deltapack_text_inner")
-    for text_model in (m for m, attr in wrapped if attr == "_deltapack_text_inner"):
-        text_model.__dict__[ATTENTION_MODULES] = tuple(m for m in text_model.modules() if is_full_attention(m))
+        target.__dict__[_ENTRY_TEXT_MODELS] = text_models
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
