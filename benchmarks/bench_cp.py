@@ -50,6 +50,7 @@ from deltapack.distributed import (  # noqa: E402
     enable_context_parallel,
     num_targets,
 )
+from deltapack.distributed.fsdp import set_gradient_divisor  # noqa: E402
 
 LARGE = dict(
     vocab_size=32000,
@@ -131,16 +132,6 @@ def build(name: str, mesh) -> tuple[nn.Module, ChunkedHead, torch.optim.Optimize
     return model, head, optimizer, params
 
 
-def set_reduction(modules: list[nn.Module], divide_by: float) -> None:
-    from torch.distributed.fsdp import FSDPModule
-
-    for root in modules:
-        for module in root.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(divide_by)
-                module.set_force_sum_reduction_for_comms(True)
-
-
 def row(tokens: int) -> tuple[torch.Tensor, list[int]]:
     """[1, tokens] ids and document offsets: the spec's documents, repeated until the row is full (the last cut)."""
     base, kept = document_lengths(), []
@@ -202,7 +193,8 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
 
 def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world: int, out: dict, path: str) -> None:
     rank = dist.get_rank()
-    set_reduction([model, head], float(world) if mode == "cp1" else 1.0)
+    for module in (model, head):  # cp1: the mean over replicas; cp2: the sum of each rank's share of one loss
+        set_gradient_divisor(module, float(world) if mode == "cp1" else 1.0)
     (enable_context_parallel if mode == "cp2" else disable_context_parallel)(model)
     results, ok_sizes = out.setdefault(mode, []), []
     tokens = start

@@ -28,7 +28,7 @@ from torch import nn
 
 from deltapack.models.registry import architecture_of
 
-__all__ = ["FP32_PARAMETERS", "FsdpGroup", "apply_fsdp", "load_from_rank0", "plan_fsdp_groups"]
+__all__ = ["FP32_PARAMETERS", "FsdpGroup", "apply_fsdp", "load_from_rank0", "plan_fsdp_groups", "set_gradient_divisor"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -127,7 +127,7 @@ def apply_fsdp(
             multiple of ``context_parallel_size``.
     """
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     not_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if not_fp32:
@@ -153,12 +153,20 @@ def apply_fsdp(
             reshard_after_forward=None if is_root else reshard_after_forward,
         )
     if context_parallel_size > 1:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(float(world // context_parallel_size))
-                # a plain sum, then the division: gloo has no pre-multiplied sum, and NCCL's zero-copy wants sums
-                module.set_force_sum_reduction_for_comms(True)
+        set_gradient_divisor(model, float(world // context_parallel_size))
     return model
+
+
+def set_gradient_divisor(model: nn.Module, divisor: float) -> None:
+    """Make every FSDP group of ``model`` reduce gradients as a sum over ranks divided by ``divisor`` (FSDP's default
+    divides by the number of ranks: ranks that hold shares of one loss are summed instead)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(divisor)
+            # a plain sum, then the division: gloo has no pre-multiplied sum, and NCCL's zero-copy wants sums
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device | str) -> None:
