@@ -20,26 +20,35 @@ def qkv(total, hq, hkv, dim, dtype, seed=0):
     return make(hq), make(hkv), make(hkv)
 
 
-@pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
-@pytest.mark.parametrize("dim", [64, 128, 256])
-def test_fast_backend_matches_reference(backend, heads, dim):
+def skip_unless_runnable(backend: str, dim: int) -> None:
     probe = torch.empty(0, 1, dim, device="cuda", dtype=torch.bfloat16)
     if not attention._runnable(backend, probe):
         pytest.skip(f"{backend} is not installed here")
-    lengths = random_lengths(1200, torch.Generator().manual_seed(dim))
-    cu, _ = cu_of(lengths)
-    q, k, v = qkv(sum(lengths), *heads, dim, torch.bfloat16)
-    out = attention.varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend=backend)
+
+
+def assert_matches_reference(backend: str, q, k, v, **offsets) -> None:
+    """The fast backend on bf16 q, k, v against the reference in fp32: output and the three input gradients."""
+    out = attention.varlen_attention(q, k, v, backend=backend, **offsets)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = attention.varlen_attention_ref(*ref_in, cu_seqlens=cu, max_seqlen=max(lengths))
+    ref = attention.varlen_attention_ref(*ref_in, **offsets)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert_close(out, ref, TOL[torch.bfloat16])
-    up = torch.randn(out.shape, device="cuda")
+    up = torch.randn(out.shape, device=out.device)
     got = torch.autograd.grad(out, (q, k, v), up.to(out.dtype))
     want = torch.autograd.grad(ref, ref_in, up)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_close(g, w, TOL[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_fast_backend_matches_reference(backend, heads, dim):
+    skip_unless_runnable(backend, dim)
+    lengths = random_lengths(1200, torch.Generator().manual_seed(dim))
+    cu, _ = cu_of(lengths)
+    q, k, v = qkv(sum(lengths), *heads, dim, torch.bfloat16)
+    assert_matches_reference(backend, q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
 
 
 def test_reference_keeps_documents_apart():
@@ -72,22 +81,12 @@ def test_automatic_choice_on_cuda(monkeypatch):
 def test_fast_backend_key_segments_match_reference(backend):
     """Query segments shorter than their key segments (what a context-parallel rank runs): the fast kernel aligns
     causal bottom-right like the reference, forward and backward."""
-    probe = torch.empty(0, 1, 128, device="cuda", dtype=torch.bfloat16)
-    if not attention._runnable(backend, probe):
-        pytest.skip(f"{backend} is not installed here")
+    skip_unless_runnable(backend, 128)
     k_lengths = random_lengths(1500, torch.Generator().manual_seed(7))
     q_lengths = [max(1, n // 3) if i % 2 else n for i, n in enumerate(k_lengths)]
     cu_q, _ = cu_of(q_lengths)
     cu_k, _ = cu_of(k_lengths)
     q = qkv(sum(q_lengths), 8, 2, 128, torch.bfloat16, seed=1)[0]
     _, k, v = qkv(sum(k_lengths), 8, 2, 128, torch.bfloat16, seed=2)
-    common = dict(cu_seqlens=cu_q, max_seqlen=max(q_lengths), cu_seqlens_k=cu_k, max_seqlen_k=max(k_lengths))
-    out = attention.varlen_attention(q, k, v, backend=backend, **common)
-    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = attention.varlen_attention_ref(*ref_in, **common)
-    assert_close(out, ref, TOL[torch.bfloat16])
-    up = torch.randn(out.shape, device="cuda")
-    got = torch.autograd.grad(out, (q, k, v), up.to(out.dtype))
-    want = torch.autograd.grad(ref, ref_in, up)
-    for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close(g, w, TOL[torch.bfloat16], name)
+    offsets = dict(cu_seqlens=cu_q, max_seqlen=max(q_lengths), cu_seqlens_k=cu_k, max_seqlen_k=max(k_lengths))
+    assert_matches_reference(backend, q, k, v, **offsets)
