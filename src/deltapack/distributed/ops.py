@@ -50,7 +50,6 @@ __all__ = ["causal_conv1d", "gated_delta_rule"]
 logger = logging.getLogger("deltapack")
 _logged: set[tuple[str, str]] = set()
 _FLA_CACHE_KEY = "fla_context_parallel"
-_GDN_ONLY = None  # the conv width of the context the delta rule uses (it reads no conv metadata)
 
 
 def _note(op: str, backend: str, why: str = "") -> None:
@@ -60,11 +59,12 @@ def _note(op: str, backend: str, why: str = "") -> None:
 
 
 def _fla_plan(shard: ContextShard, conv_width: int | None, device: torch.device) -> tuple[Any, torch.Tensor]:
-    """(FLA's context for this rank, its chunk indices), built once per batch and conv width."""
+    """(FLA's context for this rank, its chunk indices), built once per batch. ``conv_width`` None (the delta rule,
+    which reads no conv metadata) takes the context the conv built."""
     cache = shard.local.cache
-    key = (_FLA_CACHE_KEY, conv_width, str(device))
+    key = (_FLA_CACHE_KEY, str(device))
     plan = cache.get(key)
-    if plan is not None:
+    if plan is not None and (conv_width is None or plan[0].conv1d_kernel_size == conv_width):
         return plan
     from fla.ops.cp import build_cp_context
 
@@ -212,7 +212,7 @@ def gated_delta_rule(
     if resolve_backend(backend, q.device, "context-parallel gated_delta_rule") == "fla":
         if fla.runs_gated_delta_rule(q, v) and _fla_takes(shard):
             _note("gated_delta_rule", "fla")
-            context, chunk_indices = _fla_plan(shard, _GDN_ONLY, q.device)
+            context, chunk_indices = _fla_plan(shard, None, q.device)
             o = fla.gated_delta_rule_cp(
                 q,
                 k,
