@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One sitting on a GPU machine: GPU tests, then the layer, attention and end-to-end benchmarks.
 # Usage (project root, GPU packages on the path): OUT=<dir> bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
-#   [cp-tests] [cp-665m] [cp-large]   (the cp-* stages need 2 GPUs)
+#   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
+# DEADLINE=<s>: no stage runs past that many seconds from the start; a stage with under 30 s left is skipped.
 set -u
 out="${OUT:-benchmarks/results/run}"
 mkdir -p "$out"
@@ -20,6 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 stage() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "=== $name skipped: ${left} s left before the deadline"; return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "=== $name"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
@@ -28,7 +34,18 @@ stage() {  # name, time limit (s), command...
   # after every stage, so that a run cut short still hands its autotuning on
   (cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
 }
-for what in "$@"; do
+cp2_rows() {  # CP=2's rows: from the CP=1 run of the same call if there is one, else a ladder from $2
+  if [ -f "$1" ]; then echo "--from-cp1 $1"; else echo "--first-tokens $2"; fi
+}
+stages=()
+for what in "$@"; do  # cp-665m and cp-9b stand for all of their settings
+  case "$what" in
+    cp-665m) stages+=(cp-665m-cp1 cp-665m-cp2) ;;
+    cp-9b) stages+=(cp-9b-cp1 cp-9b-cp2 cp-9b-one-gpu) ;;
+    *) stages+=("$what") ;;
+  esac
+done
+for what in "${stages[@]}"; do
   case "$what" in
     tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short --timeout="${TEST_TIMEOUT:-150}" -m gpu tests/gpu -p no:cacheprovider ;;
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
@@ -37,18 +54,19 @@ for what in "$@"; do
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
-    cp-665m)
-      stage cp-665m-cp2 "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
-        --modes cp2 --first-tokens 65536 --out "$out/cp_665m_cp2.json"
-      stage cp-665m-cp1 "${CP_665M_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m \
-        --modes cp1,exchange --first-tokens 65536 --out "$out/cp_665m_cp1.json" ;;
-    cp-large)
-      stage cp-large-cp2 "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
-        --modes cp2 --first-tokens 32768 --out "$out/cp_large_cp2.json"
-      stage cp-large-cp1 "${CP_LARGE_LIMIT:-200}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model large \
-        --modes cp1,exchange --first-tokens 32768 --out "$out/cp_large_cp1.json"
-      stage cp-large-one-gpu 90 python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536 \
-        --out "$out/cp_large_one_gpu.json" ;;
+    # each setting in its own launch, so that one's out-of-memory leaves the next a clean start; CP=1's ladder first,
+    # then CP=2 at twice its largest and twice its first failed row (a new row length costs minutes of kernel tuning)
+    cp-665m-cp1) stage cp-665m-cp1 "${CP_665M_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
+        --model 665m --modes cp1,exchange --first-tokens 65536 --out "$out/cp_665m_cp1.json" ;;
+    cp-665m-cp2) stage cp-665m-cp2 "${CP_665M_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
+        --model 665m --modes cp2 $(cp2_rows "$out/cp_665m_cp1.json" 131072) --out "$out/cp_665m_cp2.json" ;;
+    cp-9b-cp1) stage cp-9b-cp1 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
+        --model 9b --modes cp1,exchange --first-tokens 16384 --out "$out/cp_9b_cp1.json" ;;
+    cp-9b-cp2) stage cp-9b-cp2 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
+        --model 9b --modes cp2 $(cp2_rows "$out/cp_9b_cp1.json" 32768) --out "$out/cp_9b_cp2.json" ;;
+    cp-9b-one-gpu) stage cp-9b-one-gpu 120 python benchmarks/bench_cp.py --model 9b --one-gpu --tokens 65536 \
+        --out "$out/cp_9b_one_gpu.json" ;;
+    *) echo "unknown stage: $what" >&2 ;;
   esac
 done
 [ "${SAVE_KERNEL_CACHE:-1}" = 1 ] && tar -C "$cache" -cJf "$out/kernel_cache.tar.xz" . && ls -la "$out/kernel_cache.tar.xz"
