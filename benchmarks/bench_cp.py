@@ -1,7 +1,7 @@
 """The largest packed row that trains with context parallelism 1 vs 2, on 2 GPUs: step time, tokens/s, peak memory.
 
     torchrun --nproc-per-node 2 benchmarks/bench_cp.py --model 665m --out cp_665m.json
-    python benchmarks/bench_cp.py --model large --one-gpu --tokens 65536      # the larger config on one GPU
+    python benchmarks/bench_cp.py --model 9b --one-gpu --tokens 65536      # the larger config on one GPU
 
 Both settings shard parameters, gradients and optimizer state over the 2 GPUs with FSDP2 (bf16 compute, fp32 master
 weights and reductions, the GDN decay parameters in fp32) and checkpoint every decoder layer's activations:
@@ -13,12 +13,19 @@ weights and reductions, the GDN decay parameters in fp32) and checkpoint every d
 N grows by 1.5x from ``--first-tokens`` until a step runs out of memory, which ends that setting's ladder (run
 each setting in its own launch: ``--modes cp2``, then ``--modes cp1,exchange``). One step is an
 optimizer step (forward, backward, AdamW) on the e2e spec's documents (lognormal lengths, median 600 tokens) repeated
-to N tokens. The LM head's loss is computed in chunks of 4096 tokens (logits of a 512K-token row in fp32 would take
-64 GB alone); the same head runs in both settings.
+to N tokens. The LM head's loss is computed in chunks of 4096 x 32000 logits (4096 tokens of a 32K vocabulary; the
+logits of a 512K-token row in fp32 would take 64 GB alone); the same head runs in both settings.
 
-Models: ``665m`` is the model of ``e2e-spec.json``; ``large`` is a 32-layer Qwen3.5 config of 7.2B parameters (hidden
-4096, 24 GDN + 8 attention layers, the layout of the 9B checkpoint with a 32K vocabulary), whose fp32 master weights,
-gradients and AdamW state alone need 115 GB on one GPU.
+Models: ``665m`` is the model of ``e2e-spec.json``; ``9b`` is transformers' default Qwen3.5 config, the layout of
+the 9B checkpoint (hidden 4096, 24 GDN + 8 attention layers, vocabulary 248320): 9.0B parameters, whose fp32 master
+weights, gradients and AdamW state alone take 133 GiB, more than an H100 holds and all but 7 GiB of an H200 (the
+``--one-gpu`` run checks 64K tokens on one card); ``7b`` is the same with a 32K vocabulary (7.2B parameters, 107 GiB
+of state), which trained 64K tokens on one H200 at 134 GiB.
+
+``--sizes`` replaces the ladder by a list of rows; ``--from-cp1 FILE`` sets it from a ``cp1`` run of the same model
+and cards: twice its largest row and twice its first out-of-memory row (CP=2 holds a row of 2N tokens in about the
+memory CP=1 needs for N per GPU, measured on a pair of H200s), so CP=2 finds its limit in two tries; a new row
+length costs its first step minutes of kernel tuning.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ from deltapack.distributed import (  # noqa: E402
 )
 from deltapack.distributed.fsdp import set_gradient_divisor  # noqa: E402
 
-LARGE = dict(
-    vocab_size=32000,
+NINE_B = dict(  # transformers' Qwen3_5TextConfig defaults, spelled out
+    vocab_size=248320,
     hidden_size=4096,
     intermediate_size=12288,
     num_hidden_layers=32,
@@ -66,7 +73,8 @@ LARGE = dict(
     linear_value_head_dim=128,
     layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
 )
-LOSS_CHUNK = 4096
+MODELS = {"9b": NINE_B, "7b": NINE_B | {"vocab_size": 32000}}
+LOSS_ELEMENTS = 4096 * 32000  # logits per loss chunk: 4096 tokens of a 32K vocabulary
 STEP, ALIGN = 1.5, 16384  # the ladder: each row 1.5x the last, a multiple of 16384 tokens
 
 
@@ -79,8 +87,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for s in range(0, hidden.shape[0], LOSS_CHUNK):
-            h, lab = hidden[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK]
+        chunk = max(1, LOSS_ELEMENTS // weight.shape[0])
+        for s in range(0, hidden.shape[0], chunk):
+            h, lab = hidden[s : s + chunk], labels[s : s + chunk]
             logits = (h @ weight.T).float()
             valid = lab != -100
             target = lab.clamp(min=0)
@@ -89,7 +98,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             grad = (logits - lse[:, None]).exp_()
             grad[torch.arange(len(lab), device=lab.device), target] -= 1
             grad = (grad * (valid[:, None] / denom)).to(hidden.dtype)
-            grad_hidden[s : s + LOSS_CHUNK] = grad @ weight
+            grad_hidden[s : s + chunk] = grad @ weight
             grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / denom
@@ -111,12 +120,15 @@ class ChunkedHead(nn.Module):
         return _ChunkedLMLoss.apply(hidden[0], self.weight, labels[0], denom.float())
 
 
+def model_fields(name: str) -> dict:
+    return load_spec()["model"]["config"] if name == "665m" else MODELS[name]
+
+
 def build(name: str, mesh) -> tuple[nn.Module, ChunkedHead, torch.optim.Optimizer, int]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = load_spec()["model"]["config"] if name == "665m" else LARGE
-    config = AutoConfig.for_model("qwen3_5_text", **fields, tie_word_embeddings=False)
+    config = AutoConfig.for_model("qwen3_5_text", **model_fields(name), tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
@@ -191,14 +203,33 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
     }
 
 
-def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world: int, out: dict, path: str) -> None:
+def ladder(start: int, limit: int) -> list[int]:
+    """Rows from ``start`` growing by 1.5x (multiples of 16384) up to ``limit``."""
+    sizes = []
+    while start <= limit:
+        sizes.append(start)
+        start = int(start * STEP) // ALIGN * ALIGN
+    return sizes
+
+
+def sizes_from_cp1(path: str) -> list[int]:
+    """Twice the largest row a ``cp1`` run trained, then twice its first out-of-memory row (if it reached one)."""
+    rows = json.loads(Path(path).read_text()).get("cp1", [])
+    trained = [r["tokens"] for r in rows if not r["oom"]]
+    failed = [r["tokens"] for r in rows if r["oom"]]
+    if not trained:
+        raise SystemExit(f"{path} has no cp1 row that trained; run --modes cp1 first")
+    return [2 * max(trained)] + ([2 * min(failed)] if failed else [])
+
+
+def run_sizes(model, head, optimizer, mode: str, sizes: list[int], world: int, out: dict, path: str) -> None:
+    """One trial per row size in order, until the first out-of-memory."""
     rank = dist.get_rank()
     for module in (model, head):  # cp1: the mean over replicas; cp2: the sum of each rank's share of one loss
         set_gradient_divisor(module, float(world) if mode == "cp1" else 1.0)
     (enable_context_parallel if mode == "cp2" else disable_context_parallel)(model)
     results, ok_sizes = out.setdefault(mode, []), []
-    tokens = start
-    while tokens <= limit:
+    for tokens in sizes:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -221,10 +252,9 @@ def run_ladder(model, head, optimizer, mode: str, start: int, limit: int, world:
         if rank == 0:
             print(json.dumps({mode: record}), flush=True)
             Path(path).write_text(json.dumps(out, indent=1))
-        if record["oom"]:  # the end of the ladder: FSDP's state after a failed backward is not trusted further
+        if record["oom"]:  # the end: FSDP's state after a failed backward is not trusted further
             break
         ok_sizes.append(tokens)
-        tokens = int(tokens * STEP) // ALIGN * ALIGN
     out[f"{mode}_largest_tokens"] = max(ok_sizes) if ok_sizes else 0
 
 
@@ -233,7 +263,7 @@ def attention_exchange(name: str, sizes: list[int], out: dict) -> None:
     full-attention layer against the layer's whole context-parallel attention (gather, key rows, varlen forward and
     backward), zigzag over the group. A ring can hide at most the exchange behind the compute, so the share is the
     most it could save."""
-    fields = load_spec()["model"]["config"] if name == "665m" else LARGE
+    fields = model_fields(name)
     dims = fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]
     rows = out.setdefault("attention_exchange", [])
     for tokens in sizes:
@@ -287,10 +317,12 @@ def _exchange_row(tokens: int, heads: int, kv_heads: int, dim: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("665m", "large"), default="665m")
+    parser.add_argument("--model", choices=("665m", *MODELS), default="665m")
     parser.add_argument("--modes", default="cp2,cp1,exchange")
     parser.add_argument("--first-tokens", type=int, default=32768)
     parser.add_argument("--limit", type=int, default=2**20)
+    parser.add_argument("--sizes", help="comma-separated rows to try instead of the ladder (cp1 / cp2)")
+    parser.add_argument("--from-cp1", metavar="FILE", help="cp2 rows: twice the largest and the first failed cp1 row")
     parser.add_argument("--one-gpu", action="store_true", help="one process, one GPU: train --tokens once")
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--out", default="cp_bench.json")
@@ -316,13 +348,19 @@ def main() -> None:
         print(json.dumps(out), flush=True)
         return
     if args.one_gpu:
-        run_ladder(model, head, optimizer, "cp1", args.tokens, args.tokens, world, out, args.out)
+        run_sizes(model, head, optimizer, "cp1", [args.tokens], world, out, args.out)
     else:
         for mode in args.modes.split(","):
             if mode == "exchange":
                 attention_exchange(args.model, [65536, 131072, 262144], out)
                 continue
-            run_ladder(model, head, optimizer, mode, args.first_tokens, args.limit, world, out, args.out)
+            if args.sizes:
+                sizes = [int(n) for n in args.sizes.split(",")]
+            elif args.from_cp1 and mode == "cp2":
+                sizes = sizes_from_cp1(args.from_cp1)
+            else:
+                sizes = ladder(args.first_tokens, args.limit)
+            run_sizes(model, head, optimizer, mode, sizes, world, out, args.out)
     if rank == 0:
         Path(args.out).write_text(json.dumps(out, indent=1))
     dist.destroy_process_group()
