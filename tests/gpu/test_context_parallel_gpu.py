@@ -222,13 +222,13 @@ def _model_checks(arch: str) -> dict[str, float]:
     return out
 
 
-def _host_syncs(arch: str) -> float:
+def _host_syncs(arch: str, layout: str) -> float:
     """Host syncs in a context-parallel bf16 forward and backward once the batch's plans exist (the boundaries, FLA's
-    context, the key rows are built once per batch, before the layers run): the layers must add none."""
+    context, the key rows are built once per batch, before the layers run)."""
     total = STREAMS["mixed"][-1]
     bounds = Boundaries.from_cu_seqlens(STREAMS["mixed"], (1, total)).to("cuda")
     model = enable_context_parallel(deltapack.patch(tiny_model(arch, **DIMS).cuda().bfloat16()))
-    shard = ContextShard.build(bounds, None, layout="zigzag")
+    shard = ContextShard.build(bounds, None, layout=layout)
     ids = torch.randint(0, DIMS["vocab_size"], (1, total), generator=torch.Generator().manual_seed(5))
     ids = shard.shard(ids.cuda())
     labels = shard.shift_labels(ids)
@@ -278,7 +278,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results |= _model_checks(arch)
             _progress(rank, f"model {arch}", results, out_dir)
         for arch in ARCHS:
-            results[f"{arch}.host_syncs"] = _host_syncs(arch)
+            for layout in LAYOUTS:
+                results[f"{arch}.{layout}.host_syncs"] = _host_syncs(arch, layout)
         _progress(rank, "host syncs", results, out_dir)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -364,4 +365,10 @@ def test_model_bf16_within_the_spread_of_one_gpu(measured: dict[str, float], arc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_host_sync_in_context_parallel_layers(measured: dict[str, float], arch: str) -> None:
-    assert measured[f"{arch}.host_syncs"] == 0
+    """Contiguous: none. Zigzag: FLA 0.6's context-parallel delta rule picks the start states of each rank's two parts
+    with a Python list of rows (``compress_h0`` in forward, ``expand_h0`` in backward, fla/ops/cp/chunk_delta_h.py),
+    a host-to-device copy each that sync debug mode reports: at most two per GDN layer (measured on a pair of H200s:
+    6 with 3 GDN layers, both archs). Our code for zigzag differs only in plans built before the step."""
+    gdn_layers = tiny_model(arch, **DIMS).config.layer_types.count("linear_attention")
+    assert measured[f"{arch}.contiguous.host_syncs"] == 0
+    assert measured[f"{arch}.zigzag.host_syncs"] <= 2 * gdn_layers
