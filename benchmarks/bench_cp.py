@@ -208,7 +208,7 @@ def ladder(start: int, limit: int) -> list[int]:
     sizes = []
     while start <= limit:
         sizes.append(start)
-        start = int(start * STEP) // ALIGN * ALIGN
+        start = max(start + ALIGN, int(start * STEP) // ALIGN * ALIGN)  # 16384 * 1.5 rounds back to 16384
     return sizes
 
 
