@@ -213,12 +213,15 @@ def ladder(start: int, limit: int) -> list[int]:
 
 
 def sizes_from_cp1(path: str) -> list[int]:
-    """Twice the largest row a ``cp1`` run trained, then twice its first out-of-memory row (if it reached one)."""
+    """Twice the largest row a ``cp1`` run trained, then twice its first out-of-memory row (if it reached one); if
+    it trained none, the row it failed on (which CP=2 holds in half the memory per GPU)."""
     rows = json.loads(Path(path).read_text()).get("cp1", [])
     trained = [r["tokens"] for r in rows if not r["oom"]]
     failed = [r["tokens"] for r in rows if r["oom"]]
+    if not trained and not failed:
+        raise SystemExit(f"{path} has no cp1 row; run --modes cp1 first")
     if not trained:
-        raise SystemExit(f"{path} has no cp1 row that trained; run --modes cp1 first")
+        return [min(failed)]
     return [2 * max(trained)] + ([2 * min(failed)] if failed else [])
 
 
