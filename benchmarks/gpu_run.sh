@@ -6,6 +6,7 @@
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
 # DEADLINE=<s>: no stage runs past that many seconds from the start; a stage with under 30 s left is skipped.
+# CP2_665M_ROWS / CP2_9B_ROWS=<n,n>: the rows CP=2 tries (default: from the CP=1 stage of the same call).
 set -u
 out="${OUT:-benchmarks/results/run}"
 mkdir -p "$out"
@@ -34,8 +35,8 @@ stage() {  # name, time limit (s), command...
   # after every stage, so that a run cut short still hands its autotuning on
   (cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
 }
-cp2_rows() {  # CP=2's rows: from the CP=1 run of the same call if there is one, else a ladder from $2
-  if [ -f "$1" ]; then echo "--from-cp1 $1"; else echo "--first-tokens $2"; fi
+cp2_rows() {  # CP=2's rows: $3 if set (comma-separated), else from the CP=1 run of this call, else a ladder from $2
+  if [ -n "$3" ]; then echo "--sizes $3"; elif [ -f "$1" ]; then echo "--from-cp1 $1"; else echo "--first-tokens $2"; fi
 }
 stages=()
 for what in "$@"; do  # cp-665m and cp-9b stand for all of their settings
@@ -59,11 +60,11 @@ for what in "${stages[@]}"; do
     cp-665m-cp1) stage cp-665m-cp1 "${CP_665M_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
         --model 665m --modes cp1,exchange --first-tokens 65536 --out "$out/cp_665m_cp1.json" ;;
     cp-665m-cp2) stage cp-665m-cp2 "${CP_665M_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
-        --model 665m --modes cp2 $(cp2_rows "$out/cp_665m_cp1.json" 131072) --out "$out/cp_665m_cp2.json" ;;
+        --model 665m --modes cp2 $(cp2_rows "$out/cp_665m_cp1.json" 131072 "${CP2_665M_ROWS:-}") --out "$out/cp_665m_cp2.json" ;;
     cp-9b-cp1) stage cp-9b-cp1 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
         --model 9b --modes cp1,exchange --first-tokens 16384 --out "$out/cp_9b_cp1.json" ;;
     cp-9b-cp2) stage cp-9b-cp2 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
-        --model 9b --modes cp2 $(cp2_rows "$out/cp_9b_cp1.json" 32768) --out "$out/cp_9b_cp2.json" ;;
+        --model 9b --modes cp2 $(cp2_rows "$out/cp_9b_cp1.json" 32768 "${CP2_9B_ROWS:-}") --out "$out/cp_9b_cp2.json" ;;
     cp-9b-one-gpu) stage cp-9b-one-gpu 120 python benchmarks/bench_cp.py --model 9b --one-gpu --tokens 65536 \
         --out "$out/cp_9b_one_gpu.json" ;;
     *) echo "unknown stage: $what" >&2 ;;
