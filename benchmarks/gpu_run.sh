@@ -63,7 +63,7 @@ for what in "${stages[@]}"; do
     cp-665m-cp2) stage cp-665m-cp2 "${CP_665M_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
         --model 665m --modes cp2 $(cp2_rows "$out/cp_665m_cp1.json" 131072 "${CP2_665M_ROWS:-}") --out "$out/cp_665m_cp2.json" ;;
     cp-9b-cp1) stage cp-9b-cp1 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
-        --model 9b --modes cp1,exchange --first-tokens "${CP_9B_FIRST:-32768}" --out "$out/cp_9b_cp1.json" ;;
+        --model 9b --modes cp1 --first-tokens "${CP_9B_FIRST:-32768}" --out "$out/cp_9b_cp1.json" ;;
     cp-9b-cp2) stage cp-9b-cp2 "${CP_9B_LIMIT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_cp.py \
         --model 9b --modes cp2 $(cp2_rows "$out/cp_9b_cp1.json" 32768 "${CP2_9B_ROWS:-}") --out "$out/cp_9b_cp2.json" ;;
     cp-9b-one-gpu) stage cp-9b-one-gpu 120 python benchmarks/bench_cp.py --model 9b --one-gpu --tokens 65536 \
