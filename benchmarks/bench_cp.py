@@ -11,7 +11,7 @@ weights and reductions, the GDN decay parameters in fp32) and checkpoint every d
   attention over all-gathered keys: N tokens per step.
 
 N grows by 1.5x from ``--first-tokens`` until a step runs out of memory, which ends that setting's ladder (run
-each setting in its own launch: ``--modes cp2``, then ``--modes cp1,exchange``). One step is an
+each setting in its own launch: ``--modes cp1,exchange``, then ``--modes cp2 --from-cp1 FILE``). One step is an
 optimizer step (forward, backward, AdamW) on the e2e spec's documents (lognormal lengths, median 600 tokens) repeated
 to N tokens. The LM head's loss is computed in chunks of 4096 x 32000 logits (4096 tokens of a 32K vocabulary; the
 logits of a 512K-token row in fp32 would take 64 GB alone); the same head runs in both settings.

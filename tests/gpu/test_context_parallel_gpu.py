@@ -37,7 +37,7 @@ from deltapack.distributed import ops as cp_ops
 from deltapack.distributed.collectives import all_reduce_sum
 from deltapack.distributed.launch import free_port
 from deltapack.ops import fla, reference
-from deltapack.tiny import tiny_model
+from deltapack.tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -369,6 +369,6 @@ def test_no_host_sync_in_context_parallel_layers(measured: dict[str, float], arc
     with a Python list of rows (``compress_h0`` in forward, ``expand_h0`` in backward, fla/ops/cp/chunk_delta_h.py),
     a host-to-device copy each that sync debug mode reports: at most two per GDN layer (measured on a pair of H200s:
     6 with 3 GDN layers, both archs). Our code for zigzag differs only in plans built before the step."""
-    gdn_layers = tiny_model(arch, **DIMS).config.layer_types.count("linear_attention")
+    gdn_layers = tiny_config(arch, **DIMS).layer_types.count("linear_attention")
     assert measured[f"{arch}.contiguous.host_syncs"] == 0
     assert measured[f"{arch}.zigzag.host_syncs"] <= 2 * gdn_layers
