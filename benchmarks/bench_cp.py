@@ -247,6 +247,9 @@ def run_sizes(model, head, optimizer, mode: str, sizes: list[int], world: int, o
             oom.fill_(1)
             optimizer.zero_grad(set_to_none=True)
         faulthandler.cancel_dump_traceback_later()
+        if oom.item():  # the failed step's tensors, freed so that the collectives below can allocate
+            gc.collect()
+            torch.cuda.empty_cache()
         dist.all_reduce(oom, op=dist.ReduceOp.MAX)
         peaks = [None] * world
         dist.all_gather_object(peaks, round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -340,6 +343,7 @@ def main() -> None:
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
+    dist.barrier(device_ids=[rank])  # NCCL's buffers, allocated before the model fills the card
     mesh = init_device_mesh("cuda", (world,))
     out: dict = {"model": args.model, "world": world, "environment": environment()}
     try:
