@@ -75,6 +75,7 @@ NINE_B = dict(  # transformers' Qwen3_5TextConfig defaults, spelled out
 )
 MODELS = {"9b": NINE_B, "7b": NINE_B | {"vocab_size": 32000}}
 LOSS_ELEMENTS = 4096 * 32000  # logits per loss chunk: 4096 tokens of a 32K vocabulary
+LEAD = 1000  # see row()
 STEP, ALIGN = 1.5, 16384  # the ladder: each row 1.5x the last, a multiple of 16384 tokens
 
 
@@ -145,10 +146,14 @@ def build(name: str, mesh) -> tuple[nn.Module, ChunkedHead, torch.optim.Optimize
 
 
 def row(tokens: int) -> tuple[torch.Tensor, list[int]]:
-    """[1, tokens] ids and document offsets: the spec's documents, repeated until the row is full (the last cut)."""
+    """[1, tokens] ids and document offsets: the spec's documents, repeated until the row is full (the last cut),
+    the first one LEAD tokens short, so that the rank boundaries (multiples of 4096) cut documents (the spec's
+    stream is 32768 tokens, so without it a row of 2^k tokens splits between documents and CP=2 hands no state
+    over)."""
     base, kept = document_lengths(), []
-    while sum(kept) < tokens:
+    while sum(kept) < tokens + LEAD:
         kept.extend(base)
+    kept[0] -= LEAD
     while sum(kept) > tokens:
         excess = sum(kept) - tokens
         if kept[-1] > excess:
@@ -171,11 +176,13 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
         labels = shard.shift_labels(shard.shard(ids))
         denom = num_targets(labels, shard)
         tokens_per_step = tokens
+        cut = sum(part.context_before > 0 for part in shard.chain)  # rank boundaries inside a document
     else:
         inputs = dict(input_ids=ids, boundaries=bounds)
         labels = bounds.shift_labels(ids)
         denom = (labels != -100).sum()
         tokens_per_step = tokens * world
+        cut = None
     times, losses = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -200,7 +207,7 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
         "step_s": round(step_s, 3),
         "tokens_per_s": round(tokens_per_step / step_s),
         "loss": losses[-1],
-    }
+    } | ({"rank_boundaries_in_documents": cut} if cut is not None else {})
 
 
 def ladder(start: int, limit: int) -> list[int]:
