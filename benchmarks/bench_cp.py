@@ -176,13 +176,14 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
         labels = shard.shift_labels(shard.shard(ids))
         denom = num_targets(labels, shard)
         tokens_per_step = tokens
-        cut = sum(part.context_before > 0 for part in shard.chain)  # rank boundaries inside a document
+        # rank boundaries inside a document
+        extra = {"rank_boundaries_in_documents": sum(part.context_before > 0 for part in shard.chain)}
     else:
         inputs = dict(input_ids=ids, boundaries=bounds)
         labels = bounds.shift_labels(ids)
         denom = (labels != -100).sum()
         tokens_per_step = tokens * world
-        cut = None
+        extra = {}
     times, losses = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -207,7 +208,7 @@ def trial(model, head, optimizer, tokens: int, mode: str, world: int, steps: int
         "step_s": round(step_s, 3),
         "tokens_per_s": round(tokens_per_step / step_s),
         "loss": losses[-1],
-    } | ({"rank_boundaries_in_documents": cut} if cut is not None else {})
+    } | extra
 
 
 def ladder(start: int, limit: int) -> list[int]:
