@@ -20,11 +20,14 @@ Padding is allowed only before the first or after the last real token of a row, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from deltapack.ops.segments import Segments
 
 __all__ = ["Boundaries"]
 
@@ -60,6 +63,17 @@ class Boundaries:
     max_seqlen: int
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
     context_parallel: Any = field(default=None, repr=False)
+
+    @functools.cached_property
+    def segments(self) -> Segments:
+        """The documents of the unpadded stream, as every op takes them (``segments=``); one per batch, so the plans
+        ops derive from it are built once."""
+        if self.context_parallel is not None:
+            raise ValueError(
+                "deltapack: ops that take segments= have no context-parallel version yet; expected boundaries of "
+                "one device (not ContextShard.local)"
+            )
+        return Segments(self.cu_seqlens, self.cu_seqlens_host, self.seq_idx, self.max_seqlen)
 
     @property
     def num_docs(self) -> int:

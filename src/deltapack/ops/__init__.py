@@ -1,5 +1,7 @@
-"""The two varlen primitives of a GDN layer; the backend is chosen inside each function."""
+"""The varlen ops of deltapack: every op takes ``segments=`` (a :class:`Segments`) and picks its backend in one place
+(:mod:`deltapack.ops.dispatch`)."""
 
-from deltapack.ops.dispatch import causal_conv1d, gated_delta_rule
+from deltapack.ops.dispatch import OPS, Backend, Op, causal_conv1d, gated_delta_rule, register_op
+from deltapack.ops.segments import Segments
 
-__all__ = ["causal_conv1d", "gated_delta_rule"]
+__all__ = ["OPS", "Backend", "Op", "Segments", "causal_conv1d", "gated_delta_rule", "register_op"]

@@ -1,0 +1,206 @@
+"""The op contract every recurrent family builds on: Segments, the op registry and the one backend choice (CPU).
+
+A toy op (a per-document cumulative sum) stands in for a family: one reference, fast backends that are plain PyTorch
+here, and a verifier each, so every rule of the choice can be exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import deltapack
+from deltapack.ops import Backend, Op, Segments
+from deltapack.ops import dispatch as dispatch_mod
+
+
+def doc_cumsum_ref(x: torch.Tensor, *, segments: Segments, scale: float = 1.0) -> torch.Tensor:
+    """x: [1, T, D] -> [1, T, D]: the running sum inside each document, times ``scale``."""
+    out = [x[:, a:b].cumsum(1) for a, b in zip(segments.cu_seqlens_host[:-1], segments.cu_seqlens_host[1:])]
+    return torch.cat(out, dim=1) * scale
+
+
+def _verify_float64(x: torch.Tensor, *, segments: Segments, scale: float = 1.0) -> tuple[bool, str]:
+    return (x.dtype == torch.float64, f"x is {x.dtype}; the fast kernel takes float64")
+
+
+def make_op(calls: list[str], load_error: Exception | None = None) -> Op:
+    def fast(x, *, segments, scale=1.0):
+        calls.append("fast")
+        return doc_cumsum_ref(x, segments=segments, scale=scale)
+
+    def load():
+        if load_error is not None:
+            raise load_error
+        return fast
+
+    op = Op("doc_cumsum", doc_cumsum_ref)
+    op.add_backend(Backend("fast", load=load, verify=_verify_float64, package="toykernels", hint="install toykernels"))
+    return op
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    monkeypatch.delenv("DELTAPACK_BACKEND", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------- Segments
+def test_segments_from_offsets():
+    seg = Segments.from_cu_seqlens([0, 1, 4, 9])
+    assert seg.cu_seqlens.dtype == torch.int32 and seg.cu_seqlens.tolist() == [0, 1, 4, 9]
+    assert seg.cu_seqlens_host == (0, 1, 4, 9)
+    assert seg.seq_idx.tolist() == [[0, 1, 1, 1, 2, 2, 2, 2, 2]] and seg.seq_idx.dtype == torch.int32
+    assert (seg.num_docs, seg.total_tokens, seg.doc_lengths, seg.max_seqlen) == (3, 9, [1, 3, 5], 5)
+    assert seg.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="start at 0 and increase strictly"):
+        Segments.from_cu_seqlens([0, 3, 3])
+    with pytest.raises(ValueError, match="start at 0"):
+        Segments.from_cu_seqlens(torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        Segments.from_cu_seqlens(torch.tensor([0.0, 3.0]))
+    with pytest.raises(AttributeError):
+        seg.max_seqlen = 3  # immutable
+
+
+def test_plans_are_built_once_per_batch():
+    seg = Segments.from_cu_seqlens([0, 1, 65, 66, 200])
+    built = []
+
+    def build(s: Segments) -> int:
+        built.append(s)
+        return s.total_tokens * 2
+
+    assert seg.plan(build) == 400 and seg.plan(build) == 400 and built == [seg]
+    rows = seg.chunk_indices(64)
+    assert seg.chunk_indices(64) is rows
+    expected = [(d, c) for d, n in enumerate(seg.doc_lengths) for c in range(-(-n // 64))]
+    assert [tuple(r) for r in rows.tolist()] == expected and rows.dtype == torch.int32
+    assert len(seg.chunk_indices(128)) == 1 + 1 + 1 + 2  # another chunk length, another plan
+    assert seg.to("cpu").plan(build) == 400 and len(built) == 2  # a moved copy starts without plans
+
+
+def test_boundaries_hold_one_segments_per_batch():
+    bounds = deltapack.Boundaries.from_document_ids(torch.tensor([[1, 1, 2, 0], [1, 1, 1, 1]]))
+    seg = bounds.segments
+    assert seg is bounds.segments
+    assert seg.cu_seqlens_host == bounds.cu_seqlens_host == (0, 2, 3, 7)
+    assert torch.equal(seg.seq_idx, bounds.seq_idx) and seg.max_seqlen == bounds.max_seqlen == 4
+    labels = torch.arange(7)[None]
+    assert seg.shift_labels(labels).tolist() == bounds.shift_labels(labels).tolist() == [[1, -100, -100, 4, 5, 6, -100]]
+
+
+# ---------------------------------------------------------------------------------------------- the choice
+def _inputs(dtype=torch.float32):
+    seg = Segments.from_cu_seqlens([0, 2, 5])
+    return torch.randn(1, 5, 3, dtype=dtype), seg
+
+
+def test_automatic_choice_takes_the_fastest_backend_that_verifies(caplog):
+    calls: list[str] = []
+    op = make_op(calls)
+    x, seg = _inputs(torch.float64)
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        out = op(x, segments=seg, scale=2.0)
+        op(x, segments=seg, scale=2.0)
+    assert calls == ["fast", "fast"]
+    assert torch.equal(out, doc_cumsum_ref(x, segments=seg, scale=2.0))
+    assert [r.getMessage() for r in caplog.records] == ["deltapack: doc_cumsum runs on the fast backend"]  # once
+
+
+def test_refused_inputs_run_the_reference_and_the_log_says_why(caplog):
+    calls: list[str] = []
+    op = make_op(calls)
+    x, seg = _inputs(torch.float32)
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        out = op(x, segments=seg)
+    assert calls == [] and torch.equal(out, doc_cumsum_ref(x, segments=seg))
+    assert [r.getMessage() for r in caplog.records] == [
+        "deltapack: doc_cumsum runs on the reference backend (fast: x is torch.float32; the fast kernel takes float64)"
+    ]
+
+
+def test_a_backend_asked_for_by_name_runs_or_raises(monkeypatch):
+    calls: list[str] = []
+    op = make_op(calls)
+    x64, seg = _inputs(torch.float64)
+    op(x64, segments=seg, backend="reference")
+    assert calls == []  # the argument wins over automatic
+    monkeypatch.setenv("DELTAPACK_BACKEND", "reference")
+    op(x64, segments=seg)
+    assert calls == []  # and so does the environment
+    op(x64, segments=seg, backend="fast")
+    assert calls == ["fast"]  # the argument wins over the environment
+    x32, _ = _inputs(torch.float32)
+    with pytest.raises(RuntimeError, match=r"'fast' was requested for doc_cumsum .*float32.*install toykernels"):
+        op(x32, segments=seg, backend="fast")
+    with pytest.raises(ValueError, match=r"unknown deltapack backend 'triton' for doc_cumsum .*expected one of"):
+        op(x32, segments=seg, backend="triton")
+
+
+def test_the_shared_environment_setting_skips_ops_without_that_backend(monkeypatch, caplog):
+    monkeypatch.setenv("DELTAPACK_BACKEND", "fla")
+    op = make_op([])
+    x, seg = _inputs()
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        op(x, segments=seg)
+    assert "DELTAPACK_BACKEND=fla names no backend of doc_cumsum" in caplog.text
+
+
+def test_a_broken_kernel_import_on_a_cuda_machine_warns_with_the_exception(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch_mod.torch.cuda, "is_available", lambda: True)
+    op = make_op([], load_error=ImportError("libcuda.so: undefined symbol cuFoo"))
+    x, seg = _inputs(torch.float64)
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        out = op(x, segments=seg)
+    assert torch.equal(out, doc_cumsum_ref(x, segments=seg))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "undefined symbol cuFoo" in warnings[0].getMessage()
+    assert "runs on the reference backend (fast: its kernels do not import (ImportError" in caplog.text
+    with pytest.raises(RuntimeError, match="undefined symbol cuFoo"):
+        op(x, segments=seg, backend="fast")
+
+
+def test_a_kernel_package_that_is_not_installed_is_no_warning(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch_mod.torch.cuda, "is_available", lambda: True)
+    missing = ModuleNotFoundError("No module named 'toykernels'", name="toykernels")
+    op = make_op([], load_error=missing)
+    x, seg = _inputs(torch.float64)
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        op(x, segments=seg)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "No module named 'toykernels'" in caplog.text  # still the reason in the choice's log line
+
+
+def test_segments_hook_takes_the_op_over():
+    """A kind of Segments (context parallelism) can run an op itself; the dispatcher then chooses nothing."""
+
+    class Halved(Segments):
+        def run_op(self, op, *args, backend=None, **kwargs):
+            return ("hooked", op, args[0].shape, backend, kwargs)
+
+    plain = Segments.from_cu_seqlens([0, 2, 5])
+    seg = Halved(plain.cu_seqlens, plain.cu_seqlens_host, plain.seq_idx, plain.max_seqlen)
+    x = torch.randn(1, 5, 3)
+    assert make_op([])(x, segments=seg, scale=3.0) == ("hooked", "doc_cumsum", x.shape, None, {"scale": 3.0})
+
+
+def test_ops_take_segments_not_boundaries():
+    bounds = deltapack.Boundaries.from_document_ids(torch.tensor([[1, 1, 2, 2, 2]]))
+    with pytest.raises(TypeError, match=r"expected a deltapack.ops.Segments \(a batch's Boundaries carries one"):
+        make_op([])(torch.randn(1, 5, 3), segments=bounds)
+
+
+def test_registry_names_are_unique():
+    op = make_op([])
+    with pytest.raises(ValueError, match="already has a backend named 'fast'"):
+        op.add_backend(Backend("fast", load=lambda: None, verify=_verify_float64))
+    name = "doc_cumsum_registry_test"
+    registered = dispatch_mod.register_op(name, doc_cumsum_ref)
+    try:
+        assert dispatch_mod.OPS[name] is registered and registered.names == ("reference",)
+        with pytest.raises(ValueError, match="already registered"):
+            dispatch_mod.register_op(name, doc_cumsum_ref)
+    finally:
+        del dispatch_mod.OPS[name]
