@@ -1,19 +1,22 @@
 """patch / unpatch: attach deltapack to one transformers model instance.
 
-Four forwards are wrapped, on this instance only (other instances of the class are untouched):
+These forwards are wrapped, on this instance only (other instances of the class are untouched):
 
 - the model given to ``patch`` (the entry): builds the batch's :class:`Boundaries` once, unpads the batch to one
   stream [1, total], gives each document its own positions, masks the label that would predict a document's first
-  token from the previous document, turns the cache off, runs the model, and puts logits and hidden states back
-  in the [B, T] layout;
-- the decoder stack (the text model): hands the full-attention layers a mask (or varlen kwargs) built from the
-  boundaries, so transformers never sees the indexed mask;
-- every Gated DeltaNet layer: runs :func:`packed_gdn_forward` on the stream;
-- every full-attention layer: on CUDA, runs :func:`packed_attention_forward` (varlen attention) when the decoder
-  stack chose the varlen path for the batch; otherwise its own forward with the exact mask.
+  token from the previous document, turns the cache off, runs the model inside the packing scope
+  (:mod:`deltapack.models.scope`), and puts logits and hidden states back in the [B, T] layout;
+- the decoder stack (``get_decoder()``; the text model of the GDN architectures): the same entry logic when it is
+  called directly (TRL's fused LM head does); for the GDN architectures it also hands the full-attention layers a
+  mask (or varlen kwargs) built from the boundaries, so transformers never sees the indexed mask;
+- every decoder layer: its body runs inside the packing scope, also when gradient checkpointing replays it;
+- every layer a family registers (:mod:`deltapack.models.layers`; the GDN layers, the Mamba mixers, ...): runs
+  the family's packed forward on the stream;
+- every full-attention layer of the GDN architectures: on CUDA, runs :func:`packed_attention_forward` (varlen
+  attention) when the decoder stack chose the varlen path for the batch; otherwise its own forward with the mask.
 
-The boundaries travel down as the ``boundaries`` keyword, which transformers passes through its layers untouched
-(also under gradient checkpointing, which keeps keyword arguments for the recomputation).
+The GDN architectures also receive the boundaries as the ``boundaries`` keyword, which transformers passes through
+their layers untouched; the other families' layers read the packing scope.
 
 Inputs that describe no packing and no padding (no mask or an all-ones mask, positions that do not restart) take
 the original forward, unchanged: outputs are bit-identical to the unpatched model, ``generate()`` included.
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltapack.boundaries import Boundaries
 from deltapack.models.attention import (
@@ -40,8 +44,9 @@ from deltapack.models.attention import (
     packed_attention_forward,
     varlen_backend_of,
 )
-from deltapack.models.gated_deltanet import packed_gdn_forward
-from deltapack.models.registry import Architecture, architecture_of
+from deltapack.models.layers import family_of, packed_layer_of, supported_model_types
+from deltapack.models.registry import ARCHITECTURES, Architecture, architecture_of
+from deltapack.models.scope import active_boundaries, packing_scope
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -53,9 +58,17 @@ _STATE = "_deltapack_state"
 _ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder stacks it calls
 # the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
 _CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
-# the cache keyword of the model forwards and of the GDN layers (transformers 5.24 renames both to ``cache``)
+# the cache keyword of the model forwards (transformers 5.24 renames it to ``cache``)
 CACHE_KWARGS = ("past_key_values", "cache")
-GDN_CACHE_KWARGS = ("cache_params", "cache")
+# where patch() keeps the original forward of a decoder stack, a registered packed layer, a decoder layer
+_TEXT_INNER = "_deltapack_text_inner"
+_LAYER_INNER = "_deltapack_layer_inner"
+_SCOPE_INNER = "_deltapack_scope_inner"
+# on an entry model / decoder stack: True when the boundaries also travel down as the ``boundaries`` keyword (the
+# GDN architectures, whose layers forward keyword arguments); the other families read the packing scope only
+_THREAD_BOUNDARIES = "_deltapack_thread_boundaries"
+# on a registered packed layer: whether its last forward with gradients was a packed one (see the backward guard)
+_LAST_PACKED = "_deltapack_last_packed"
 
 
 def _target(model: nn.Module) -> nn.Module:
@@ -69,32 +82,62 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: ModelT) -> ModelT:
-    """Make packed batches exact on ``model`` (a qwen3_5, qwen3_5_moe or qwen3_next model); returns it.
+    """Make packed batches exact on ``model``; returns it.
 
-    Idempotent; :func:`unpatch` restores the original forwards. A PEFT-wrapped model is patched through its base
-    model. Raises ValueError, naming the supported architectures, for any other model.
+    ``model`` is a causal LM of a supported model type (:func:`deltapack.models.layers.supported_model_types`):
+    its ``*ForCausalLM`` class or its decoder stack. Idempotent; :func:`unpatch` restores the original forwards.
+    A PEFT-wrapped model is patched through its base model. Raises ValueError, naming what is supported, for any
+    other model.
     """
     target = _target(model)
     if is_patched(target):
         return model
-    arch = architecture_of(target)
+    arch, stacks = _decoder_stacks(target)
+    layers = tuple(m for stack in stacks for m in stack.modules() if isinstance(m, GradientCheckpointingLayer))
     wrapped: list[tuple[nn.Module, str]] = []
-    text_cls, gdn_cls = arch.cls(arch.text_model), arch.cls(arch.gdn)
     for module in target.modules():
-        if isinstance(module, gdn_cls):
-            wrapped.append(_wrap(module, "_deltapack_gdn_inner", _gdn_forward))
-        elif isinstance(module, text_cls):
-            wrapped.append(_wrap(module, "_deltapack_text_inner", _text_model_forward))
-        elif is_full_attention(module):
+        if any(module is s for s in stacks):
+            wrapped.append(_wrap(module, _TEXT_INNER, _text_model_forward))
+            module.__dict__[_THREAD_BOUNDARIES] = arch is not None
+        elif packed_layer_of(module) is not None:
+            wrapped.append(_wrap(module, _LAYER_INNER, _packed_layer_forward))
+        elif arch is not None and is_full_attention(module):
             wrapped.append(_wrap(module, WRAPPED_ATTR, _attention_forward))
-    text_models = tuple(m for m, attr in wrapped if attr == "_deltapack_text_inner")
-    for text_model in text_models:
+        elif any(module is layer for layer in layers):
+            wrapped.append(_wrap(module, _SCOPE_INNER, _decoder_layer_forward))
+    for text_model in stacks:
         text_model.__dict__[ATTENTION_MODULES] = tuple(m for m in text_model.modules() if is_full_attention(m))
-    if not isinstance(target, text_cls):  # a bare decoder stack is its own entry
+    if not any(target is s for s in stacks):  # a bare decoder stack is its own entry
         wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
-        target.__dict__[_ENTRY_TEXT_MODELS] = text_models
+        target.__dict__[_ENTRY_TEXT_MODELS] = stacks
+        target.__dict__[_THREAD_BOUNDARIES] = arch is not None
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
+
+
+def _decoder_stacks(target: nn.Module) -> tuple[Architecture | None, tuple[nn.Module, ...]]:
+    """The registered GDN architecture of ``target`` (None for the other families) and its decoder stacks.
+
+    Raises ValueError, naming the supported model types, when ``target`` is not a causal LM deltapack supports.
+    """
+    config = getattr(target, "config", None)
+    model_type = str(getattr(config, "model_type", None))
+    if family_of(model_type) is None:
+        raise ValueError(
+            f"deltapack does not support model_type {model_type!r} ({type(target).__name__}); supported model "
+            f"types: {', '.join(supported_model_types())}"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"deltapack: {type(target).__name__} is an encoder-decoder; expected a decoder-only causal LM")
+    if model_type in ARCHITECTURES or model_type.removesuffix("_text") in ARCHITECTURES:
+        arch = architecture_of(target)
+        text_cls = arch.cls(arch.text_model)
+        return arch, tuple(m for m in target.modules() if isinstance(m, text_cls))
+    get_decoder = getattr(target, "get_decoder", None)
+    stack = get_decoder() if callable(get_decoder) else target
+    if not isinstance(stack, nn.Module):
+        raise ValueError(f"deltapack: found no decoder stack in {type(target).__name__}; expected get_decoder()")
+    return None, (stack,)
 
 
 def unpatch(model: ModelT) -> ModelT:
@@ -106,6 +149,8 @@ def unpatch(model: ModelT) -> ModelT:
     target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
     for module, attr in reversed(state.wrapped):
         module.__dict__.pop(ATTENTION_MODULES, None)
+        module.__dict__.pop(_THREAD_BOUNDARIES, None)
+        module.__dict__.pop(_LAST_PACKED, None)
         original = module.__dict__.pop(attr)
         if getattr(original, "__self__", None) is module and original.__func__ is type(module).forward:
             del module.forward
@@ -116,7 +161,7 @@ def unpatch(model: ModelT) -> ModelT:
 
 
 class _PatchState:
-    def __init__(self, arch: Architecture, wrapped: list[tuple[nn.Module, str]]):
+    def __init__(self, arch: Architecture | None, wrapped: list[tuple[nn.Module, str]]):
         self.arch = arch
         self.wrapped = wrapped
 
@@ -164,7 +209,8 @@ def _as_kwargs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
 # ---------------------------------------------------------------------------------------------- the entry model
 def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__["_deltapack_entry_inner"]
-    return _route(inner, inner, args, kwargs, checked=self.__dict__.get(_ENTRY_TEXT_MODELS, ()))
+    checked = self.__dict__.get(_ENTRY_TEXT_MODELS, ())
+    return _route(inner, inner, args, kwargs, checked=checked, thread=self.__dict__.get(_THREAD_BOUNDARIES, True))
 
 
 def _route(
@@ -173,11 +219,13 @@ def _route(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     checked: tuple[nn.Module, ...] = (),
+    thread: bool = True,
 ) -> Any:
     """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``.
 
     ``checked``: the decoder stacks inside ``inner`` that may skip the same check when the call goes through
-    unchanged (they receive the same inputs; the check reads the mask on the host).
+    unchanged (they receive the same inputs; the check reads the mask on the host). ``thread``: also hand the
+    boundaries down as the ``boundaries`` keyword (see :func:`_packed_call`).
     """
     unchanged = functools.partial(_unchanged, inner, args, kwargs, checked)
     call = _as_kwargs(inner, args, kwargs)
@@ -212,7 +260,7 @@ def _route(
             f"deltapack: boundaries are on {bounds.device} and the inputs on {device}; expected both on one device "
             "(Boundaries.to(device))"
         )
-    return _packed_call(packed, call, bounds)
+    return _packed_call(packed, call, bounds, thread)
 
 
 def _unchanged(
@@ -286,7 +334,14 @@ def _padding_only(bounds: Boundaries) -> bool:
     return bounds.num_docs == int(torch.unique(row_of_token.cpu()).numel())
 
 
-def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries) -> Any:
+def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries, thread: bool = True) -> Any:
+    """Run ``inner`` on the unpadded stream inside the packing scope; outputs back in the [B, T] layout.
+
+    ``thread``: the GDN architectures also receive the boundaries as the ``boundaries`` keyword and their labels
+    with ``shift_labels``. The other families' forwards may accept neither: they get only the arguments their
+    signature names, and labels already shifted per document in the form every causal-LM loss shifts back (the
+    target of token t sits at t + 1), so the model's own loss, whatever its code, reads the right targets.
+    """
     for name in ("pixel_values", "pixel_values_videos"):
         if call.get(name) is not None:
             raise ValueError(f"deltapack: {name} was given with packed inputs; expected text-only inputs")
@@ -297,19 +352,35 @@ def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Bounda
     for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
         if new.get(name) is not None:
             new[name] = bounds.unpad(new[name])
-    new["attention_mask"] = None
-    new["position_ids"] = bounds.position_ids
-    new["use_cache"] = False
+    named = _parameter_names(inner)
+    for name, value in (("attention_mask", None), ("position_ids", bounds.position_ids), ("use_cache", False)):
+        if thread or name in named:
+            new[name] = value
     for name in CACHE_KWARGS:
         new.pop(name, None)
     if new.get("labels") is not None:
-        new["labels"] = bounds.unpad(new["labels"])
-        new["shift_labels"] = bounds.shift_labels(new["labels"])
+        labels = bounds.unpad(new["labels"])
+        shifted = bounds.shift_labels(labels)
+        if thread:
+            new["labels"], new["shift_labels"] = labels, shifted
+        else:
+            new["labels"] = torch.nn.functional.pad(shifted[:, :-1], (1, 0), value=-100)
     elif new.get("shift_labels") is not None:
         raise ValueError("deltapack: shift_labels without labels; expected labels [B, T] (deltapack shifts them)")
-    new["boundaries"] = bounds
-    out = inner(**new)
+    if thread:
+        new["boundaries"] = bounds
+    with packing_scope(bounds):
+        out = inner(**new)
     return _repad_outputs(out, bounds)
+
+
+def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
+    """The parameter names of ``fn`` (keyword-capable ones; empty when it has no introspectable signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
@@ -332,15 +403,29 @@ def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
 def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The decoder stack: with boundaries, the full-attention mask or varlen plan; without, the entry logic itself,
     so a caller that runs the decoder stack directly (TRL's fused LM head does) still gets packing right."""
-    inner = self.__dict__["_deltapack_text_inner"]
-    if kwargs.get("boundaries") is None:
+    inner = self.__dict__[_TEXT_INNER]
+    thread = self.__dict__.get(_THREAD_BOUNDARIES, True)
+    bounds = kwargs.get("boundaries") or active_boundaries()
+    if bounds is None:
         if any(self is m for m in _CHECKED_UNPACKED.get()):  # the entry model found no packing in these inputs
             return inner(*args, **kwargs)
-        return _route(lambda **call: _text_model_packed(self, inner, call), inner, args, kwargs)
-    return _text_model_packed(self, inner, _as_kwargs(inner, args, kwargs))
+        packed = lambda **call: _text_model_packed(self, inner, call)  # noqa: E731
+        return _route(packed, inner, args, kwargs, thread=thread)
+    call = _as_kwargs(inner, args, kwargs)
+    if thread:
+        call["boundaries"] = bounds
+    else:
+        call.pop("boundaries", None)
+    with packing_scope(bounds):
+        return _text_model_packed(self, inner, call)
 
 
 def _text_model_packed(self: nn.Module, inner: Callable[..., Any], call: dict[str, Any]) -> Any:
+    """The decoder stack on the stream, inside the packing scope. The GDN architectures get the full-attention
+    mask or varlen plan built here; the other families build their masks themselves from the per-document
+    positions and no mask (the attention hooks keep documents apart)."""
+    if not self.__dict__.get(_THREAD_BOUNDARIES, True):
+        return inner(**call)
     bounds: Boundaries = call["boundaries"]
     embeds = call.get("inputs_embeds")
     dtype = embeds.dtype if embeds is not None else self.get_input_embeddings().weight.dtype
@@ -350,21 +435,74 @@ def _text_model_packed(self: nn.Module, inner: Callable[..., Any], call: dict[st
     return inner(**call)
 
 
-def _gdn_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    inner = self.__dict__["_deltapack_gdn_inner"]
-    bounds: Boundaries | None = kwargs.get("boundaries")
-    if bounds is None:
-        return inner(*args, **kwargs)
-    if any(kwargs.get(name) is not None for name in GDN_CACHE_KWARGS):
-        raise ValueError("deltapack: a GDN layer got both packed boundaries and a cache; expected no cache")
-    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    return packed_gdn_forward(self, hidden_states, bounds)
-
-
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__[WRAPPED_ATTR]
-    bounds: Boundaries | None = kwargs.get("boundaries")
+    bounds: Boundaries | None = kwargs.get("boundaries") or active_boundaries()
     if bounds is None or varlen_backend_of(bounds) is None:
         return inner(*args, **kwargs)  # unpacked, or packed through the exact mask
     call = _as_kwargs(inner, args, kwargs)
     return packed_attention_forward(self, call["hidden_states"], call["position_embeddings"], bounds)
+
+
+def _decoder_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A decoder layer: its body runs inside the packing scope of the call, and so does its recomputation when
+    gradient checkpointing replays it in the backward pass (outside the call's scope)."""
+    inner = self.__dict__[_SCOPE_INNER]
+    bounds = kwargs.get("boundaries") or active_boundaries()
+    if bounds is None:
+        return inner(*args, **kwargs)
+    checkpoint = self.__dict__.get("_gradient_checkpointing_func")
+    if checkpoint is None:
+        with packing_scope(bounds):
+            return inner(*args, **kwargs)
+    # transformers checkpoints the layer through this instance attribute: let the replay enter the scope too
+    self._gradient_checkpointing_func = functools.partial(_checkpoint_in_scope, checkpoint, bounds)
+    try:
+        with packing_scope(bounds):
+            return inner(*args, **kwargs)
+    finally:
+        self._gradient_checkpointing_func = checkpoint
+
+
+def _checkpoint_in_scope(checkpoint: Callable[..., Any], bounds: Boundaries, function: Any, *args: Any, **kw: Any):
+    return checkpoint(functools.partial(_run_in_scope, bounds, function), *args, **kw)
+
+
+def _run_in_scope(bounds: Boundaries, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with packing_scope(bounds):
+        return function(*args, **kwargs)
+
+
+def _packed_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A registered layer: inside a packing scope, its family's packed forward on the stream; else its own."""
+    inner = self.__dict__[_LAYER_INNER]
+    bounds: Boundaries | None = kwargs.get("boundaries") or active_boundaries()
+    spec = packed_layer_of(self)
+    if bounds is None:
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1 and self.__dict__.get(_LAST_PACKED):
+            # a replay in the backward pass (activation checkpointing) outside the packing scope: running the
+            # layer's own forward would treat the packed stream as one document
+            raise RuntimeError(
+                f"deltapack: {type(self).__name__} is being recomputed in the backward pass without the batch's "
+                "boundaries; expected activation checkpointing through transformers' gradient_checkpointing_enable() "
+                "(or checkpointing of whole decoder layers), which deltapack keeps exact"
+            )
+        if torch.is_grad_enabled():
+            self.__dict__[_LAST_PACKED] = False
+        return inner(*args, **kwargs)
+    for name in spec.cache_kwargs:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"deltapack: {type(self).__name__} got packed documents and a cache ({name}); expected no cache "
+                "with packed inputs"
+            )
+    if args:
+        hidden_states = args[0]
+    elif "hidden_states" in kwargs:
+        hidden_states = kwargs["hidden_states"]
+    else:
+        first = next(iter(inspect.signature(inner).parameters))
+        hidden_states = kwargs[first]
+    if torch.is_grad_enabled():
+        self.__dict__[_LAST_PACKED] = True
+    return spec.forward(self, hidden_states, bounds)

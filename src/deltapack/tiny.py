@@ -6,6 +6,7 @@ a few tokens and so hides a recurrent-state leak; here A is small, so state carr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,9 +37,34 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 
+# per arch: how to set its decays to long memory, where set_long_memory's rule (A_log / dt_bias) does not fit
+LONG_MEMORY: dict[str, Callable[[nn.Module], Any]] = {}
+
+
+def register_tiny(arch: str, fields: dict[str, Any], long_memory: Callable[[nn.Module], Any] | None = None) -> None:
+    """Add the tiny config of ``arch`` (``fields`` holds ``model_type`` and the config's fields).
+
+    ``long_memory``: called on a freshly built model to set its decays to long memory in place (default:
+    :func:`set_long_memory`). Families register theirs from :mod:`deltapack.models.families`.
+    """
+    if "model_type" not in fields:
+        raise ValueError(f"the tiny config of {arch!r} has no model_type")
+    TINY[arch] = dict(fields)
+    if long_memory is not None:
+        LONG_MEMORY[arch] = long_memory
+
+
+def available() -> tuple[str, ...]:
+    """Every arch with a tiny config (the families' included), sorted."""
+    from deltapack.models.layers import supported_model_types
+
+    supported_model_types()  # imports the families, which register their tiny configs
+    return tuple(sorted(TINY))
+
+
 def tiny_config(arch: str = "qwen3_5", **overrides: Any) -> PretrainedConfig:
-    """A tiny config of ``arch`` (qwen3_5, qwen3_5_moe, qwen3_next), with ``overrides`` applied."""
-    if arch not in TINY:
+    """A tiny config of ``arch`` (see :func:`available`), with ``overrides`` applied."""
+    if arch not in available():
         raise ValueError(f"no tiny config for {arch!r}; expected one of {sorted(TINY)}")
     fields = {**TINY[arch], **overrides}
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -59,4 +85,9 @@ def tiny_model(arch: str = "qwen3_5", seed: int = 0, attn_implementation: str = 
     """A tiny random-init *ForCausalLM of ``arch`` in fp32 on the CPU, eval mode, long-memory decay."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn_implementation)
-    return set_long_memory(model.float().eval(), seed=seed)
+    model = model.float().eval()
+    custom = LONG_MEMORY.get(arch)
+    if custom is not None:
+        custom(model)
+        return model
+    return set_long_memory(model, seed=seed)

@@ -68,7 +68,7 @@ def build_model(
             notes += more
         else:
             notes.append("built from the given config at full size (random init)")
-    elif arch in tiny.TINY and not shrink:
+    elif arch in tiny.available() and not shrink:
         config = tiny.tiny_config(arch)
         notes.append(f"embedded tiny {arch} config (random init)")
     else:

@@ -216,6 +216,10 @@ def set_long_memory(model: nn.Module, seed: int = 0) -> list[str]:
     remember across a few tokens: mamba's A in 1..16 with a small dt, rwkv's time decay).
     """
     notes = []
+    custom = tiny.LONG_MEMORY.get(str(getattr(getattr(model, "config", None), "model_type", "")))
+    if custom is not None:
+        custom(model)
+        return [f"long-memory decay as deltapack.tiny sets it for {model.config.model_type}"]
     if any(hasattr(m, "A_log") and hasattr(m, "dt_bias") and "DeltaNet" in type(m).__name__ for m in model.modules()):
         tiny.set_long_memory(model, seed=seed)
         notes.append("long-memory GDN decay: A drawn from [1e-3, 2e-2] (random init forgets within a few tokens)")

@@ -1,0 +1,124 @@
+"""The registry of packed layers: which transformers layers deltapack runs its own way on a packed stream.
+
+A *family* is data: the model types it makes patchable and, for each kind of layer that needs it, the
+transformers classes and one packed forward. Adding a family is one module in :mod:`deltapack.models.families`
+that calls :func:`register_family`; every module there is imported when the registry is first read.
+
+A packed forward has the signature ``forward(layer, hidden_states, bounds) -> output``:
+
+- ``layer``: the transformers module (its parameters are used as they are);
+- ``hidden_states``: [1, T, D] the unpadded stream that ``bounds`` describes;
+- ``bounds``: the batch's :class:`~deltapack.boundaries.Boundaries`;
+- the output has the structure the transformers layer's own forward returns (a tensor, or the same tuple), each
+  document's rows equal to what the layer gives for that document alone.
+
+The boundaries reach a layer through the *packing scope* (:mod:`deltapack.models.scope`), set by the patched
+model for the whole packed call, so a layer needs no keyword argument threaded down to it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Family", "PackedLayer", "family_of", "packed_layer_of", "register_family", "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One kind of transformers layer and its packed forward.
+
+    Attributes:
+        classes: qualified class names, ``"transformers.models.mamba2.modeling_mamba2.Mamba2Mixer"``.
+        forward: ``forward(layer, hidden_states [1, T, D], bounds) -> output`` (see the module docstring).
+        cache_kwargs: keyword arguments through which the layer receives a cache; a packed call that is given one
+            raises (packed documents cannot share a cache).
+    """
+
+    classes: tuple[str, ...]
+    forward: Callable[..., Any]
+    cache_kwargs: tuple[str, ...] = ("cache", "cache_params", "past_key_values", "layer_past", "state")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of models that :func:`deltapack.patch` accepts.
+
+    Attributes:
+        name: the op family (``"ssd"``, ``"gated_deltanet"``, ``"attention"``, ...), for docs and logs.
+        model_types: the transformers ``model_type`` values this family makes patchable.
+        layers: the layers that run a packed forward of their own (none for attention-only families, whose
+            attention is kept within documents by the attention hooks).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: tuple[PackedLayer, ...] = field(default=())
+
+
+_FAMILIES: dict[str, Family] = {}
+_BY_MODEL_TYPE: dict[str, Family] = {}
+_BY_CLASS: dict[str, PackedLayer] = {}
+_loaded = False
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to the registry; returns it. A model type or layer class claimed twice raises."""
+    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
+        raise ValueError(f"deltapack: the family {family.name!r} is registered twice")
+    for model_type in family.model_types:
+        other = _BY_MODEL_TYPE.get(model_type)
+        if other is not None and other is not family:
+            raise ValueError(f"deltapack: model_type {model_type!r} is claimed by {other.name!r} and {family.name!r}")
+    for layer in family.layers:
+        for name in layer.classes:
+            other = _BY_CLASS.get(name)
+            if other is not None and other is not layer:
+                raise ValueError(f"deltapack: the layer class {name} is registered twice")
+    _FAMILIES[family.name] = family
+    for model_type in family.model_types:
+        _BY_MODEL_TYPE[model_type] = family
+    for layer in family.layers:
+        for name in layer.classes:
+            _BY_CLASS[name] = layer
+    return family
+
+
+def _load() -> None:
+    """Import every module of :mod:`deltapack.models.families` once (each registers its family)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from deltapack.models import families
+
+    for info in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{info.name}")
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family that makes ``model_type`` patchable (``*_text`` types fall back to their base type)."""
+    _load()
+    return _BY_MODEL_TYPE.get(model_type) or _BY_MODEL_TYPE.get(model_type.removesuffix("_text"))
+
+
+def packed_layer_of(module: nn.Module) -> PackedLayer | None:
+    """The registered packed layer for ``module``'s class or a base class of it (FSDP2 subclasses the classes it
+    shards), or None."""
+    _load()
+    for cls in type(module).__mro__:
+        layer = _BY_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if layer is not None:
+            return layer
+    return None
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every model_type :func:`deltapack.patch` accepts, sorted."""
+    _load()
+    return tuple(sorted(_BY_MODEL_TYPE))
