@@ -1,0 +1,107 @@
+"""Lightning attention (MiniMax): linear attention with a fixed decay per head, state reset at every document.
+
+Per head h, document-local positions t >= s:
+
+    o_t = sum_{s <= t} exp(-slope_h * (t - s)) * (q_t . k_s) * v_s        (no query scale, no normaliser)
+
+which is ``MiniMaxLightningAttention``'s block recurrence (its ``query_decay`` / ``key_decay`` / ``diagonal_decay``
+buffers are these powers of ``exp(-slope)`` inside and across blocks). The same recurrence is FLA's simple GLA with a
+constant per-head gate ``g_gamma = -slope`` and ``scale = 1``, which is the CUDA fast path.
+
+Legend: T = tokens of the packed stream, H = heads, K / V = key / value head dims, L = chunk length, C = chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deltapack.ops.dispatch import resolve_backend
+from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
+
+__all__ = ["lightning_attention", "lightning_attention_ref"]
+
+_FAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, segments: Any) -> None:
+    check_stream("q", q, segments, 4)
+    if k.shape != q.shape:
+        raise ValueError(f"deltapack: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"deltapack: v must be [1, T, H, V] with [1, T, H] = {tuple(q.shape[:3])}, got {tuple(v.shape)}"
+        )
+    if slope.numel() != q.shape[2]:
+        raise ValueError(f"deltapack: slope must hold one decay rate per head ({q.shape[2]}), got {tuple(slope.shape)}")
+
+
+def lightning_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, *, segments: Any, chunk_size: int = 64
+) -> torch.Tensor:
+    """Exact chunked lightning attention over a packed stream, state zero at every document start.
+
+    Args:
+        q, k: [1, T, H, K]. v: [1, T, H, V]. slope: [H] (any shape with H elements) decay rate, > 0.
+        segments: the stream's documents (``cu_seqlens``, ``cu_seqlens_host``, ``seq_idx``).
+        chunk_size: chunk length L; each document is padded on its own to whole chunks.
+
+    Returns:
+        o: [1, T, H, V] in the dtype of q, computed in fp32 (fp64 for fp64 inputs); a loop over chunks carries
+            the [H, K, V] state.
+    """
+    _check(q, k, v, slope, segments)
+    layout = chunk_layout(segments, chunk_size)
+    dtype = acc_dtype(q)
+    qc, kc, vc = (layout.to_chunks(x.to(dtype)) for x in (q, k, v))  # [H, C, L, K|V]
+    rate = slope.reshape(-1, 1, 1).to(dtype)  # [H, 1, 1]
+    pos = torch.arange(chunk_size, device=q.device, dtype=dtype)
+    lag = pos[:, None] - pos[None, :]  # [L, L] t - s
+    pair = torch.exp((-rate * lag).masked_fill(lag < 0, float("-inf")))  # [H, L, L]
+    o_intra = ((qc @ kc.transpose(-1, -2)) * pair[:, None]) @ vc
+    q_dec = qc * torch.exp(-rate[..., 0] * (pos + 1))[:, None, :, None]  # decay from the chunk start to t
+    k_dec = kc * torch.exp(-rate[..., 0] * (chunk_size - 1 - pos))[:, None, :, None]  # decay from s to the chunk end
+    kv = k_dec.transpose(-1, -2) @ vc  # [H, C, K, V]
+    chunk_decay = torch.exp(-rate * chunk_size)  # [H, 1, 1]
+    state = kv.new_zeros(kv.shape[0], kv.shape[2], kv.shape[3])
+    states = []
+    for c in range(kv.shape[1]):
+        state = torch.where(layout.first[c], torch.zeros_like(state), state)
+        states.append(state)
+        state = state * chunk_decay + kv[:, c]
+    o = o_intra + q_dec @ torch.stack(states, dim=1)
+    return layout.from_chunks(o).to(q.dtype)
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    *,
+    segments: Any,
+    chunk_size: int = 64,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
+
+    On CUDA with FLA and bf16 / fp16 inputs: FLA's ``chunk_simple_gla(g_gamma=-slope, scale=1, cu_seqlens=...)``,
+    host offsets passed so it does not sync. Otherwise (fp32, CPU, no FLA) the exact reference.
+    """
+    _check(q, k, v, slope, segments)
+    chosen = resolve_backend(backend, q.device, "lightning_attention")
+    if chosen == "fla" and q.dtype in _FAST_DTYPES:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        o, _ = chunk_simple_gla(
+            q,
+            k,
+            v,
+            g_gamma=-slope.reshape(-1).float(),
+            scale=1.0,
+            cu_seqlens=segments.cu_seqlens,
+            cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+        )
+        return o.to(q.dtype)
+    return lightning_attention_ref(q, k, v, slope, segments=segments, chunk_size=chunk_size)

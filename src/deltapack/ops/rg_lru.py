@@ -1,0 +1,73 @@
+"""The element-wise linear recurrence of RecurrentGemma's RG-LRU, state reset at every document start.
+
+Per channel d, document-local positions:
+
+    h_t = exp(log_a_t) * h_{t-1} + x_t,      h_{-1} = 0 (so h_0 = x_0 at every document start)
+
+The RG-LRU layer computes ``log_a = -8 * r_t * softplus(recurrent_param)`` and the normalised input
+``x_t = sqrt(1 - a_t^2) * i_t * u_t`` (multiplier 1 at a document start, where transformers also resets); this op is
+the scan that follows (``RecurrentGemmaRglru._rnn_scan``). It is the HGRN recurrence of FLA
+(``fused_recurrent_hgrn(x, g=log_a, cu_seqlens=...)``), which is the CUDA fast path.
+
+The reference is a log-depth (Hillis-Steele) scan: ceil(log2(longest document)) vectorised steps over the whole
+stream, no loop per token or per document. The decay at each document start is set to 0, which cuts every
+document off from the one before, exactly.
+
+Legend: T = tokens of the packed stream, D = channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deltapack.ops.dispatch import resolve_backend
+from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, starts
+
+__all__ = ["rg_lru_scan", "rg_lru_scan_ref"]
+
+_FAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check(x: torch.Tensor, log_a: torch.Tensor, segments: Any) -> None:
+    check_stream("x", x, segments, 3)
+    if log_a.shape != x.shape:
+        raise ValueError(f"deltapack: log_a must have the shape of x {tuple(x.shape)}, got {tuple(log_a.shape)}")
+
+
+def rg_lru_scan_ref(x: torch.Tensor, log_a: torch.Tensor, *, segments: Any) -> torch.Tensor:
+    """Exact varlen linear recurrence h_t = exp(log_a_t) h_{t-1} + x_t, h = 0 before every document.
+
+    Args:
+        x: [1, T, D] input. log_a: [1, T, D] log decay (<= 0; its value at a document start is not used).
+        segments: the stream's documents (``cu_seqlens``, ``seq_idx``, ``max_seqlen``).
+
+    Returns:
+        h: [1, T, D] in the dtype of x, accumulated in fp32 (as the layer's scan does; fp64 for fp64 inputs).
+    """
+    _check(x, log_a, segments)
+    dtype = acc_dtype(x)
+    a = torch.exp(log_a.to(dtype)).masked_fill(starts(segments)[None, :, None], 0.0)
+    h = x.to(dtype)
+    for d in log_steps(segments):
+        # element t holds the map h -> a * h + h_t over the window (t - d, t]; compose it with the window before
+        h = torch.cat([h[:, :d], torch.addcmul(h[:, d:], a[:, d:], h[:, :-d])], dim=1)
+        a = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], dim=1)
+    return h.to(x.dtype)
+
+
+def rg_lru_scan(x: torch.Tensor, log_a: torch.Tensor, *, segments: Any, backend: str | None = None) -> torch.Tensor:
+    """The RG-LRU scan over a packed stream (arguments as :func:`rg_lru_scan_ref`).
+
+    On CUDA with FLA and bf16 / fp16 inputs: FLA's ``fused_recurrent_hgrn(x, log_a, cu_seqlens=...)`` (fp32 state).
+    Otherwise the exact reference.
+    """
+    _check(x, log_a, segments)
+    chosen = resolve_backend(backend, x.device, "rg_lru_scan")
+    if chosen == "fla" and x.dtype in _FAST_DTYPES:
+        from fla.ops.hgrn import fused_recurrent_hgrn
+
+        h, _ = fused_recurrent_hgrn(x, log_a.to(x.dtype), cu_seqlens=segments.cu_seqlens)
+        return h
+    return rg_lru_scan_ref(x, log_a, segments=segments)

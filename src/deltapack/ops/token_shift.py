@@ -1,0 +1,28 @@
+"""Varlen token shift (RWKV's ``time_shift``): each token reads the previous token of its own document.
+
+``token_shift_ref(x, segments=...)[:, t] = x[:, t - 1]``, and zeros at every document start (what the layer reads at
+the start of a sequence run alone, ``nn.ZeroPad2d((0, 0, 1, -1))``), never the previous document's last token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deltapack.ops.varlen import check_stream
+
+__all__ = ["token_shift", "token_shift_ref"]
+
+
+def token_shift_ref(x: torch.Tensor, *, segments: Any) -> torch.Tensor:
+    """x: [1, T, D] packed stream -> [1, T, D] (same dtype): x shifted one token right, zeros at document starts."""
+    check_stream("x", x, segments, 3)
+    shifted = F.pad(x[:, :-1], (0, 0, 1, 0))
+    return shifted.index_fill(1, segments.cu_seqlens[:-1].long(), 0)
+
+
+def token_shift(x: torch.Tensor, *, segments: Any, backend: str | None = None) -> torch.Tensor:
+    """Public op (same arguments as :func:`token_shift_ref`); one gather on any device, so the reference runs."""
+    return token_shift_ref(x, segments=segments)
