@@ -4,13 +4,12 @@ outputs and gradients. Each test also shows the same stream run as one document 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
 from transformers.models.xlstm import modeling_xlstm
 
+from deltapack.ops import Segments
 from deltapack.ops.lightning import lightning_attention, lightning_attention_ref
 from deltapack.ops.mlstm import mlstm, mlstm_ref
 from deltapack.ops.rg_lru import rg_lru_scan, rg_lru_scan_ref
@@ -23,11 +22,7 @@ CHUNK = 8
 
 
 def segments_of(lengths):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
-    return SimpleNamespace(
-        cu_seqlens=cu, cu_seqlens_host=tuple(cu.tolist()), seq_idx=seq[None], max_seqlen=max(lengths)
-    )
+    return Segments.from_cu_seqlens([0, *torch.tensor(lengths).cumsum(0).tolist()])
 
 
 def docs(lengths):
@@ -209,7 +204,7 @@ def test_malformed_inputs_raise():
         lightning_attention(
             torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4), torch.ones(3), segments=seg
         )
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="unknown deltapack backend"):
         wkv(torch.zeros(4), torch.zeros(4), torch.zeros(1, 5, 4), torch.zeros(1, 5, 4), segments=seg, backend="fla")
     with pytest.raises(ValueError, match="i must be"):
         mlstm(*(torch.zeros(1, 5, 2, 4) for _ in range(3)), torch.zeros(1, 5, 3), torch.zeros(1, 5, 2), segments=seg)

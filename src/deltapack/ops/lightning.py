@@ -13,19 +13,22 @@ Legend: T = tokens of the packed stream, H = heads, K / V = key / value head dim
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from deltapack.ops.dispatch import resolve_backend
+from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
 
 __all__ = ["lightning_attention", "lightning_attention_ref"]
 
 _FAST_DTYPES = (torch.bfloat16, torch.float16)
+_MAX_HEAD_DIM = 256  # FLA's state kernels
+_MAX_CHUNKS = 65535  # FLA puts the chunk index on CUDA's grid axis y
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, segments: Any) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, segments: Segments) -> None:
     check_stream("q", q, segments, 4)
     if k.shape != q.shape:
         raise ValueError(f"deltapack: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -38,7 +41,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tenso
 
 
 def lightning_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, *, segments: Any, chunk_size: int = 64
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, *, segments: Segments, chunk_size: int = 64
 ) -> torch.Tensor:
     """Exact chunked lightning attention over a packed stream, state zero at every document start.
 
@@ -74,26 +77,10 @@ def lightning_attention_ref(
     return layout.from_chunks(o).to(q.dtype)
 
 
-def lightning_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slope: torch.Tensor,
-    *,
-    segments: Any,
-    chunk_size: int = 64,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
+def _load_fla() -> Callable[..., torch.Tensor]:
+    from fla.ops.simple_gla import chunk_simple_gla
 
-    On CUDA with FLA and bf16 / fp16 inputs: FLA's ``chunk_simple_gla(g_gamma=-slope, scale=1, cu_seqlens=...)``,
-    host offsets passed so it does not sync. Otherwise (fp32, CPU, no FLA) the exact reference.
-    """
-    _check(q, k, v, slope, segments)
-    chosen = resolve_backend(backend, q.device, "lightning_attention")
-    if chosen == "fla" and q.dtype in _FAST_DTYPES:
-        from fla.ops.simple_gla import chunk_simple_gla
-
+    def run(q, k, v, slope, *, segments: Segments, chunk_size: int = 64) -> torch.Tensor:
         o, _ = chunk_simple_gla(
             q,
             k,
@@ -104,4 +91,41 @@ def lightning_attention(
             cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
         )
         return o.to(q.dtype)
-    return lightning_attention_ref(q, k, v, slope, segments=segments, chunk_size=chunk_size)
+
+    return run
+
+
+def _verify_fla(q, k, v, slope, *, segments: Segments, chunk_size: int = 64) -> tuple[bool, str]:
+    if not q.is_cuda:
+        return False, f"q is on {q.device.type}; FLA runs on CUDA"
+    if q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; FLA's simple GLA is exact here for bf16 / fp16"
+    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
+        return False, f"head dims {q.shape[-1]}, {v.shape[-1]}; FLA's state kernels take at most {_MAX_HEAD_DIM}"
+    chunks = sum(-(-n // 64) for n in segments.doc_lengths)
+    if chunks > _MAX_CHUNKS:
+        return False, f"{chunks} chunks of 64 tokens; FLA launches at most {_MAX_CHUNKS} per call"
+    return True, ""
+
+
+LIGHTNING_ATTENTION = register_op("lightning_attention", lightning_attention_ref)
+LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    *,
+    segments: Segments,
+    chunk_size: int = 64,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
+
+    Backends: "fla" (CUDA, bf16 / fp16: FLA's ``chunk_simple_gla(g_gamma=-slope, scale=1, cu_seqlens=...)`` with the
+    host offsets, so it does not sync) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
+    """
+    _check(q, k, v, slope, segments)
+    return LIGHTNING_ATTENTION(q, k, v, slope, segments=segments, chunk_size=chunk_size, backend=backend)

@@ -20,11 +20,11 @@ C = chunks.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
 
 __all__ = ["mlstm", "mlstm_ref"]
@@ -37,7 +37,7 @@ def mlstm_ref(
     i: torch.Tensor,
     f: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     eps: float = 1e-6,
     chunk_size: int = 64,
 ) -> torch.Tensor:
@@ -105,6 +105,9 @@ def mlstm_ref(
     return layout.from_chunks(h).to(q.dtype)
 
 
+MLSTM = register_op("mlstm", mlstm_ref)
+
+
 def mlstm(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,12 +115,10 @@ def mlstm(
     i: torch.Tensor,
     f: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     eps: float = 1e-6,
     chunk_size: int = 64,
     backend: str | None = None,
 ) -> torch.Tensor:
     """mLSTM over a packed stream (arguments as :func:`mlstm_ref`): the reference on every device (no host sync)."""
-    if backend not in (None, "reference"):
-        raise ValueError(f"deltapack: mlstm has only the 'reference' backend (no varlen mLSTM kernel), got {backend!r}")
-    return mlstm_ref(q, k, v, i, f, segments=segments, eps=eps, chunk_size=chunk_size)
+    return MLSTM(q, k, v, i, f, segments=segments, eps=eps, chunk_size=chunk_size, backend=backend)

@@ -18,11 +18,12 @@ Legend: T = tokens of the packed stream, D = channels.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from deltapack.ops.dispatch import resolve_backend
+from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, starts
 
 __all__ = ["rg_lru_scan", "rg_lru_scan_ref"]
@@ -30,13 +31,13 @@ __all__ = ["rg_lru_scan", "rg_lru_scan_ref"]
 _FAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _check(x: torch.Tensor, log_a: torch.Tensor, segments: Any) -> None:
+def _check(x: torch.Tensor, log_a: torch.Tensor, segments: Segments) -> None:
     check_stream("x", x, segments, 3)
     if log_a.shape != x.shape:
         raise ValueError(f"deltapack: log_a must have the shape of x {tuple(x.shape)}, got {tuple(log_a.shape)}")
 
 
-def rg_lru_scan_ref(x: torch.Tensor, log_a: torch.Tensor, *, segments: Any) -> torch.Tensor:
+def rg_lru_scan_ref(x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments) -> torch.Tensor:
     """Exact varlen linear recurrence h_t = exp(log_a_t) h_{t-1} + x_t, h = 0 before every document.
 
     Args:
@@ -57,17 +58,35 @@ def rg_lru_scan_ref(x: torch.Tensor, log_a: torch.Tensor, *, segments: Any) -> t
     return h.to(x.dtype)
 
 
-def rg_lru_scan(x: torch.Tensor, log_a: torch.Tensor, *, segments: Any, backend: str | None = None) -> torch.Tensor:
-    """The RG-LRU scan over a packed stream (arguments as :func:`rg_lru_scan_ref`).
+def _load_fla() -> Callable[..., torch.Tensor]:
+    from fla.ops.hgrn import fused_recurrent_hgrn
 
-    On CUDA with FLA and bf16 / fp16 inputs: FLA's ``fused_recurrent_hgrn(x, log_a, cu_seqlens=...)`` (fp32 state).
-    Otherwise the exact reference.
-    """
-    _check(x, log_a, segments)
-    chosen = resolve_backend(backend, x.device, "rg_lru_scan")
-    if chosen == "fla" and x.dtype in _FAST_DTYPES:
-        from fla.ops.hgrn import fused_recurrent_hgrn
-
+    def run(x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments) -> torch.Tensor:
         h, _ = fused_recurrent_hgrn(x, log_a.to(x.dtype), cu_seqlens=segments.cu_seqlens)
         return h
-    return rg_lru_scan_ref(x, log_a, segments=segments)
+
+    return run
+
+
+def _verify_fla(x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments) -> tuple[bool, str]:
+    if not x.is_cuda:
+        return False, f"x is on {x.device.type}; FLA runs on CUDA"
+    if x.dtype not in _FAST_DTYPES:
+        return False, f"x is {x.dtype}; the reference runs fp32 / fp64 (FLA's HGRN is used for bf16 / fp16)"
+    return True, ""
+
+
+RG_LRU_SCAN = register_op("rg_lru_scan", rg_lru_scan_ref)
+RG_LRU_SCAN.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
+
+
+def rg_lru_scan(
+    x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments, backend: str | None = None
+) -> torch.Tensor:
+    """The RG-LRU scan over a packed stream (arguments as :func:`rg_lru_scan_ref`).
+
+    Backends: "fla" (CUDA, bf16 / fp16: FLA's ``fused_recurrent_hgrn(x, g=log_a, cu_seqlens=...)``, fp32 state) or
+    "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
+    """
+    _check(x, log_a, segments)
+    return RG_LRU_SCAN(x, log_a, segments=segments, backend=backend)

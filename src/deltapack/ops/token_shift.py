@@ -6,23 +6,26 @@ the start of a sequence run alone, ``nn.ZeroPad2d((0, 0, 1, -1))``), never the p
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import check_stream
 
 __all__ = ["token_shift", "token_shift_ref"]
 
 
-def token_shift_ref(x: torch.Tensor, *, segments: Any) -> torch.Tensor:
+def token_shift_ref(x: torch.Tensor, *, segments: Segments) -> torch.Tensor:
     """x: [1, T, D] packed stream -> [1, T, D] (same dtype): x shifted one token right, zeros at document starts."""
     check_stream("x", x, segments, 3)
     shifted = F.pad(x[:, :-1], (0, 0, 1, 0))
     return shifted.index_fill(1, segments.cu_seqlens[:-1].long(), 0)
 
 
-def token_shift(x: torch.Tensor, *, segments: Any, backend: str | None = None) -> torch.Tensor:
-    """Public op (same arguments as :func:`token_shift_ref`); one gather on any device, so the reference runs."""
-    return token_shift_ref(x, segments=segments)
+TOKEN_SHIFT = register_op("token_shift", token_shift_ref)
+
+
+def token_shift(x: torch.Tensor, *, segments: Segments, backend: str | None = None) -> torch.Tensor:
+    """Public op (arguments as :func:`token_shift_ref`): one gather, the reference on every device."""
+    return TOKEN_SHIFT(x, segments=segments, backend=backend)

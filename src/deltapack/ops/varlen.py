@@ -1,8 +1,7 @@
 """Per-token and per-chunk views of a packed stream's documents, shared by the recurrence ops.
 
-Every function takes ``segments``: anything with ``cu_seqlens`` ([N + 1] int32, device), ``cu_seqlens_host``
-(tuple of ints), ``seq_idx`` ([1, T] int32) and ``max_seqlen`` (host int) - a ``deltapack.Boundaries`` or the
-op contract's ``Segments``. Nothing here reads a device value on the host (no host sync).
+Every function takes ``segments``, a :class:`deltapack.ops.Segments` (``cu_seqlens`` [N + 1] int32,
+``cu_seqlens_host``, ``seq_idx`` [1, T] int32, ``max_seqlen``). Nothing here reads a device value on the host.
 
 Legend: T = tokens of the packed stream, N = documents, L = chunk length, C = chunks of the chunk-aligned layout.
 """
@@ -10,12 +9,13 @@ Legend: T = tokens of the packed stream, N = documents, L = chunk length, C = ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from deltapack.ops.segments import Segments
 
-def check_stream(name: str, x: torch.Tensor, segments: Any, ndim: int) -> None:
+
+def check_stream(name: str, x: torch.Tensor, segments: Segments, ndim: int) -> None:
     """Raise ValueError unless ``x`` is one packed stream [1, T, ...] of ``ndim`` dims with T = the segments' end."""
     total = segments.cu_seqlens_host[-1]
     if x.dim() != ndim or x.shape[0] != 1 or x.shape[1] != total:
@@ -25,13 +25,13 @@ def check_stream(name: str, x: torch.Tensor, segments: Any, ndim: int) -> None:
         )
 
 
-def positions(segments: Any) -> torch.Tensor:
+def positions(segments: Segments) -> torch.Tensor:
     """[T] int64 position of every token inside its document (0 at each document start)."""
     seq = segments.seq_idx.reshape(-1).long()
     return torch.arange(seq.numel(), device=seq.device) - segments.cu_seqlens.long()[seq]
 
 
-def starts(segments: Any) -> torch.Tensor:
+def starts(segments: Segments) -> torch.Tensor:
     """[T] bool, True at the first token of every document."""
     seq = segments.seq_idx.reshape(-1)
     out = torch.zeros(seq.numel(), dtype=torch.bool, device=seq.device)
@@ -62,7 +62,7 @@ class ChunkLayout:
         return flat.index_select(0, self.dest).unsqueeze(0)
 
 
-def chunk_layout(segments: Any, chunk: int) -> ChunkLayout:
+def chunk_layout(segments: Segments, chunk: int) -> ChunkLayout:
     """The chunk-aligned layout of ``segments`` (each document's chunks line up as when it runs alone)."""
     host = segments.cu_seqlens_host
     num_chunks = sum(-(-(b - a) // chunk) for a, b in zip(host[:-1], host[1:]))  # host ints only
@@ -75,7 +75,7 @@ def chunk_layout(segments: Any, chunk: int) -> ChunkLayout:
     return ChunkLayout(dest=dest, padded=num_chunks * chunk, first=first, chunk=chunk)
 
 
-def log_steps(segments: Any) -> list[int]:
+def log_steps(segments: Segments) -> list[int]:
     """Strides 1, 2, 4, ... below the longest document: the steps of a log-depth (Hillis-Steele) scan."""
     out, d = [], 1
     while d < segments.max_seqlen:

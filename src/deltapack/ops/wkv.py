@@ -20,17 +20,17 @@ Legend: T = tokens of the packed stream, D = channels.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, positions
 
 __all__ = ["wkv", "wkv_ref"]
 
 
 def wkv_ref(
-    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segments: Any
+    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segments: Segments
 ) -> torch.Tensor:
     """Exact varlen RWKV-4 WKV.
 
@@ -81,16 +81,17 @@ def wkv_ref(
     return out.to(k.dtype)
 
 
+WKV = register_op("wkv", wkv_ref)
+
+
 def wkv(
     time_decay: torch.Tensor,
     time_first: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     backend: str | None = None,
 ) -> torch.Tensor:
     """RWKV-4 WKV over a packed stream (arguments as :func:`wkv_ref`): the reference on every device (no host sync)."""
-    if backend not in (None, "reference"):
-        raise ValueError(f"deltapack: wkv has only the 'reference' backend (no varlen RWKV-4 kernel), got {backend!r}")
-    return wkv_ref(time_decay, time_first, k, v, segments=segments)
+    return WKV(time_decay, time_first, k, v, segments=segments, backend=backend)
