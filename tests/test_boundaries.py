@@ -56,6 +56,12 @@ def test_cu_seqlens_over_rows():
         ({"position_ids": t([[0, 1, 2]])}, None),
         ({"position_ids": t([[5, 6, 7]])}, None),  # offset positions, one document: nothing to pack
         ({"position_ids": t([[0, 1, 0]])}, (0, 2, 3)),
+        # any step other than +1 starts a document, as in transformers' packed-sequence detection
+        ({"position_ids": t([[1, 2, 3, 1, 2]])}, (0, 3, 5)),  # DataCollatorWithFlattening(position_ids_start=1)
+        ({"position_ids": t([[1, 1, 2, 1]])}, (0, 1, 3, 4)),
+        ({"position_ids": t([[5, 6, 0, 1]])}, (0, 2, 4)),  # a row may begin inside a document (TRL's wrapped rows)
+        ({"attention_mask": t([[0, 1, 1, 1]]), "position_ids": t([[1, 1, 2, 1]])}, (0, 2, 3)),  # padding not read
+        ({"cu_seqlens": [0, 3, 5], "position_ids": t([[1, 2, 3, 1, 2]])}, (0, 3, 5)),
         ({"attention_mask": t([[1, 1, 0]])}, (0, 2)),
         ({"attention_mask": t([[1, 2, 2]]), "position_ids": t([[0, 0, 1]])}, (0, 1, 3)),
         # cu_seqlens first, then the indexed mask, then positions
@@ -63,7 +69,8 @@ def test_cu_seqlens_over_rows():
     ],
 )
 def test_from_inputs_precedence(kwargs, expected):
-    b = Boundaries.from_inputs((1, 3), **kwargs)
+    given = kwargs.get("position_ids", kwargs.get("attention_mask"))
+    b = Boundaries.from_inputs((1, 3) if given is None else tuple(given.shape), **kwargs)
     assert (b.cu_seqlens_host if b is not None else None) == expected
 
 
@@ -117,8 +124,8 @@ def test_shift_labels_stop_at_document_ends():
         (lambda: Boundaries.from_cu_seqlens([0, 2], (1, 3)), "ends at 2"),
         (lambda: Boundaries.from_cu_seqlens([0, 4, 6], (2, 3)), "runs from row 0 into row 1"),
         (lambda: Boundaries.from_cu_seqlens([[0, 3]], (1, 3)), "1-D integer tensor"),
-        (lambda: Boundaries.from_position_ids(t([[1, 2, 0, 1]])), "starts its first document at position 1"),
-        (lambda: Boundaries.from_position_ids(t([[0, 1, 3, 0]])), "goes from 1 to 3 at column 2"),
+        (lambda: Boundaries.from_position_ids(t([[0, 1, 3, 0]])), "jumps from 1 to 3 at column 2"),
+        (lambda: Boundaries.from_position_ids(t([[1, 2, 5, 6]])), "jumps from 2 to 5 at column 2"),
         (lambda: Boundaries.from_padding_mask(t([[1, 0, 1]])), "padding between real tokens"),
         (lambda: Boundaries.from_padding_mask(t([[1, 2, 0]])), "plain 0/1 padding mask"),
         (lambda: Boundaries.from_inputs((1, 3), attention_mask=t([[1, 1]])), "like input_ids"),

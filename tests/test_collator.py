@@ -80,8 +80,7 @@ def test_packer_rows_go_straight_in() -> None:
     [
         ({"input_ids": [1, 2, 3], "seq_lengths": [1, 1]}, "sum to the row length"),
         ({"input_ids": [1, 2, 3], "seq_lengths": [3, 0]}, "positive document lengths"),
-        ({"input_ids": [1, 2, 3], "position_ids": [1, 2, 3]}, "start at position 0"),
-        ({"input_ids": [1, 2, 3], "position_ids": [0, 2, 3]}, "go up by 1"),
+        ({"input_ids": [1, 2, 3], "position_ids": [0, 2, 3]}, "row 0 jumps from 0 to 2"),
         ({"input_ids": [1, 2, 3], "position_ids": [0, 1, 2], "seq_lengths": [1, 2]}, "disagree"),
         ({"input_ids": [1, 2, 3], "labels": [1, 2]}, "one label per token"),
         ({"tokens": [1]}, "expected 'input_ids'"),

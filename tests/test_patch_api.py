@@ -96,7 +96,10 @@ def test_prebuilt_boundaries_and_inputs_embeds():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"seq_idx": torch.zeros(1, 6, dtype=torch.int32)}, "seq_idx was given without cu_seq_lens_q"),
+        (
+            {"seq_idx": torch.tensor([[0, 0, 1, 1, 1, 1]]), "attention_mask": torch.tensor([[1, 1, 2, 2, 2, 2]])},
+            "both seq_idx and an indexed attention_mask",
+        ),
         (
             {"cu_seq_lens_q": torch.tensor([0, 2, 6]), "cu_seq_lens_k": torch.tensor([0, 3, 6])},
             "cu_seq_lens_k differs",
@@ -106,8 +109,15 @@ def test_prebuilt_boundaries_and_inputs_embeds():
             "seq_idx disagrees",
         ),
         ({"attention_mask": torch.tensor([[1, 1, 3, 3, 3, 3]])}, "document id 3"),
-        ({"position_ids": torch.tensor([[0, 1, 0, 2, 3, 4]])}, "goes from 0 to 2"),
-        ({"attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]), "logits_to_keep": 1}, "logits_to_keep"),
+        ({"position_ids": torch.tensor([[0, 1, 0, 2, 3, 4]])}, "jumps from 0 to 2"),
+        (
+            {
+                "attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]),
+                "logits_to_keep": 1,
+                "labels": torch.ones(1, 6).long(),
+            },
+            "logits_to_keep and labels",
+        ),
     ],
 )
 def test_bad_packing_arguments_raise(kwargs, message):
@@ -121,7 +131,7 @@ def test_packed_inputs_with_a_cache_raise():
     ids = torch.randint(0, 128, (1, 6))
     with patched(model), torch.no_grad():
         cache = model(ids[:, :3], use_cache=True).past_key_values
-        with pytest.raises(ValueError, match="past_key_values"):
+        with pytest.raises(ValueError, match="an indexed attention_mask .*generate from each document on its own"):
             model(ids[:, 3:], attention_mask=torch.tensor([[1, 2, 2]]), past_key_values=cache)
 
 

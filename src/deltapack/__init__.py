@@ -3,7 +3,7 @@
 import deltapack
 model = deltapack.patch(model)        # qwen3_5, qwen3_5_moe or qwen3_next
 out = model(input_ids, attention_mask=doc_ids)   # doc_ids: 1..n per document in each row, 0 = padding
-# or position_ids restarting at 0, or cu_seq_lens_q, or a prebuilt boundaries=Boundaries.from_...(...)
+# or position_ids restarting per document, or cu_seq_lens_q, or a prebuilt boundaries=Boundaries.from_...(...)
 """
 
 from deltapack.boundaries import Boundaries

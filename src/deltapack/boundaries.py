@@ -11,8 +11,13 @@ Input formats, in order of precedence (see :meth:`Boundaries.from_inputs`):
 1. ``cu_seqlens`` (``cu_seq_lens_q`` in transformers): int offsets of the documents in the unpadded stream.
 2. An indexed ``attention_mask`` [B, T]: 1..n for the documents of a row, in order, 0 for padding; ids restart in
    every row. A mask whose largest value is 1 is a plain padding mask (one document per row).
-3. ``position_ids`` [B, T] that restart at 0: a document starts wherever the position is 0, and inside a
-   document positions go up by exactly 1. This is the one rule deltapack uses for positions.
+3. ``position_ids`` [B, T], read as transformers' packed-sequence detection reads them: inside a document the
+   position goes up by exactly 1, so a document starts at the first real token of a row and wherever the position
+   does not go up by exactly 1. A start inside a row must restart (a position at most the previous one: 0 for most
+   collators, ``position_ids_start`` for transformers' ``DataCollatorWithFlattening``); a jump forward (2 then 5)
+   could be a gap inside one document or a new document and raises. This is the one rule deltapack uses for
+   positions. Each document then gets positions 0, 1, ... of its own (the rotary models supported depend only on
+   position differences).
 4. A plain 0/1 padding mask: one document per row, padding on the left or on the right.
 
 Padding is allowed only before the first or after the last real token of a row, never between documents.
@@ -249,7 +254,13 @@ class Boundaries:
         padding_mask: torch.Tensor | None = None,
         device: torch.device | str | None = None,
     ) -> Boundaries:
-        """From positions [B, T] that restart at 0 for each document (optionally with a 0/1 padding mask)."""
+        """From positions [B, T] (optionally with a 0/1 padding mask [B, T]), by the rule in the module docstring.
+
+        A document starts at the first real token of each row and wherever the position does not go up by exactly 1
+        from the previous token; such a start must not jump forward (ValueError: a gap and a new document read the
+        same). Positions restarting at 0 (most collators) or at 1 (``DataCollatorWithFlattening(position_ids_start=1)``)
+        both work.
+        """
         pos = _integer_host(_text_positions(position_ids), "position_ids")
         if pos.dim() != 2:
             _fail(f"position_ids has shape {tuple(position_ids.shape)}", "[B, T] (or [planes, B, T])")
@@ -258,23 +269,14 @@ class Boundaries:
             if padding_mask is None
             else cls._padding_mask(padding_mask, tuple(pos.shape))
         )
-        prev_real = torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
-        prev = torch.nn.functional.pad(pos[:, :-1], (1, 0), value=-1)
-        starts = real & (pos == 0)
-        first = real & ~prev_real
-        if bool((first & ~starts).any()):
-            row = int((first & ~starts).any(1).nonzero()[0])
-            col = int((first[row] & ~starts[row]).nonzero()[0])
+        starts, jumps = _position_starts(pos, real)
+        if bool(jumps.any()):
+            row, col = (int(i) for i in jumps.nonzero()[0])
             _fail(
-                f"position_ids row {row} starts its first document at position {int(pos[row, col])}",
-                "every document to start at position 0",
-            )
-        bad = real & ~starts & (pos != prev + 1)
-        if bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
-            _fail(
-                f"position_ids row {row} goes from {int(prev[row, col])} to {int(pos[row, col])} at column {col}",
-                "positions that restart at 0 for each document and otherwise go up by 1",
+                f"position_ids row {row} jumps from {int(pos[row, col - 1])} to {int(pos[row, col])} at column {col} "
+                "(a gap inside one document, or a new document?)",
+                "positions that go up by exactly 1 inside a document and restart (0, 1, ... again) where a document "
+                "starts",
             )
         return cls._from_flags(real, starts, device if device is not None else position_ids.device)
 
@@ -302,10 +304,11 @@ class Boundaries:
     ) -> Boundaries | None:
         """The boundaries a batch describes, or None when it describes no packing and no padding.
 
-        Precedence: ``cu_seqlens``; an indexed ``attention_mask`` (largest value > 1); ``position_ids`` that
-        restart at 0 inside a row; a 0/1 ``attention_mask`` with padding. When ``position_ids`` are given together
-        with another format they must agree with it (restart at 0 for each document). None means: no mask or an
-        all-ones mask, and positions absent or not restarting inside any row.
+        Precedence: ``cu_seqlens``; an indexed ``attention_mask`` (largest value > 1); ``position_ids`` that do not
+        go up by exactly 1 somewhere inside a row (the rule in the module docstring); a 0/1 ``attention_mask`` with
+        padding. When ``position_ids`` are given together with another format they must agree with it (restart
+        exactly where each document starts). None means: no mask or an all-ones mask, and positions absent or going
+        up by exactly 1 along every row.
         """
         mask = None if attention_mask is None else _integer_host(attention_mask, "attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -326,20 +329,26 @@ class Boundaries:
             bounds = cls.from_cu_seqlens(cu_seqlens, batch_shape, padding, "cpu")
         elif indexed:
             bounds = cls.from_document_ids(mask, "cpu")
-        elif pos is not None and _restarts_inside_a_row(_integer_host(pos, "position_ids"), mask):
+        elif pos is not None and _breaks_inside_a_row(_integer_host(pos, "position_ids"), mask):
             return cls.from_position_ids(pos, mask, device)
         elif mask is not None and not bool(mask.all()):
             bounds = cls.from_padding_mask(mask, "cpu")
         else:
             return None
         if pos is not None:
-            given = bounds.unpad(_integer_host(pos, "position_ids").unsqueeze(-1)).reshape(1, -1)
-            if not torch.equal(given, bounds.position_ids):
-                where = int((given != bounds.position_ids).nonzero()[0, 1])
+            host = _integer_host(pos, "position_ids")
+            real = torch.ones_like(host, dtype=torch.bool) if mask is None else mask != 0
+            starts, _ = _position_starts(host, real)
+            given = bounds.unpad(starts.unsqueeze(-1)).reshape(-1)
+            expected = torch.zeros_like(given)
+            expected[list(bounds.cu_seqlens_host[:-1])] = True
+            if not torch.equal(given, expected):
+                where = int((given != expected).nonzero()[0])
+                what = "starts a document" if bool(expected[where]) else "continues a document"
                 _fail(
-                    f"position_ids disagree with the document boundaries at real token {where} "
-                    f"({int(given[0, where])} given, {int(bounds.position_ids[0, where])} from the boundaries)",
-                    "positions that restart at 0 for each document (or no position_ids)",
+                    f"position_ids disagree with the document boundaries at real token {where}, which "
+                    f"{what} there but whose position is {int(bounds.unpad(host.unsqueeze(-1)).reshape(-1)[where])}",
+                    "positions that restart where each document starts and otherwise go up by 1 (or no position_ids)",
                 )
         bounds = bounds.to(device)
         return bounds
@@ -368,10 +377,22 @@ def _text_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids
 
 
-def _restarts_inside_a_row(pos: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def _position_starts(pos: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host bool [B, T] each: the real tokens that start a document (first real token of a row, or a position that
+    does not go up by exactly 1), and the starts inside a row that jump forward (ambiguous)."""
+    prev_real = torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
+    prev = torch.nn.functional.pad(pos[:, :-1], (1, 0), value=0)
+    inside = real & prev_real
+    breaks = inside & (pos != prev + 1)
+    return (real & ~prev_real) | breaks, breaks & (pos > prev)
+
+
+def _breaks_inside_a_row(pos: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """True when the positions of some row's real tokens do not go up by exactly 1 (a document starts inside it)."""
     real = torch.ones_like(pos, dtype=torch.bool) if mask is None else mask != 0
+    starts = _position_starts(pos, real)[0]
     first = real & ~torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
-    return bool((real & ~first & (pos == 0)).any())
+    return bool((starts & ~first).any())
 
 
 def _check_contiguous(real: torch.Tensor, name: str) -> None:

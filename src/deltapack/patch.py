@@ -18,8 +18,9 @@ These forwards are wrapped, on this instance only (other instances of the class 
 The GDN architectures also receive the boundaries as the ``boundaries`` keyword, which transformers passes through
 their layers untouched; the other families' layers read the packing scope.
 
-Inputs that describe no packing and no padding (no mask or an all-ones mask, positions that do not restart) take
-the original forward, unchanged: outputs are bit-identical to the unpatched model, ``generate()`` included.
+Inputs that describe no packing (no mask or an all-ones mask, positions that go up by 1 along every row, or a 0/1
+mask that only pads, one document per row) take the original forward, unchanged: outputs are bit-identical to the
+unpatched model, ``generate()``, ``logits_to_keep`` and the cache included.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 # keyword arguments through which transformers users describe packed documents; deltapack owns them once patched
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k", "seq_idx")
 _STATE = "_deltapack_state"
+_WRAPPER_MARK = "_deltapack_wraps"  # on deltapack's forward functions: the attribute that keeps the original
+# on a module unpatched under a later wrapper: {attr: original} for the forwards of ours that now only pass through
+_PASS_THROUGH = "_deltapack_pass_through"
 _ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder stacks it calls
 # the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
 _CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
@@ -141,7 +145,12 @@ def _decoder_stacks(target: nn.Module) -> tuple[Architecture | None, tuple[nn.Mo
 
 
 def unpatch(model: ModelT) -> ModelT:
-    """Undo :func:`patch` (a no-op on a model that is not patched); returns the model."""
+    """Undo :func:`patch` (a no-op on a model that is not patched); returns the model.
+
+    Each forward deltapack replaced gets back what was there when it patched. A forward that someone replaced after
+    patching (TRL's SFTTrainer installs its fused LM head around deltapack's) is left in place, and deltapack's
+    forward it calls passes straight through to the original from then on.
+    """
     target = _target(model)
     state: _PatchState | None = getattr(target, _STATE, None)
     if state is None:
@@ -151,6 +160,11 @@ def unpatch(model: ModelT) -> ModelT:
         module.__dict__.pop(ATTENTION_MODULES, None)
         module.__dict__.pop(_THREAD_BOUNDARIES, None)
         module.__dict__.pop(_LAST_PACKED, None)
+        current = module.__dict__.get("forward")
+        if getattr(getattr(current, "__func__", None), _WRAPPER_MARK, None) != attr:
+            # the later forward still calls ours: from now on ours calls the original directly
+            module.__dict__.setdefault(_PASS_THROUGH, {})[attr] = module.__dict__.pop(attr)
+            continue
         original = module.__dict__.pop(attr)
         if getattr(original, "__self__", None) is module and original.__func__ is type(module).forward:
             del module.forward
@@ -173,10 +187,15 @@ def _wrap(module: nn.Module, attr: str, forward: Callable[..., Any]) -> tuple[nn
     the batch columns it keeps). Nothing is captured in a closure, so a deepcopy of the model rebinds everything to
     the copy.
     """
+    revived = module.__dict__.get(_PASS_THROUGH, {}).pop(attr, None)
+    if revived is not None:  # unpatched under a later wrapper, which still calls our forward: make that one live
+        module.__dict__[attr] = revived
+        return module, attr
     original = module.forward
     module.__dict__[attr] = original
     fn = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__)
     fn.__doc__ = getattr(original, "__doc__", None)
+    setattr(fn, _WRAPPER_MARK, attr)
     try:
         params = list(inspect.signature(original).parameters.values())
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -208,6 +227,9 @@ def _as_kwargs(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
 
 # ---------------------------------------------------------------------------------------------- the entry model
 def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    through = self.__dict__.get(_PASS_THROUGH, {}).get("_deltapack_entry_inner")
+    if through is not None:  # unpatched while a later wrapper still calls this forward
+        return through(*args, **kwargs)
     inner = self.__dict__["_deltapack_entry_inner"]
     checked = self.__dict__.get(_ENTRY_TEXT_MODELS, ())
     return _route(inner, inner, args, kwargs, checked=checked, thread=self.__dict__.get(_THREAD_BOUNDARIES, True))
@@ -220,12 +242,18 @@ def _route(
     kwargs: dict[str, Any],
     checked: tuple[nn.Module, ...] = (),
     thread: bool = True,
+    router_rows: bool = False,
 ) -> Any:
     """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``.
+
+    A batch that only pads (one document per row) is not packed input: it takes ``inner`` unchanged, cache and
+    ``logits_to_keep`` included, as on the unpatched model.
 
     ``checked``: the decoder stacks inside ``inner`` that may skip the same check when the call goes through
     unchanged (they receive the same inputs; the check reads the mask on the host). ``thread``: also hand the
     boundaries down as the ``boundaries`` keyword (see :func:`_packed_call`).
+    ``router_rows``: the decoder stack called directly (as TRL's fused LM head does): its caller weights router
+    logits by its own [B, T] ``attention_mask``, so they come back one row per position of the batch.
     """
     unchanged = functools.partial(_unchanged, inner, args, kwargs, checked)
     call = _as_kwargs(inner, args, kwargs)
@@ -234,21 +262,31 @@ def _route(
     mask = call.get("attention_mask")
     if (isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)) and not explicit:
         return unchanged()  # the caller built the attention masks itself
+    indexed = isinstance(mask, torch.Tensor) and mask.numel() > 0 and int(mask.max()) > 1
     if any(call.get(name) is not None for name in CACHE_KWARGS):
-        # cached decoding: transformers handles padding there; packed documents cannot share one cache
-        if explicit or (isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1):
+        # cached decoding (generate()): transformers handles padding there; packed documents cannot share one cache
+        if explicit or indexed:
+            given = [k for k in PACKING_KWARGS if call.get(k) is not None] + ["boundaries"] * (bounds is not None)
+            what = "an indexed attention_mask (document ids)" if indexed else " and ".join(given)
             raise ValueError(
-                "deltapack: packed documents were given together with past_key_values; expected packed batches "
-                "without a cache (training / scoring) or plain batches for cached generation"
+                f"deltapack: generate() or a cached call got packed documents ({what}); expected one prompt per row "
+                "with a 0/1 attention_mask: generate from each document on its own (rows padded with a 0/1 mask), "
+                "or score packed rows in one forward call with use_cache=False"
             )
         return unchanged()
     batch_shape = _batch_shape(call)
     if bounds is None:
         bounds = _boundaries_from_call(call, batch_shape)
-        if bounds is None:
-            return unchanged()
-        if call.get("use_cache") is True and not explicit and _padding_only(bounds):
-            return unchanged()  # a padded prefill that asks for a cache: the original path
+        if bounds is None or (not explicit and _padding_only(bounds)):
+            return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
+        if router_rows and indexed and _wants_router_logits(inner, call):
+            raise ValueError(
+                "deltapack: the decoder stack was called directly (as TRL's fused LM head calls it) with an indexed "
+                "attention_mask and output_router_logits: the caller's load-balancing loss weights every token by "
+                "its attention_mask value, the document index; expected a 0/1 attention_mask with position_ids "
+                "restarting for each document (PackedCollator(indexed_mask=False)), or deltapack.patch(trainer.model) "
+                "after building the trainer"
+            )
     elif bounds.batch_shape != batch_shape:
         raise ValueError(
             f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
@@ -260,7 +298,15 @@ def _route(
             f"deltapack: boundaries are on {bounds.device} and the inputs on {device}; expected both on one device "
             "(Boundaries.to(device))"
         )
-    return _packed_call(packed, call, bounds, thread)
+    return _packed_call(packed, call, bounds, thread, router_rows)
+
+
+def _wants_router_logits(inner: Callable[..., Any], call: dict[str, Any]) -> bool:
+    asked = call.get("output_router_logits")
+    if asked is not None:
+        return bool(asked)
+    config = getattr(getattr(inner, "__self__", None), "config", None)
+    return bool(getattr(config, "output_router_logits", False))
 
 
 def _unchanged(
@@ -297,19 +343,28 @@ def _boundaries_from_call(call: dict[str, Any], batch_shape: tuple[int, int]) ->
             "deltapack: cu_seq_lens_k differs from cu_seq_lens_q; expected the same document offsets for queries "
             "and keys (causal self-attention over packed documents)"
         )
-    if cu is None and call.get("seq_idx") is not None:
-        raise ValueError(
-            "deltapack: seq_idx was given without cu_seq_lens_q; expected document offsets (cu_seq_lens_q), "
-            "an indexed attention_mask or restarting position_ids"
-        )
-    bounds = Boundaries.from_inputs(
-        batch_shape,
-        attention_mask=call.get("attention_mask"),
-        position_ids=call.get("position_ids"),
-        cu_seqlens=cu,
-        device=_input_device(call),
-    )
     seq_idx = call.get("seq_idx")
+    mask = call.get("attention_mask")
+    if cu is None and seq_idx is not None:  # seq_idx alone (DataCollatorWithFlattening) describes the documents too
+        if isinstance(mask, torch.Tensor) and mask.numel() and int(mask.max()) > 1:
+            raise ValueError(
+                "deltapack: both seq_idx and an indexed attention_mask were given; expected one description of the "
+                "documents (seq_idx, cu_seq_lens_q or the indexed attention_mask)"
+            )
+        cu = _offsets_from_seq_idx(seq_idx, batch_shape, mask)
+    try:
+        bounds = Boundaries.from_inputs(
+            batch_shape,
+            attention_mask=call.get("attention_mask"),
+            position_ids=call.get("position_ids"),
+            cu_seqlens=cu,
+            device=_input_device(call),
+        )
+    except ValueError as err:  # name the argument the caller passed
+        given = next((k for k in ("cu_seq_lens_q", "cu_seqlens", "seq_idx") if call.get(k) is not None), None)
+        if given is None or given == "cu_seqlens":
+            raise
+        raise ValueError(str(err).replace("cu_seqlens", given)) from None
     if bounds is not None and seq_idx is not None:
         given = bounds.unpad(torch.as_tensor(seq_idx).reshape(batch_shape).to(bounds.device).unsqueeze(-1))[0, :, 0]
         given = given.cpu()
@@ -325,6 +380,24 @@ def _boundaries_from_call(call: dict[str, Any], batch_shape: tuple[int, int]) ->
     return bounds
 
 
+def _offsets_from_seq_idx(seq_idx: Any, batch_shape: tuple[int, int], mask: Any) -> list[int]:
+    """Document offsets in the unpadded stream from ``seq_idx`` [B, T] (or [1, B * T]): a document starts at the first
+    real token of each row and wherever seq_idx changes; padding (0 in a 0/1 ``attention_mask``) is skipped."""
+    idx = torch.as_tensor(seq_idx).detach().cpu()
+    if idx.numel() != batch_shape[0] * batch_shape[1]:
+        raise ValueError(
+            f"deltapack: seq_idx has shape {tuple(idx.shape)}; expected [B, T] = {batch_shape} like input_ids"
+        )
+    idx = idx.reshape(batch_shape).long()
+    real = torch.ones(batch_shape, dtype=torch.bool)
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(batch_shape):
+        real = mask.detach().cpu() != 0
+    prev_real = torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
+    prev = torch.nn.functional.pad(idx[:, :-1], (1, 0))
+    starts = (real & (~prev_real | (idx != prev)))[real]
+    return [*starts.nonzero().reshape(-1).tolist(), int(real.sum())]
+
+
 def _padding_only(bounds: Boundaries) -> bool:
     """True when the boundaries describe one document in every non-empty row (plain padding, no packing)."""
     rows = bounds.batch_shape[0]
@@ -334,21 +407,30 @@ def _padding_only(bounds: Boundaries) -> bool:
     return bounds.num_docs == int(torch.unique(row_of_token.cpu()).numel())
 
 
-def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries, thread: bool = True) -> Any:
+def _packed_call(
+    inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries, thread: bool = True, router_rows: bool = False
+) -> Any:
     """Run ``inner`` on the unpadded stream inside the packing scope; outputs back in the [B, T] layout.
 
     ``thread``: the GDN architectures also receive the boundaries as the ``boundaries`` keyword and their labels
     with ``shift_labels``. The other families' forwards may accept neither: they get only the arguments their
     signature names, and labels already shifted per document in the form every causal-LM loss shifts back (the
     target of token t sits at t + 1), so the model's own loss, whatever its code, reads the right targets.
+    ``router_rows``: router logits back one row per position of the [B, T] batch (see :func:`_route`).
     """
     for name in ("pixel_values", "pixel_values_videos"):
         if call.get(name) is not None:
             raise ValueError(f"deltapack: {name} was given with packed inputs; expected text-only inputs")
     keep = call.get("logits_to_keep", 0)
-    if not (isinstance(keep, int) and keep == 0):
-        raise ValueError("deltapack: logits_to_keep with packed inputs; expected the default 0 (all logits)")
+    keep_all = isinstance(keep, int) and keep == 0
+    if not keep_all and call.get("labels") is not None:
+        raise ValueError(
+            "deltapack: logits_to_keep and labels were given with packed inputs; expected labels with all logits "
+            "(logits_to_keep=0), or logits_to_keep without labels"
+        )
     new = {k: v for k, v in call.items() if k not in PACKING_KWARGS}
+    if not keep_all:
+        new["logits_to_keep"] = 0  # every position of the stream; the kept [B, T] columns are taken afterwards
     for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
         if new.get(name) is not None:
             new[name] = bounds.unpad(new[name])
@@ -371,7 +453,10 @@ def _packed_call(inner: Callable[..., Any], call: dict[str, Any], bounds: Bounda
         new["boundaries"] = bounds
     with packing_scope(bounds):
         out = inner(**new)
-    return _repad_outputs(out, bounds)
+    out = _repad_outputs(out, bounds, router_rows)
+    if not keep_all and getattr(out, "logits", None) is not None:
+        out["logits"] = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
+    return out
 
 
 def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
@@ -383,7 +468,7 @@ def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
+def _repad_outputs(out: Any, bounds: Boundaries, router_rows: bool = False) -> Any:
     def repad(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, bounds.total_tokens):
             return bounds.repad(t)
@@ -396,6 +481,12 @@ def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
     hidden = getattr(out, "hidden_states", None)
     if hidden is not None:
         out["hidden_states"] = tuple(repad(h) for h in hidden)
+    router = getattr(out, "router_logits", None)
+    if router_rows and router is not None and bounds.indices is not None:
+        # [total, E] per MoE layer -> [B * T, E], zeros at padding, as transformers lays them out for its mask
+        out["router_logits"] = tuple(
+            bounds.repad(r[None]).flatten(0, 1) if r.shape[0] == bounds.total_tokens else r for r in router
+        )
     return out
 
 
@@ -403,6 +494,9 @@ def _repad_outputs(out: Any, bounds: Boundaries) -> Any:
 def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The decoder stack: with boundaries, the full-attention mask or varlen plan; without, the entry logic itself,
     so a caller that runs the decoder stack directly (TRL's fused LM head does) still gets packing right."""
+    through = self.__dict__.get(_PASS_THROUGH, {}).get(_TEXT_INNER)
+    if through is not None:  # unpatched while a later wrapper still calls this forward
+        return through(*args, **kwargs)
     inner = self.__dict__[_TEXT_INNER]
     thread = self.__dict__.get(_THREAD_BOUNDARIES, True)
     bounds = kwargs.get("boundaries") or active_boundaries()
@@ -410,7 +504,7 @@ def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if any(self is m for m in _CHECKED_UNPACKED.get()):  # the entry model found no packing in these inputs
             return inner(*args, **kwargs)
         packed = lambda **call: _text_model_packed(self, inner, call)  # noqa: E731
-        return _route(packed, inner, args, kwargs, thread=thread)
+        return _route(packed, inner, args, kwargs, thread=thread, router_rows=True)
     call = _as_kwargs(inner, args, kwargs)
     if thread:
         call["boundaries"] = bounds

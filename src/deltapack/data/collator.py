@@ -29,9 +29,9 @@ def _ints(x: Any) -> list[int]:
 def row_seq_lengths(row: Mapping[str, Any], index: int = 0) -> list[int]:
     """The document lengths of one packed row, from ``seq_lengths``, else ``position_ids``; ValueError if neither.
 
-    ``position_ids`` follow deltapack's one rule, :meth:`Boundaries.from_position_ids`: a document starts where the
-    position is 0, and inside a document positions go up by exactly 1. Raises ValueError when the row's description
-    is inconsistent.
+    ``position_ids`` follow deltapack's one rule, :meth:`Boundaries.from_position_ids`: inside a document positions
+    go up by exactly 1, and a document starts wherever they do not (restarting). Raises ValueError when the row's
+    description is inconsistent or ambiguous.
     """
     size = len(row["input_ids"])
     seq_lengths = row.get("seq_lengths")
