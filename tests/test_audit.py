@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import deltapack
 from deltapack.audit import audit
@@ -69,6 +70,7 @@ def test_cli_json_and_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["states"]["unpatched"]["formats"]["position_ids"]["status"] == "leaks"
     assert out["states"]["patched"]["formats"]["position_ids"]["status"] == "exact"
     assert {layer["type"] for layer in out["layers"]} == {"linear_attention", "full_attention"}
+    assert out["versions"] == {"transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def test_cli_table_has_a_row_per_layer_type_and_the_logits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,6 +81,16 @@ def test_cli_table_has_a_row_per_layer_type_and_the_logits(capsys: pytest.Captur
     for row in ("linear_attention", "full_attention", "logits"):
         assert row in text
     assert "verdict (patched): exact" in text
+    assert f"transformers {transformers.__version__}, torch {torch.__version__}" in text.splitlines()[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"deltapack {deltapack.__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+    )
 
 
 def test_cli_cannot_build_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

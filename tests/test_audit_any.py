@@ -100,9 +100,27 @@ def test_plot_without_matplotlib_says_so(tmp_path, capsys: pytest.CaptureFixture
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     code = main(["audit", "--arch", "llama", "--format", "position_ids", "--plot", str(tmp_path / "h.png")])
-    assert code == 0
-    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert code == 2  # checked before the audit runs: nothing printed on stdout
+    captured = capsys.readouterr()
+    assert "needs matplotlib" in captured.err and captured.out == ""
     assert not (tmp_path / "h.png").exists()
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("missing/h.png", "does not exist"),
+        ("h.unknown", "unknown image type 'unknown'"),
+        (".", "is a folder"),
+        ("/proc/deltapack-audit.png", "cannot be written"),
+    ],
+)
+def test_plot_to_a_path_that_cannot_be_written_exits_2_first(where, message, tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert main(["audit", "--format", "position_ids", "--plot", path]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
 
 
 def test_plot_writes_a_heatmap(tmp_path) -> None:
@@ -110,3 +128,33 @@ def test_plot_writes_a_heatmap(tmp_path) -> None:
     path = tmp_path / "heat.png"
     assert main(["audit", "--format", "position_ids", "--no-grad", "--plot", str(path)]) == 0
     assert path.stat().st_size > 1000
+
+
+def _summary(arch: str, patch: str, unpatched: str, patched: str | None = None) -> dict:
+    line = {"arch": arch, "verdict": unpatched, "patch": patch, "unpatched": {"verdict": unpatched}}
+    if patched is not None:
+        line["patched"] = {"verdict": patched}
+    return line
+
+
+@pytest.mark.parametrize(
+    "summaries, code",
+    [
+        ([_summary("qwen3_5", "supported", "leaks", "exact"), _summary("x", "not supported", "exact")], 0),
+        ([_summary("x", "not supported", "raises")], 0),  # a model refusing a format does not leak
+        ([_summary("qwen3_5", "supported", "leaks", "exact"), _summary("llama", "not supported", "leaks")], 1),
+        ([_summary("qwen3_5", "supported", "leaks", "raises")], 1),
+        ([_summary("qwen3_5", "supported", "leaks", "exact"), {"arch": "y", "verdict": "cannot build"}], 2),
+        ([{"arch": "y", "verdict": "timeout"}, _summary("llama", "not supported", "leaks")], 1),  # a leak first
+    ],
+)
+def test_all_exit_status(summaries: list[dict], code: int) -> None:
+    """--all: 0 every architecture exact as deltapack leaves it, 1 any leaks there, else 2 any could not run."""
+    from deltapack.audit.scoreboard import exit_status
+
+    assert exit_status(summaries) == code
+
+
+def test_all_cli_exits_2_when_an_architecture_cannot_be_built(capsys) -> None:
+    assert main(["audit", "--all", "--arch", "not_a_model_type", "--workers", "1"]) == 2
+    assert "not_a_model_type: cannot build" in capsys.readouterr().out

@@ -71,3 +71,18 @@ def test_bad_data_line_names_the_line(tmp_path, capsys) -> None:
     data.write_text('{"text": "fine"}\n{"question": "no known field"}\n')
     assert main(["train", "--data", str(data), *FAST]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--arch", "llama"], "--arch 'llama' has no embedded tiny model; expected one of"),
+        (["--steps", "0"], "--steps 0; expected at least 1"),
+        (["--max-tokens", "0"], "--max-tokens 0; expected at least 1"),
+        (["--epochs", "0"], "--epochs 0.0; expected a positive number"),
+    ],
+)
+def test_unusable_options_exit_2_before_training(argv: list[str], message: str, capsys) -> None:
+    assert main(["train", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err and captured.out == ""

@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     from deltapack.distributed import launch
 
     try:
+        _check_arguments(args)
         if args.nproc > 1 and not launch.is_launched():
             return _start_torchrun(args)
         report = train(args)
@@ -260,6 +261,23 @@ def run(args: argparse.Namespace) -> int:
     if launch.rank_in_env() == 0:
         print(json.dumps(report.as_dict(), indent=2) if args.json else report)
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """TrainError, naming the option, for values no run can use (before anything is built)."""
+    for flag, value in (("--steps", args.steps), ("--max-tokens", args.max_tokens), ("--batch-rows", args.batch_rows)):
+        if value is not None and value < 1:
+            raise TrainError(f"deltapack train: {flag} {value}; expected at least 1")
+    if args.steps is None and not args.epochs > 0:
+        raise TrainError(f"deltapack train: --epochs {args.epochs}; expected a positive number of passes")
+    if args.model is None:
+        from deltapack.tiny import available
+
+        if args.arch not in available():
+            raise TrainError(
+                f"deltapack train: --arch {args.arch!r} has no embedded tiny model; expected one of "
+                f"{', '.join(available())}, or --model DIR for a local model"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 With no arguments it audits the embedded tiny Qwen3.5 (random init, long-memory GDN decay) on the CPU: every input
 format (restarting position_ids with and without use_cache, indexed masks, cu_seq_lens kwargs, padding), before
-and after ``deltapack.patch``. Exit status: 0 exact, 1 leaks, 2 could not build or run.
+and after ``deltapack.patch``. Exit status: 0 exact, 1 leaks, 2 could not build or run (or write ``--plot``).
+With ``--all`` (one line per architecture): 0 when every architecture is exact as deltapack leaves it (patched where
+deltapack supports it, else unpatched), 1 when any leaks there, else 2 when any could not be built or run.
 
     deltapack audit                              # tiny qwen3_5
     deltapack audit --arch qwen3_next --json     # machine-readable
@@ -140,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
 
     # tiny models run fastest on one thread (and suffer badly from oversubscription on a busy machine)
     threads = args.threads or (None if args.config and not args.shrink else 1)
+    if args.plot:  # checked before the audit runs, so a bad path costs nothing
+        problem = plot_target_problem(args.plot)
+        if problem:
+            print(f"deltapack audit: --plot {args.plot!r}: {problem}", file=sys.stderr)
+            return 2
     if args.all:
         from deltapack.audit.scoreboard import run_all
 
@@ -172,7 +179,38 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         try:
             drawn = render.plot(result, args.plot)
-            print(f"heatmap of {drawn} written to {args.plot}", file=sys.stderr)
-        except ImportError as exc:
-            print(f"deltapack audit: {exc}", file=sys.stderr)
+        except (ImportError, OSError, ValueError) as exc:
+            print(f"deltapack audit: --plot {args.plot!r}: {short_reason(exc, 300)}", file=sys.stderr)
+            return 2
+        print(f"heatmap of {drawn} written to {args.plot}", file=sys.stderr)
     return result.exit_code()
+
+
+def plot_target_problem(path: str) -> str | None:
+    """Why ``--plot path`` cannot be written (matplotlib missing, a file type it does not write, a folder that does
+    not exist or is not writable), or None."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "needs matplotlib (pip install matplotlib); the table and --json work without it"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if os.path.isdir(path):
+        return "is a folder; expected a file name"
+    kinds = FigureCanvasAgg.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix not in kinds:
+        return f"unknown image type {suffix or '(none)'!r}; expected a file name ending in one of .{', .'.join(kinds)}"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder!r} does not exist"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror})"
+    if not existed:
+        os.remove(path)
+    return None

@@ -51,6 +51,13 @@ class StateReport:
         return "exact"
 
 
+def library_versions() -> dict[str, str]:
+    """The versions an audit's figures depend on: transformers and torch (as installed)."""
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
 @dataclass
 class AuditReport:
     """Everything one audit found; rendered by :mod:`deltapack.audit.report`."""
@@ -69,6 +76,7 @@ class AuditReport:
     patch_error: str | None = None
     seconds: float = 0.0
     module_classes: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=lambda: library_versions())
 
     @property
     def audited(self) -> str:

@@ -143,7 +143,8 @@ def to_text(report: AuditReport, per_layer: bool = False) -> str:
     lines = [
         f"deltapack audit: {report.arch} ({report.model_class}, {len(report.layer_types)} layers: "
         + ", ".join(f"{t} x{n}" for t, n in counts.items())
-        + "), fp32, CPU",
+        + "), fp32, CPU, "
+        + ", ".join(f"{lib} {v}" for lib, v in report.versions.items()),
         f"documents of {', '.join(map(str, report.doc_lengths))} tokens, each compared with itself run alone; "
         f"exact = max |diff| <= {report.atol:g} and gradient relative diff <= {report.grad_rtol:g}",
     ]
@@ -253,6 +254,7 @@ def to_json(report: AuditReport) -> dict[str, Any]:
         {
             "arch": report.arch,
             "model_class": report.model_class,
+            "versions": report.versions,
             "layers": [{"name": n, "type": t} for n, t in zip(report.layer_names, report.layer_types)],
             "doc_lengths": report.doc_lengths,
             "notes": report.notes,
@@ -271,22 +273,28 @@ def to_json(report: AuditReport) -> dict[str, Any]:
 
 
 def plot(report: AuditReport, path: str, fmt: str | None = None) -> str:
-    """A heatmap (layers + logits x documents, log10 max |diff|) per state for one format; returns the format
-    name drawn. Needs matplotlib; raises ImportError with a clear message without it."""
+    """A heatmap per state (layers + logits x documents, log10 max |diff|) for one input format, by default the one
+    that leaks most before patching; returns the format name drawn (also in the title). The colour bar marks the
+    tolerance (``report.atol``); a green frame marks each layer where a module leaks by itself (where a leak
+    starts; later layers inherit it), named under the panel. Needs matplotlib; raises ImportError without it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
     except ImportError as exc:
         raise ImportError(
             "--plot needs matplotlib (pip install matplotlib); the table and --json work without it"
         ) from exc
     states = list(report.states.values())
     name = fmt or _most_leaking_format(report)
+    title = next((f.title for f in report.formats if f.name == name), name)
     docs = max((len(s.formats[name].docs) for s in states if name in s.formats), default=1)
-    width, height = (2.5 + 0.9 * docs) * len(states), 1.2 + 0.35 * (len(report.layer_types) + 1)
-    fig, axes = plt.subplots(1, len(states), figsize=(width, height), squeeze=False)
+    width = (3.2 + 0.9 * docs) * len(states) + 1.5
+    height = 2.2 + 0.35 * (len(report.layer_types) + 1)
+    fig, axes = plt.subplots(1, len(states), figsize=(width, height), squeeze=False, layout="constrained")
+    image = None
     for ax, state in zip(axes[0], states):
         r = state.formats.get(name)
         if r is None or r.raised is not None:
@@ -295,13 +303,30 @@ def plot(report: AuditReport, path: str, fmt: str | None = None) -> str:
             continue
         rows = [*r.layers, r.logits]
         data = [[math.log10(max(v, 1e-12)) if v is not None else float("nan") for v in row] for row in rows]
-        im = ax.imshow(data, aspect="auto", vmin=-12, vmax=1, cmap="magma")
+        image = ax.imshow(data, aspect="auto", vmin=-12, vmax=1, cmap="magma")
         ax.set_yticks(range(len(rows)), [f"{i} {t}" for i, t in enumerate(report.layer_types)] + ["logits"])
         ax.set_xticks(range(len(r.docs)), [f"doc{d}" for d in r.docs])
         ax.set_title(f"{state.name}: {state.verdict(report.atol, report.grad_rtol)}")
-        fig.colorbar(im, ax=ax, label="log10 max |diff|")
-    fig.suptitle(f"{report.arch}: packed vs alone, {name}")
-    fig.tight_layout()
+        sources = leak_sources(r, report)
+        for layer in sorted({i for s in sources for i in s["layers"]}):
+            frame = Rectangle((-0.42, layer - 0.38), len(r.docs) - 0.16, 0.76, fill=False, edgecolor="lime", lw=2)
+            ax.add_patch(frame)
+            label = ax.get_yticklabels()[layer]
+            label.set_color("green")
+            label.set_fontweight("bold")
+        if sources:
+            starts = "; ".join(
+                f"{s['module']} ({s['kind']}" + (f", layers {','.join(map(str, s['layers']))})" if s["layers"] else ")")
+                for s in sources
+            )
+            ax.set_xlabel(f"a leak starts in the green layers (leaks by itself): {starts}", wrap=True, fontsize=8)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[0].tolist(), label="max |diff| vs alone", pad=0.02)
+        tol = math.log10(report.atol)
+        ticks = [t for t in range(-12, 2, 2) if abs(t - tol) > 0.6]
+        bar.set_ticks([*ticks, tol], labels=[f"1e{t}" for t in ticks] + [f"tolerance {report.atol:g}"])
+        bar.ax.axhline(tol, color="cyan", linewidth=2)
+    fig.suptitle(f"{report.arch}: packed vs each document alone; input format {name} ({title})")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return name

@@ -16,7 +16,7 @@ from typing import Any
 
 from deltapack.audit.formats import FORMATS
 
-__all__ = ["audit_one", "run_all", "summary_line", "to_markdown"]
+__all__ = ["audit_one", "exit_status", "run_all", "summary_line", "to_markdown"]
 
 SCOREBOARD_COMMAND = "deltapack audit --all --markdown docs/scoreboard.md"
 
@@ -198,7 +198,7 @@ def _worker(conn: Connection) -> None:
 def run_all(args: argparse.Namespace) -> int:
     """Audit every registered causal LM; print a line each (sorted), optionally write the markdown scoreboard.
 
-    Exit status 0 when every architecture deltapack supports comes out exact after patching, 1 otherwise.
+    Exit status: see :func:`exit_status`.
     """
     import json
 
@@ -263,5 +263,21 @@ def run_all(args: argparse.Namespace) -> int:
         versions = f"transformers {transformers.__version__}, torch {torch.__version__.split('+')[0]}"
         with open(args.markdown, "w") as fh:
             fh.write(to_markdown(done, seconds, versions))
-    supported = [s for s in done if s.get("patch") == "supported"]
-    return 0 if all(s.get("patched", {}).get("verdict") == "exact" for s in supported) else 1
+    return exit_status(done)
+
+
+def exit_status(summaries: list[dict[str, Any]]) -> int:
+    """The exit status of ``--all``: 0 when every architecture is exact as deltapack leaves it (its patched state
+    where deltapack supports it, else the unpatched model; a format the model refuses is not a leak), 1 when any
+    leaks there (or the patched model raises), else 2 when any could not be built, run or timed out."""
+    failed = False
+    for s in summaries:
+        if s["verdict"] in ("cannot build", "timeout"):
+            failed = True
+            continue
+        supported = s.get("patch") == "supported"
+        verdict = s.get("patched" if supported else "unpatched", {}).get("verdict", "fails")
+        if verdict == "leaks" or (supported and verdict == "raises"):
+            return 1
+        failed = failed or verdict == "fails"
+    return 2 if failed else 0
