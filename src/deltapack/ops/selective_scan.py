@@ -1,0 +1,213 @@
+"""Mamba1's selective scan over a packed stream, with the state reset at every document start.
+
+Recurrence per channel d (state [N], zero at the first token of every document):
+    delta_t = softplus(delta_t + delta_bias)                          (each step optional)
+    h_t = exp(delta_t[d] * A[d]) * h_{t-1} + delta_t[d] * B_t[g(d)] * u_t[d]
+    y_t[d] = <C_t[g(d)], h_t> + D[d] * u_t[d];   y_t = y_t * silu(z_t)  (when z is given)
+B and C come in G groups of channels (channel d reads group d // (Dc / G): one group for Mamba, Jamba and
+FalconMamba, one per mamba head for Zamba), as in mamba_ssm's ``selective_scan_fn`` (whose argument names and
+order this op keeps, channels last, with ``segments=``).
+
+Legend: T = tokens of the packed stream, Dc = channels, N = state size, G = groups, L = chunk length, c = chunk.
+
+The reference is a two-level parallel scan of the pairs (a_t, b_t) = (exp(delta_t A), delta_t B_t u_t) under
+(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): inside chunks of L tokens, then across chunks. A document start sets
+its a_t to exactly 0, so the state restarts there with no loop over documents and no host sync. It materialises
+[T, Dc, N] tensors (as transformers' own torch path does), so it suits the CPU and checking kernels on samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("deltapack")
+
+BACKENDS = ("reference",)
+_logged: set[str] = set()
+
+
+def _check(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, segments: Any
+) -> None:
+    if u.dim() != 3 or u.shape[0] != 1:
+        raise ValueError(f"u must be one packed stream [1, T, Dc], got shape {tuple(u.shape)}")
+    _, total, channels = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != channels:
+        raise ValueError(f"A must be [Dc, N] with Dc = {channels}, got {tuple(A.shape)}")
+    state = A.shape[1]
+    if B.dim() != 4 or tuple(B.shape[:2]) != (1, total) or B.shape[3] != state or channels % B.shape[2]:
+        raise ValueError(
+            f"B must be [1, T, G, N] with T = {total}, N = {state} and G dividing Dc = {channels}, got {tuple(B.shape)}"
+        )
+    if C.shape != B.shape:
+        raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
+    seq_idx = getattr(segments, "seq_idx", None)
+    if seq_idx is None or tuple(seq_idx.shape) != (1, total):
+        got = None if seq_idx is None else tuple(seq_idx.shape)
+        raise ValueError(f"segments.seq_idx must be [1, T] = (1, {total}) (the document of each token), got {got}")
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t (h before the first = 0) along ``dim``, in log2 steps.
+
+    Returns (product of a up to t, h_t), both shaped like a and b.
+    """
+    n = a.shape[dim]
+    step = 1
+    while step < n:
+        head_a, head_b = a.narrow(dim, 0, step), b.narrow(dim, 0, step)
+        prev_a, prev_b = a.narrow(dim, 0, n - step), b.narrow(dim, 0, n - step)
+        cur_a, cur_b = a.narrow(dim, step, n - step), b.narrow(dim, step, n - step)
+        a = torch.cat([head_a, cur_a * prev_a], dim)
+        b = torch.cat([head_b, cur_a * prev_b + cur_b], dim)
+        step *= 2
+    return a, b
+
+
+def _process_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
+    """Bias and softplus, in fp32 (fp64 for fp64 input)."""
+    delta = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    segments: Any,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Exact selective scan over a packed stream (pure PyTorch, autograd, any device), in fp32 (fp64 input: fp64).
+
+    Args:
+        u: [1, T, Dc] the scan input (the conv output). delta: [1, T, Dc] the raw time step.
+        A: [Dc, N] the (negative) decay rates, fp32. B, C: [1, T, G, N], G divides Dc.
+        segments: the batch's segments (``seq_idx`` [1, T], the document of each token, is what is read).
+        D: [Dc] skip weight or None. z: [1, T, Dc] gate (y * silu(z)) or None.
+        delta_bias: [Dc] or None. delta_softplus: apply softplus to delta + delta_bias.
+        chunk_size: L, tokens per chunk of the inner scan (the result does not depend on it, up to rounding).
+
+    Returns:
+        y: [1, T, Dc] in the dtype of u.
+    """
+    _check(u, delta, A, B, C, segments)
+    _, total, channels = u.shape
+    groups, state = B.shape[2], B.shape[3]
+    pad = (-total) % chunk_size
+    delta_TD = _process_delta(delta[0], delta_bias, delta_softplus)
+    u_TD = u[0].to(delta_TD.dtype)
+    B_TDN = B[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
+    C_TDN = C[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
+
+    seq = segments.seq_idx[0]
+    starts_T = torch.ones_like(seq, dtype=torch.bool)
+    starts_T[1:] = seq[1:] != seq[:-1]
+    a_TDN = torch.exp(delta_TD[:, :, None] * A.to(u_TD.dtype)).masked_fill(starts_T[:, None, None], 0.0)
+    b_TDN = (delta_TD * u_TD)[:, :, None] * B_TDN
+    if pad:  # padded tail: a = 1, b = 0 (carries the state on, adds nothing; cut off below)
+        a_TDN = torch.cat([a_TDN, a_TDN.new_ones(pad, channels, state)])
+        b_TDN = torch.cat([b_TDN, b_TDN.new_zeros(pad, channels, state)])
+    a_cLDN = a_TDN.reshape(-1, chunk_size, channels, state)
+    b_cLDN = b_TDN.reshape(-1, chunk_size, channels, state)
+
+    # 1. inside each chunk, from a zero state
+    decay_cLDN, h_cLDN = _linear_scan(a_cLDN, b_cLDN, dim=1)
+    # 2. across chunks: the state at the end of each chunk
+    _, end_cDN = _linear_scan(decay_cLDN[:, -1], h_cLDN[:, -1], dim=0)
+    start_cDN = torch.cat([torch.zeros_like(end_cDN[:1]), end_cDN[:-1]])
+    # 3. each token adds the incoming state, decayed (a zero at a document start cuts it off)
+    h_cLDN = h_cLDN + decay_cLDN * start_cDN[:, None]
+
+    h_TDN = h_cLDN.reshape(-1, channels, state)[:total]
+    y_TD = (h_TDN * C_TDN).sum(-1)
+    if D is not None:
+        y_TD = y_TD + D.to(u_TD.dtype) * u_TD
+    if z is not None:
+        y_TD = y_TD * F.silu(z[0].to(u_TD.dtype))
+    return y_TD.unsqueeze(0).to(u.dtype)
+
+
+def selective_scan_recurrent_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    segments: Any,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Token-by-token form of :func:`selective_scan_ref` (same arguments), in float64: the oracle, slow."""
+    _check(u, delta, A, B, C, segments)
+    _, total, channels = u.shape
+    rep = channels // B.shape[2]
+    delta_TD = _process_delta(delta[0].double(), delta_bias, delta_softplus)
+    u_TD, A_DN = u[0].double(), A.double()
+    B_TDN = B[0].double().repeat_interleave(rep, dim=1)
+    C_TDN = C[0].double().repeat_interleave(rep, dim=1)
+    seg = segments.seq_idx[0].tolist()
+    h = u_TD.new_zeros(channels, A.shape[1])
+    outs = []
+    for t in range(total):
+        if t == 0 or seg[t] != seg[t - 1]:
+            h = torch.zeros_like(h)
+        h = torch.exp(delta_TD[t][:, None] * A_DN) * h + (delta_TD[t] * u_TD[t])[:, None] * B_TDN[t]
+        outs.append((h * C_TDN[t]).sum(-1))
+    y = torch.stack(outs)
+    if D is not None:
+        y = y + D.double() * u_TD
+    if z is not None:
+        y = y * F.silu(z[0].double())
+    return y.unsqueeze(0).to(u.dtype)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    segments: Any,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mamba1's selective scan over a packed stream; the state starts at zero for each document.
+
+    Arguments as in :func:`selective_scan_ref`. ``backend``: "reference" or None (DELTAPACK_SCAN_BACKEND, else the
+    reference); the only backend today is the exact reference, on any device.
+
+    Returns:
+        y: [1, T, Dc] in the dtype of u.
+    """
+    requested = backend or os.environ.get("DELTAPACK_SCAN_BACKEND") or "reference"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {requested!r}; expected one of {BACKENDS}")
+    if requested not in _logged:
+        _logged.add(requested)
+        logger.info("deltapack: selective_scan runs on the %s backend", requested)
+    return selective_scan_ref(
+        u, delta, A, B, C, segments=segments, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+    )

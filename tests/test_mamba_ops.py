@@ -1,0 +1,175 @@
+"""The SSD and selective-scan references against a token-by-token float64 loop over each document alone.
+
+Outputs and every input's gradient; awkward lengths (1, shorter than a chunk, chunk-aligned, ragged, long); the same
+stream run as one document differs, so each test can tell a leak from an exact result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltapack.boundaries import Boundaries
+from deltapack.ops.selective_scan import selective_scan, selective_scan_recurrent_ref, selective_scan_ref
+from deltapack.ops.ssd import ssd, ssd_recurrent_ref, ssd_ref
+
+LENGTHS = {
+    "one-token": [1],
+    "short": [5, 1, 17],
+    "chunk-aligned": [16, 16],
+    "ragged": [15, 17, 1, 33],
+    "long": [50, 3],
+}
+CHUNK = 16  # small chunks so the ids above cross chunk borders in every way
+
+
+def segments_of(lengths):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return Boundaries.from_cu_seqlens(cu, batch_shape=(1, sum(lengths)))
+
+
+def check_against_each_document(fn, oracle, tokens, params, lengths):
+    """fn on the packed stream vs oracle on each document alone (float64): outputs and every gradient.
+
+    tokens: per-token inputs [1, T, ...] (sliced per document); params: per-layer inputs (their gradient is the sum
+    over documents); fn / oracle: (tokens, params, segments) -> [1, T, ...].
+    """
+    segments = segments_of(lengths)
+    out = fn(tokens, params, segments)
+    weights = torch.randn_like(out)
+    leaves = list(tokens.values()) + list(params.values())
+    grads = torch.autograd.grad((out * weights).sum(), leaves)
+    param_sums = [torch.zeros_like(p) for p in params.values()]
+    cu = segments.cu_seqlens_host
+    for a, b in zip(cu[:-1], cu[1:]):
+        piece = {k: t.detach()[:, a:b].clone().requires_grad_() for k, t in tokens.items()}
+        own = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+        ref = oracle(piece, own, segments_of([b - a]))
+        torch.testing.assert_close(out[:, a:b], ref, rtol=0, atol=1e-9)
+        ref_grads = torch.autograd.grad((ref * weights[:, a:b]).sum(), list(piece.values()) + list(own.values()))
+        for g_packed, g_ref in zip(grads, ref_grads[: len(piece)]):
+            torch.testing.assert_close(g_packed[:, a:b], g_ref, rtol=1e-8, atol=1e-9)
+        for acc, g_ref in zip(param_sums, ref_grads[len(piece) :]):
+            acc += g_ref
+    for g_packed, g_ref in zip(grads[len(tokens) :], param_sums):
+        torch.testing.assert_close(g_packed, g_ref, rtol=1e-8, atol=1e-9)
+    if len(lengths) > 1:  # the same stream as one document leaks: the test can tell
+        leaky = fn(tokens, params, segments_of([sum(lengths)]))
+        assert (leaky - out).abs().max() > 1e-3
+
+
+def _rnd(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+
+def _decay(gen, *shape):  # long memory: a leak would show
+    return (-torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.2).requires_grad_()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", list(LENGTHS))
+def test_ssd_ref_matches_each_document_alone(name, groups):
+    total, heads, head_dim, state = sum(LENGTHS[name]), 4, 3, 5
+    gen = torch.Generator().manual_seed(0)
+    tokens = dict(
+        x=_rnd(gen, 1, total, heads, head_dim),
+        dt=_rnd(gen, 1, total, heads),
+        B=_rnd(gen, 1, total, groups, state),
+        C=_rnd(gen, 1, total, groups, state),
+    )
+    params = dict(A=_decay(gen, heads), D=_rnd(gen, heads), dt_bias=_rnd(gen, heads))
+    dt_kw = dict(dt_softplus=True, dt_limit=(0.01, 5.0))
+
+    def chunked(t, p, segments):
+        return ssd_ref(
+            t["x"],
+            t["dt"],
+            p["A"],
+            t["B"],
+            t["C"],
+            segments=segments,
+            D=p["D"],
+            dt_bias=p["dt_bias"],
+            chunk_size=CHUNK,
+            **dt_kw,
+        )
+
+    def oracle(t, p, segments):
+        return ssd_recurrent_ref(
+            t["x"], t["dt"], p["A"], t["B"], t["C"], segments=segments, D=p["D"], dt_bias=p["dt_bias"], **dt_kw
+        )
+
+    check_against_each_document(chunked, oracle, tokens, params, LENGTHS[name])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", list(LENGTHS))
+def test_selective_scan_ref_matches_each_document_alone(name, groups):
+    total, channels, state = sum(LENGTHS[name]), 6, 4
+    gen = torch.Generator().manual_seed(0)
+    tokens = dict(
+        u=_rnd(gen, 1, total, channels),
+        delta=_rnd(gen, 1, total, channels),
+        B=_rnd(gen, 1, total, groups, state),
+        C=_rnd(gen, 1, total, groups, state),
+        z=_rnd(gen, 1, total, channels),
+    )
+    params = dict(A=_decay(gen, channels, state), D=_rnd(gen, channels), delta_bias=_rnd(gen, channels))
+
+    def chunked(t, p, segments):
+        return selective_scan_ref(
+            t["u"],
+            t["delta"],
+            p["A"],
+            t["B"],
+            t["C"],
+            segments=segments,
+            D=p["D"],
+            z=t["z"],
+            delta_bias=p["delta_bias"],
+            delta_softplus=True,
+            chunk_size=CHUNK,
+        )
+
+    def oracle(t, p, segments):
+        return selective_scan_recurrent_ref(
+            t["u"],
+            t["delta"],
+            p["A"],
+            t["B"],
+            t["C"],
+            segments=segments,
+            D=p["D"],
+            z=t["z"],
+            delta_bias=p["delta_bias"],
+            delta_softplus=True,
+        )
+
+    check_against_each_document(chunked, oracle, tokens, params, LENGTHS[name])
+
+
+def test_public_ops_run_the_reference_on_the_cpu_and_refuse_bad_input():
+    gen = torch.Generator().manual_seed(1)
+    segments = segments_of([3, 4])
+    x, dt = torch.randn(1, 7, 2, 3, generator=gen), torch.randn(1, 7, 2, generator=gen)
+    A, B, C = (
+        -torch.rand(2, generator=gen),
+        torch.randn(1, 7, 1, 4, generator=gen),
+        torch.randn(1, 7, 1, 4, generator=gen),
+    )
+    assert torch.equal(ssd(x, dt, A, B, C, segments=segments), ssd_ref(x, dt, A, B, C, segments=segments))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ssd(x, dt, A, B, C, segments=segments, backend="fla")
+    with pytest.raises(ValueError, match="B must be"):
+        ssd(x, dt, A, B[:, :6], C, segments=segments)
+    with pytest.raises(ValueError, match="seq_idx"):
+        ssd(x, dt, A, B, C, segments=segments_of([3, 3]))
+    u, delta = torch.randn(1, 7, 4, generator=gen), torch.randn(1, 7, 4, generator=gen)
+    A1 = -torch.rand(4, 4, generator=gen)
+    assert torch.equal(
+        selective_scan(u, delta, A1, B, C, segments=segments), selective_scan_ref(u, delta, A1, B, C, segments=segments)
+    )
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan(u, delta, A1[:3], B, C, segments=segments)
+    with pytest.raises(ValueError, match="unknown selective-scan backend"):
+        selective_scan(u, delta, A1, B, C, segments=segments, backend="fla")
