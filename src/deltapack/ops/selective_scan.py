@@ -18,24 +18,20 @@ its a_t to exactly 0, so the state restarts there with no loop over documents an
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("deltapack")
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.segments import Segments
+from deltapack.ops.varlen import acc_dtype, check_stream, starts
 
-BACKENDS = ("reference",)
-_logged: set[str] = set()
+__all__ = ["selective_scan", "selective_scan_recurrent_ref", "selective_scan_ref"]
 
 
 def _check(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, segments: Any
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, segments: Segments
 ) -> None:
-    if u.dim() != 3 or u.shape[0] != 1:
-        raise ValueError(f"u must be one packed stream [1, T, Dc], got shape {tuple(u.shape)}")
+    check_stream("u", u, segments, 3)
     _, total, channels = u.shape
     if delta.shape != u.shape:
         raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
@@ -48,10 +44,6 @@ def _check(
         )
     if C.shape != B.shape:
         raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
-    seq_idx = getattr(segments, "seq_idx", None)
-    if seq_idx is None or tuple(seq_idx.shape) != (1, total):
-        got = None if seq_idx is None else tuple(seq_idx.shape)
-        raise ValueError(f"segments.seq_idx must be [1, T] = (1, {total}) (the document of each token), got {got}")
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +65,7 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tens
 
 def _process_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
     """Bias and softplus, in fp32 (fp64 for fp64 input)."""
-    delta = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
+    delta = delta.to(acc_dtype(delta))
     if delta_bias is not None:
         delta = delta + delta_bias.to(delta.dtype)
     return F.softplus(delta) if delta_softplus else delta
@@ -86,7 +78,7 @@ def selective_scan_ref(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
@@ -115,9 +107,7 @@ def selective_scan_ref(
     B_TDN = B[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
     C_TDN = C[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
 
-    seq = segments.seq_idx[0]
-    starts_T = torch.ones_like(seq, dtype=torch.bool)
-    starts_T[1:] = seq[1:] != seq[:-1]
+    starts_T = starts(segments)
     a_TDN = torch.exp(delta_TD[:, :, None] * A.to(u_TD.dtype)).masked_fill(starts_T[:, None, None], 0.0)
     b_TDN = (delta_TD * u_TD)[:, :, None] * B_TDN
     if pad:  # padded tail: a = 1, b = 0 (carries the state on, adds nothing; cut off below)
@@ -150,7 +140,7 @@ def selective_scan_recurrent_ref(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
@@ -180,6 +170,9 @@ def selective_scan_recurrent_ref(
     return y.unsqueeze(0).to(u.dtype)
 
 
+SELECTIVE_SCAN = register_op("selective_scan", selective_scan_ref)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -187,7 +180,7 @@ def selective_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
@@ -196,18 +189,23 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba1's selective scan over a packed stream; the state starts at zero for each document.
 
-    Arguments as in :func:`selective_scan_ref`. ``backend``: "reference" or None (DELTAPACK_SCAN_BACKEND, else the
-    reference); the only backend today is the exact reference, on any device.
+    Arguments as in :func:`selective_scan_ref`. Backends: "reference" only today (exact, any device; see
+    docs/gpu.md); ``backend`` and DELTAPACK_BACKEND as in :mod:`deltapack.ops.dispatch`.
 
     Returns:
         y: [1, T, Dc] in the dtype of u.
     """
-    requested = backend or os.environ.get("DELTAPACK_SCAN_BACKEND") or "reference"
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {requested!r}; expected one of {BACKENDS}")
-    if requested not in _logged:
-        _logged.add(requested)
-        logger.info("deltapack: selective_scan runs on the %s backend", requested)
-    return selective_scan_ref(
-        u, delta, A, B, C, segments=segments, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+    _check(u, delta, A, B, C, segments)
+    return SELECTIVE_SCAN(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        segments=segments,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        backend=backend,
     )

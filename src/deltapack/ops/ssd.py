@@ -19,23 +19,23 @@ scale 1 and the batch's ``cu_seqlens``, CUDA only; asked for by name, see :func:
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("deltapack")
+from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.segments import Segments
+from deltapack.ops.varlen import acc_dtype, check_stream
 
-BACKENDS = ("reference", "fla")
-_logged: set[str] = set()
+__all__ = ["ssd", "ssd_recurrent_ref", "ssd_ref"]
 
 
-def _check(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, segments: Any) -> None:
-    if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"x must be one packed stream [1, T, H, P], got shape {tuple(x.shape)}")
+def _check(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, segments: Segments
+) -> None:
+    check_stream("x", x, segments, 4)
     _, total, heads, _ = x.shape
     if tuple(dt.shape) != (1, total, heads):
         raise ValueError(f"dt must be [1, T, H] = {(1, total, heads)}, got {tuple(dt.shape)}")
@@ -45,22 +45,13 @@ def _check(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
         raise ValueError(f"B must be [1, T, G, N] with T = {total} and G dividing H = {heads}, got {tuple(B.shape)}")
     if C.shape != B.shape:
         raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
-    seq_idx = getattr(segments, "seq_idx", None)
-    if seq_idx is None or tuple(seq_idx.shape) != (1, total):
-        got = None if seq_idx is None else tuple(seq_idx.shape)
-        raise ValueError(f"segments.seq_idx must be [1, T] = (1, {total}) (the document of each token), got {got}")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32, or fp64 when the input is fp64 (the tests' oracles)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _process_dt(
     dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]
 ) -> torch.Tensor:
     """What the Mamba2 layers do to dt before the scan, in fp32 (fp64 for fp64 input): bias, softplus, clamp."""
-    dt = dt.to(_compute_dtype(dt))
+    dt = dt.to(acc_dtype(dt))
     if dt_bias is not None:
         dt = dt + dt_bias.to(dt.dtype)
     if dt_softplus:
@@ -84,7 +75,7 @@ def ssd_ref(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
@@ -107,34 +98,48 @@ def ssd_ref(
         y: [1, T, H, P] in the dtype of x.
     """
     _check(x, dt, A, B, C, segments)
-    _, total, heads, head_dim = x.shape
-    rep = heads // B.shape[2]
-    pad = (-total) % chunk_size
-
+    cdt = acc_dtype(x)
     dt_TH = _process_dt(dt[0], dt_bias, dt_softplus, dt_limit)
-    cdt = _compute_dtype(x)
     x_THP = x[0].to(cdt)
-    xdt_cLHP = _chunk(x_THP * dt_TH[..., None], pad, chunk_size)
-    cum_cLH = _chunk(dt_TH * A.to(cdt), pad, chunk_size).cumsum(1)  # log decay from the chunk start
-    B_cLGN = _chunk(B[0].to(cdt), pad, chunk_size)
-    C_cLGN = _chunk(C[0].to(cdt), pad, chunk_size)
-    seg_cL = _chunk(segments.seq_idx[0], pad, chunk_size, value=-1)  # the padded tail is a document of its own
+    y_THP = gated_linear_attention_ref(
+        C[0].to(cdt), B[0].to(cdt), x_THP * dt_TH[..., None], dt_TH * A.to(cdt), segments, chunk_size
+    )
+    if D is not None:
+        y_THP = y_THP + D.to(cdt)[:, None] * x_THP
+    return y_THP.unsqueeze(0).to(x.dtype)
+
+
+def gated_linear_attention_ref(
+    q_TGN: torch.Tensor, k_TGN: torch.Tensor, v_THP: torch.Tensor, g_TH: torch.Tensor, segments: Segments, chunk: int
+) -> torch.Tensor:
+    """The core of the SSD scan (simple GLA, scale 1): o_t = sum_{s <= t, same document} exp(g_{s+1} + .. + g_t)
+    (q_t . k_s) v_s, chunked over the stream with every decay across a document start masked to zero.
+
+    q, k: [T, G, N] (head h reads group h // (H / G)); v: [T, H, P]; g: [T, H] log decays. Returns [T, H, P].
+    """
+    total, heads, head_dim = v_THP.shape
+    rep = heads // q_TGN.shape[1]
+    pad = (-total) % chunk
+    v_cLHP = _chunk(v_THP, pad, chunk)
+    cum_cLH = _chunk(g_TH, pad, chunk).cumsum(1)  # log decay from the chunk start
+    k_cLGN, q_cLGN = _chunk(k_TGN, pad, chunk), _chunk(q_TGN, pad, chunk)
+    seg_cL = _chunk(segments.seq_idx[0], pad, chunk, value=-1)  # the padded tail is a document of its own
     num_chunks = seg_cL.shape[0]
     last_c = seg_cL[:, -1]  # the document whose state leaves each chunk
     prev_last_c = torch.cat([last_c.new_full((1,), -2), last_c[:-1]])  # the document whose state enters it
 
     # 1. within each chunk: causal, same-document pairs only (every other decay is exactly zero)
-    causal_LL = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    causal_LL = torch.ones(chunk, chunk, dtype=torch.bool, device=v_THP.device).tril()
     keep_cLL = (seg_cL[:, :, None] == seg_cL[:, None, :]) & causal_LL
     pair_cLLH = (cum_cLH[:, :, None] - cum_cLH[:, None, :]).masked_fill(~keep_cLL[..., None], -math.inf).exp()
-    scores_cLLG = torch.einsum("clgn,csgn->clsg", C_cLGN, B_cLGN)
+    scores_cLLG = torch.einsum("clgn,csgn->clsg", q_cLGN, k_cLGN)
     scores_cLLH = scores_cLLG.repeat_interleave(rep, dim=-1, output_size=heads) * pair_cLLH
-    y_cLHP = torch.einsum("clsh,cshp->clhp", scores_cLLH, xdt_cLHP)
+    o_cLHP = torch.einsum("clsh,cshp->clhp", scores_cLLH, v_cLHP)
 
     # 2. the state each chunk leaves, from the tokens of the chunk's last document
     to_end_cLH = (cum_cLH[:, -1:] - cum_cLH).masked_fill((seg_cL != last_c[:, None])[..., None], -math.inf).exp()
-    B_cLHN = B_cLGN.repeat_interleave(rep, dim=2, output_size=heads)
-    local_cHPN = torch.einsum("clhn,clhp->chpn", B_cLHN * to_end_cLH[..., None], xdt_cLHP)
+    k_cLHN = k_cLGN.repeat_interleave(rep, dim=2, output_size=heads)
+    local_cHPN = torch.einsum("clhn,clhp->chpn", k_cLHN * to_end_cLH[..., None], v_cLHP)
 
     # 3. between chunks: a chunk carries the incoming state through only when it holds no document start
     through_c = last_c == prev_last_c
@@ -145,13 +150,9 @@ def ssd_ref(
 
     # 4. the incoming state's contribution, to the tokens of the document it belongs to
     from_start_cLH = cum_cLH.masked_fill((seg_cL != prev_last_c[:, None])[..., None], -math.inf).exp()
-    C_cLHN = C_cLGN.repeat_interleave(rep, dim=2, output_size=heads)
-    y_cLHP = y_cLHP + torch.einsum("clhn,chpn->clhp", C_cLHN, start_cHPN) * from_start_cLH[..., None]
-
-    y_THP = y_cLHP.reshape(num_chunks * chunk_size, heads, head_dim)[:total]
-    if D is not None:
-        y_THP = y_THP + D.to(cdt)[:, None] * x_THP
-    return y_THP.unsqueeze(0).to(x.dtype)
+    q_cLHN = q_cLGN.repeat_interleave(rep, dim=2, output_size=heads)
+    o_cLHP = o_cLHP + torch.einsum("clhn,chpn->clhp", q_cLHN, start_cHPN) * from_start_cLH[..., None]
+    return o_cLHP.reshape(num_chunks * chunk, heads, head_dim)[:total]
 
 
 def _segsum(v: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ def ssd_recurrent_ref(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
@@ -201,54 +202,138 @@ def ssd_recurrent_ref(
     return y.unsqueeze(0).to(x.dtype)
 
 
-def _fla_ssd(
+# ---------------------------------------------------------------------------------------------- the CUDA backend
+class _GatedLinearAttention(torch.autograd.Function):
+    """o = simple GLA(q, k, v, g) with scale 1 per document, where ``fwd`` computes that forward (a kernel).
+
+    The backward is three more calls of the same forward, so it needs no backward kernel (FLA refuses its gated
+    backward on Hopper with Triton 3.4 - 3.7.0): with D(l, s) the decay from s to l,
+        dq_l = sum_{s<=l} D(l, s) (do_l . v_s) k_s    = fwd(do, v, k, g)
+        dk_s = sum_{l>=s} D(l, s) (do_l . v_s) q_l    = the same, run backwards in time: fwd(v, do, q, g reversed)
+        dv_s = sum_{l>=s} D(l, s) (q_l . k_s) do_l    = fwd(k, q, do, g reversed)
+        dg_t = sum over later tokens t' >= t of the same document of (q_t' . dq_t' - k_t' . dk_t')
+    Reversed in time, the stream's documents come in reverse order and the decay between two tokens is that of the
+    tokens after the earlier one, so the gates shift by one (the gate at a document start is never read).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, fwd, segments):  # noqa: ANN001, ANN205 - autograd signature
+        ctx.save_for_backward(q, k, v, g)
+        ctx.fwd, ctx.segments = fwd, segments
+        return fwd(q, k, v, g, segments)
+
+    @staticmethod
+    def backward(ctx, do):  # noqa: ANN001, ANN205
+        q, k, v, g = ctx.saved_tensors
+        fwd, segments = ctx.fwd, ctx.segments
+        do = do.to(v.dtype).contiguous()
+        back = segments.plan(_reversed_segments)
+        g_back = torch.cat([torch.zeros_like(g[:, :1]), g.flip(1)[:, :-1]], 1)
+
+        def backwards(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return fwd(a.flip(1), b.flip(1), c.flip(1), g_back, back).flip(1)
+
+        dq = fwd(do, v, k, g, segments)
+        dk = backwards(v, do, q)
+        dv = backwards(k, q, do)
+        d_cum = (q.double() * dq.double()).sum(-1) - (k.double() * dk.double()).sum(-1)  # [1, T, H]
+        after = d_cum.flip(1).cumsum(1).flip(1)  # sum over t' >= t in the stream
+        end = segments.cu_seqlens.long()[segments.seq_idx[0].long() + 1]  # [T] end of each token's document
+        after = torch.cat([after, torch.zeros_like(after[:, :1])], 1)
+        dg = (after[:, : g.shape[1]] - after[:, end]).to(g.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, None
+
+
+def _reversed_segments(segments: Segments) -> Segments:
+    """The segments of the stream flipped in time (documents in reverse order)."""
+    host = segments.cu_seqlens_host
+    return Segments.from_cu_seqlens([host[-1] - c for c in reversed(host)], device=segments.device)
+
+
+def _fla_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, segments: Segments
+) -> torch.Tensor:
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    o, _ = chunk_simple_gla(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        g=g.float().contiguous(),
+        scale=1.0,
+        cu_seqlens=segments.cu_seqlens,
+        cu_seqlens_cpu=segments.plan(_host_offsets),
+    )
+    return o
+
+
+def _host_offsets(segments: Segments) -> torch.Tensor:
+    return torch.tensor(segments.cu_seqlens_host, dtype=torch.int32)
+
+
+def ssd_via_forward_kernel(
     x: torch.Tensor,
-    dt_TH: torch.Tensor,
+    dt: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    segments: Any,
-    D: torch.Tensor | None,
+    *,
+    segments: Segments,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    chunk_size: int = 64,
+    forward_kernel: Callable[..., torch.Tensor] = _fla_forward,
 ) -> torch.Tensor:
-    """SSD as FLA's simple GLA: q = C, k = B (repeated per head), v = dt * x, g = dt * A, scale 1."""
-    from fla.ops.simple_gla import chunk_simple_gla
-
+    """:func:`ssd_ref`'s arguments, computed as SSD = simple GLA(q = C, k = B, v = dt * x, g = dt * A) + D * x with
+    ``forward_kernel(q, k, v, g, segments)`` for the scan and for its backward (``chunk_size`` is the kernel's own)."""
+    del chunk_size
     heads = x.shape[2]
     rep = heads // B.shape[2]
+    dt_TH = _process_dt(dt[0], dt_bias, dt_softplus, dt_limit)
     q = C.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
     k = B.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
-    v = (x.float() * dt_TH[None, :, :, None]).to(x.dtype)
-    g = (dt_TH * A.float()).unsqueeze(0)
-    y, _ = chunk_simple_gla(
-        q,
-        k,
-        v,
-        g=g,
-        scale=1.0,
-        cu_seqlens=segments.cu_seqlens.long(),
-        cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
-    )
+    v = (x.to(dt_TH.dtype) * dt_TH[None, :, :, None]).to(x.dtype)
+    g = (dt_TH * A.to(dt_TH.dtype)).unsqueeze(0)
+    y = _GatedLinearAttention.apply(q, k, v, g, forward_kernel, segments)
     if D is not None:
-        y = (y.float() + D.float()[:, None] * x.float()).to(x.dtype)
-    return y
+        y = y.to(dt_TH.dtype) + D.to(dt_TH.dtype)[:, None] * x.to(dt_TH.dtype)
+    return y.to(x.dtype)
 
 
-def _choose(backend: str | None, device: torch.device) -> str:
-    requested = backend or os.environ.get("DELTAPACK_SSD_BACKEND") or "auto"
-    if requested not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown SSD backend {requested!r}; expected one of {BACKENDS} or 'auto'")
-    chosen = "reference" if requested == "auto" else requested
-    if chosen == "fla":
-        if device.type != "cuda":
-            raise RuntimeError(f"the SSD backend 'fla' runs on CUDA tensors only, got {device.type}")
-        try:
-            import fla.ops.simple_gla  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError(f"the SSD backend 'fla' was requested but FLA does not import ({err})") from err
-    if chosen not in _logged:
-        _logged.add(chosen)
-        logger.info("deltapack: ssd runs on the %s backend", chosen)
-    return chosen
+_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _verify_fla(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    segments: Segments,
+    **_: object,
+) -> tuple[bool, str]:
+    if not x.is_cuda:
+        return False, f"x is on {x.device.type}; FLA runs on CUDA"
+    if x.dtype not in _FAST_DTYPES:
+        return False, f"x is {x.dtype}; FLA's simple GLA takes bf16 / fp16 / fp32"
+    if x.shape[-1] > 256 or B.shape[-1] > 256:
+        return False, f"head dim {x.shape[-1]} / state {B.shape[-1]} above FLA's 256"
+    return True, ""
+
+
+def _load_fla() -> Callable[..., torch.Tensor]:
+    import fla.ops.simple_gla  # noqa: F401 - fails here, not mid-forward, when FLA is missing
+
+    return ssd_via_forward_kernel
+
+
+SSD = register_op("ssd", ssd_ref)
+SSD.add_backend(
+    Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
+)
 
 
 def ssd(
@@ -258,24 +343,33 @@ def ssd(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The SSD scan over a packed stream; the state starts at zero for each document.
+    """The SSD scan over a packed stream; the state starts at zero for each document (arguments as :func:`ssd_ref`).
 
-    Arguments as in :func:`ssd_ref`. ``backend``: "reference", "fla" or None; None reads DELTAPACK_SSD_BACKEND, else
-    the reference (exact, any device, no host sync, no loop over documents). "fla" runs FLA's ``chunk_simple_gla``
-    with the batch's ``cu_seqlens`` (CUDA; its backward depends on the Triton / FLA build, see docs/gpu.md) and
-    raises when it cannot run: a backend asked for is never silently replaced.
+    Backends: "fla" (CUDA: FLA's ``chunk_simple_gla`` forward with the batch's ``cu_seqlens``, its backward built
+    from three more forward calls, see :class:`_GatedLinearAttention`) or "reference"; None chooses (see
+    :mod:`deltapack.ops.dispatch`).
 
     Returns:
         y: [1, T, H, P] in the dtype of x.
     """
     _check(x, dt, A, B, C, segments)
-    if _choose(backend, x.device) == "fla":
-        return _fla_ssd(x, _process_dt(dt[0], dt_bias, dt_softplus, dt_limit), A, B, C, segments, D)
-    return ssd_ref(x, dt, A, B, C, segments=segments, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return SSD(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        segments=segments,
+        D=D,
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        dt_limit=dt_limit,
+        backend=backend,
+    )
