@@ -71,6 +71,9 @@ _SCOPE_INNER = "_deltapack_scope_inner"
 # on an entry model / decoder stack: True when the boundaries also travel down as the ``boundaries`` keyword (the
 # GDN architectures, whose layers forward keyword arguments); the other families read the packing scope only
 _THREAD_BOUNDARIES = "_deltapack_thread_boundaries"
+# on an entry model / decoder stack: False when the family's own forward is not exact on padded rows, so deltapack
+# unpads plainly padded batches too (see Family.pads_exactly)
+_PADS_EXACTLY = "_deltapack_pads_exactly"
 # on a registered packed layer: whether its last forward with gradients was a packed one (see the backward guard)
 _LAST_PACKED = "_deltapack_last_packed"
 
@@ -97,12 +100,14 @@ def patch(model: ModelT) -> ModelT:
     if is_patched(target):
         return model
     arch, stacks = _decoder_stacks(target)
+    pads_exactly = family_of(str(target.config.model_type)).pads_exactly
     layers = tuple(m for stack in stacks for m in stack.modules() if isinstance(m, GradientCheckpointingLayer))
     wrapped: list[tuple[nn.Module, str]] = []
     for module in target.modules():
         if any(module is s for s in stacks):
             wrapped.append(_wrap(module, _TEXT_INNER, _text_model_forward))
             module.__dict__[_THREAD_BOUNDARIES] = arch is not None
+            module.__dict__[_PADS_EXACTLY] = pads_exactly
         elif packed_layer_of(module) is not None:
             wrapped.append(_wrap(module, _LAYER_INNER, _packed_layer_forward))
         elif arch is not None and is_full_attention(module):
@@ -115,6 +120,7 @@ def patch(model: ModelT) -> ModelT:
         wrapped.append(_wrap(target, "_deltapack_entry_inner", _entry_forward))
         target.__dict__[_ENTRY_TEXT_MODELS] = stacks
         target.__dict__[_THREAD_BOUNDARIES] = arch is not None
+        target.__dict__[_PADS_EXACTLY] = pads_exactly
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
@@ -159,6 +165,7 @@ def unpatch(model: ModelT) -> ModelT:
     for module, attr in reversed(state.wrapped):
         module.__dict__.pop(ATTENTION_MODULES, None)
         module.__dict__.pop(_THREAD_BOUNDARIES, None)
+        module.__dict__.pop(_PADS_EXACTLY, None)
         module.__dict__.pop(_LAST_PACKED, None)
         current = module.__dict__.get("forward")
         if getattr(getattr(current, "__func__", None), _WRAPPER_MARK, None) != attr:
@@ -277,7 +284,9 @@ def _route(
     batch_shape = _batch_shape(call)
     if bounds is None:
         bounds = _boundaries_from_call(call, batch_shape)
-        if bounds is None or (not explicit and _padding_only(bounds)):
+        padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
+        pads_exactly = getattr(getattr(inner, "__self__", None), "__dict__", {}).get(_PADS_EXACTLY, True)
+        if bounds is None or (padding_only and (pads_exactly or call.get("use_cache") is True)):
             return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
         if router_rows and indexed and _wants_router_logits(inner, call):
             raise ValueError(

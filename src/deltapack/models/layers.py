@@ -54,11 +54,16 @@ class Family:
         model_types: the transformers ``model_type`` values this family makes patchable.
         layers: the layers that run a packed forward of their own (none for attention-only families, whose
             attention is kept within documents by the attention hooks).
+        pads_exactly: whether transformers' own forward gives each row of a plainly padded batch (one document per
+            row, 0/1 mask) exactly what the row gives alone. When it does, such batches take the original forward
+            untouched; when it does not (a recurrence that reads the padding), deltapack unpads them like packed
+            rows, except for calls that ask for a cache (generation keeps transformers' path).
     """
 
     name: str
     model_types: tuple[str, ...]
     layers: tuple[PackedLayer, ...] = field(default=())
+    pads_exactly: bool = True
 
 
 _FAMILIES: dict[str, Family] = {}
