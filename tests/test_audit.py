@@ -123,3 +123,22 @@ def test_formats_place_every_document_once() -> None:
         assert tuple(ids.shape) == layout.batch_shape
         for p in layout.placements:
             assert torch.equal(ids[p.row, p.start : p.start + p.length], docs[p.doc])
+
+
+def test_readme_leak_table_is_what_the_audit_prints() -> None:
+    """The README's leak figures are the audit's own output (table and --json), for the versions it names."""
+    import pathlib
+    import re
+
+    from deltapack.audit.report import _num
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    named = re.search(r"\(transformers (\d+\.\d+\.\d+) and torch\s+(\d+\.\d+\.\d+)", readme)
+    assert named, "the README names the versions its leak table comes from"
+    if transformers.__version__ != named[1] or torch.__version__.split("+")[0] != named[2]:
+        pytest.skip(f"the README's figures are for transformers {named[1]}, torch {named[2]}")
+    rows = dict(re.findall(r"^\| .*\(`(\w+)`\) \| (\S+ \(\S+?)[ )]", readme, flags=re.M))
+    report = audit("qwen3_5", formats=list(rows), patched=False, gradient=False, localise=False)
+    for name, printed in rows.items():
+        worst = max(report.states["unpatched"].formats[name].logits)
+        assert printed.startswith(f"{_num(worst)} (") and printed.endswith(f"({worst:.3f}"), name
