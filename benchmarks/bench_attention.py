@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from common import cuda_time_ms, document_lengths, environment, write
 from torch.nn.attention.varlen import varlen_attn
 
+from deltapack.ops import Segments
 from deltapack.ops.attention import _expand_kv, varlen_attention_ref
 
 
@@ -59,7 +60,7 @@ def bench_dim(dim: int, lengths: list[int], cu: torch.Tensor, params: set[str], 
     sub_cu = cu[cu <= 4096]
     n = int(sub_cu[-1])
     sub = [t[:n].detach() for t in (q, k, v)]
-    ref = varlen_attention_ref(*(t.float() for t in sub), cu_seqlens=sub_cu, max_seqlen=longest)
+    ref = varlen_attention_ref(*(t.float() for t in sub), segments=Segments.from_cu_seqlens(sub_cu))
     ke, ve = _expand_kv(sub[1], sub[2], 16)
     with torch.no_grad():
         fast = varlen_attn(sub[0], ke, ve, sub_cu, sub_cu, longest, longest, **causal)

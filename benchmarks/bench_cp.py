@@ -300,7 +300,7 @@ def _exchange_row(tokens: int, heads: int, kv_heads: int, dim: int) -> dict:
     local = shard.num_local_tokens
     q = torch.randn(local, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(2, local, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    plan = key_plan(shard, q.device)
+    plan = key_plan(shard)
     index = torch.cat([plan.index, plan.index + local])
 
     def exchange() -> None:
@@ -312,10 +312,8 @@ def _exchange_row(tokens: int, heads: int, kv_heads: int, dim: int) -> dict:
             q,
             keys,
             values,
-            cu_seqlens=shard.local.cu_seqlens,
-            max_seqlen=shard.local.max_seqlen,
-            cu_seqlens_k=plan.cu_seqlens_k,
-            max_seqlen_k=plan.max_seqlen_k,
+            segments=shard.local.segments.pieces,
+            segments_k=plan.segments_k,
         )
         o.float().sum().backward()
 

@@ -20,9 +20,8 @@ from common import cuda_time_ms, document_lengths, environment, load_spec, write
 from transformers import AutoConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
-from deltapack import Boundaries
+from deltapack import Boundaries, ops
 from deltapack.models.gated_deltanet import packed_gdn_forward
-from deltapack.ops import fla
 
 
 def count_syncs(fn) -> int:
@@ -99,15 +98,7 @@ def main() -> None:
     weight = layer.conv1d.weight.squeeze(1)
 
     def conv_fla():
-        fla.causal_conv1d(
-            mixed,
-            weight,
-            None,
-            "silu",
-            cu_seqlens=bounds.cu_seqlens,
-            cu_seqlens_host=bounds.cu_seqlens_host,
-            cache=bounds.cache,
-        ).backward(dmixed)
+        ops.causal_conv1d(mixed, weight, None, "silu", segments=bounds.segments, backend="fla").backward(dmixed)
 
     def conv_torch():  # what the transformers layer runs without the causal-conv1d package
         y = F.conv1d(
@@ -125,9 +116,7 @@ def main() -> None:
 
     def gdn(b):
         def run():
-            o, _ = fla.gated_delta_rule(
-                q, k, v, g, beta, cu_seqlens=b.cu_seqlens, cu_seqlens_host=b.cu_seqlens_host, cache=b.cache
-            )
+            o, _ = ops.gated_delta_rule(q, k, v, g, beta, segments=b.segments, backend="fla")
             o.backward(do)
 
         return run

@@ -68,7 +68,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     x, cot = torch.randn(1, total, 6, generator=gen), torch.randn(1, total, 6, generator=gen)
     weight, bias = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
     full = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    y = reference.causal_conv1d_ref(*full, "silu", seq_idx=bounds.seq_idx)
+    y = reference.causal_conv1d_ref(*full, "silu", segments=bounds.segments)
     (y * cot).sum().backward()
     local = [shard.shard(x).detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
     y_local = cp_ops.causal_conv1d(*local, "silu", shard=shard)
@@ -77,7 +77,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     out["conv.dx"] = _rel(local[0].grad, shard.shard(full[0].grad))
     out["conv.dweight"] = _rel(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
     out["conv.dbias"] = _rel(all_reduce_sum(local[2].grad, None, WORLD), full[2].grad)
-    naive = reference.causal_conv1d_ref(shard.shard(x), weight, bias, "silu", seq_idx=shard.local.seq_idx)
+    naive = reference.causal_conv1d_ref(shard.shard(x), weight, bias, "silu", segments=shard.local.segments.pieces)
     out["conv.naive"] = _rel(naive, shard.shard(y))
 
     q, k = (torch.randn(1, total, 2, 8, generator=gen) for _ in range(2))
@@ -86,7 +86,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     beta = torch.rand(1, total, 4, generator=gen)
     cot = torch.randn(1, total, 4, 8, generator=gen)
     full = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
-    o, _ = reference.gated_delta_rule_ref(*full, cu_seqlens=bounds.cu_seqlens)
+    o, _ = reference.gated_delta_rule_ref(*full, segments=bounds.segments)
     (o * cot).sum().backward()
     local = [shard.shard(t).detach().requires_grad_() for t in (q, k, v, g, beta)]
     o_local, _ = cp_ops.gated_delta_rule(*local, shard=shard)
@@ -95,7 +95,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     for name, mine, ref in zip(("dq", "dk", "dv", "dg", "dbeta"), local, full):
         out[f"gdn.{name}"] = _rel(mine.grad, shard.shard(ref.grad))
     naive, _ = reference.gated_delta_rule_ref(
-        *(shard.shard(t) for t in (q, k, v, g, beta)), cu_seqlens=shard.local.cu_seqlens
+        *(shard.shard(t) for t in (q, k, v, g, beta)), segments=shard.local.segments.pieces
     )
     out["gdn.naive"] = _rel(naive, shard.shard(o))
     return out

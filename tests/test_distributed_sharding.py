@@ -56,7 +56,7 @@ def test_shards_cover_the_stream_and_cut_documents_at_part_boundaries(case: tupl
     for shard in shards:
         local = shard.local
         idx = shard.local_index
-        assert local.context_parallel is shard and local.batch_shape == (1, idx.numel())
+        assert local.segments.shard is shard and local.batch_shape == (1, idx.numel())
         assert torch.equal(local.position_ids[0], pos[idx])  # global in-document positions (RoPE sees them)
         # a local piece starts exactly where the global document changes or a part starts
         part_start = torch.zeros(idx.numel(), dtype=torch.bool)
@@ -155,7 +155,7 @@ def test_conv_hands_tokens_across_parts(width: int) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 48, 6, generator=gen, requires_grad=True)
     weight = torch.randn(6, width, generator=gen)
-    ref = reference.causal_conv1d_ref(x, weight, None, "silu", seq_idx=bounds.seq_idx)
+    ref = reference.causal_conv1d_ref(x, weight, None, "silu", segments=bounds.segments)
     x_local = shard.shard(x.detach()).requires_grad_()
     out = cp_ops.causal_conv1d(x_local, weight, None, "silu", shard=shard)
     assert torch.allclose(out, ref, atol=1e-6, rtol=0)  # one rank holds the stream in order
@@ -163,7 +163,7 @@ def test_conv_hands_tokens_across_parts(width: int) -> None:
     (ref * cot).sum().backward()
     (out * cot).sum().backward()
     assert torch.allclose(x_local.grad, x.grad, atol=1e-6, rtol=0)
-    naive = reference.causal_conv1d_ref(x_local.detach(), weight, None, "silu", seq_idx=shard.local.seq_idx)
+    naive = reference.causal_conv1d_ref(x_local.detach(), weight, None, "silu", segments=shard.local.segments.pieces)
     assert (naive - ref).abs().max() > 1e-2
 
 
@@ -176,7 +176,7 @@ def test_gated_delta_rule_hands_state_across_parts() -> None:
     beta = torch.rand(1, 48, 4, generator=gen)
     full = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
     local = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
-    ref, _ = reference.gated_delta_rule_ref(*full, cu_seqlens=bounds.cu_seqlens)
+    ref, _ = reference.gated_delta_rule_ref(*full, segments=bounds.segments)
     out, _ = cp_ops.gated_delta_rule(*local, shard=shard)
     assert float((out - ref).detach().norm() / ref.detach().norm()) <= 1e-5
     cot = torch.randn(ref.shape, generator=gen)
@@ -184,7 +184,7 @@ def test_gated_delta_rule_hands_state_across_parts() -> None:
     (out * cot).sum().backward()
     for mine, theirs in zip(local, full):
         assert float((mine.grad - theirs.grad).norm() / theirs.grad.norm()) <= 1e-4
-    naive, _ = reference.gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens=shard.local.cu_seqlens)
+    naive, _ = reference.gated_delta_rule_ref(q, k, v, g, beta, segments=shard.local.segments.pieces)
     assert float((naive - ref.detach()).norm() / ref.detach().norm()) > 1e-2
 
 
@@ -258,5 +258,5 @@ def test_context_parallel_ops_refuse_fla_where_it_cannot_run() -> None:
     with pytest.raises(RuntimeError, match="backend='reference'"):
         cp_ops.gated_delta_rule(q, k, v, g, beta, shard=shard, backend="fla")
     out = cp_ops.causal_conv1d(x, weight, shard=shard, backend="reference")
-    want = reference.causal_conv1d_ref(x, weight, seq_idx=bounds.seq_idx)
+    want = reference.causal_conv1d_ref(x, weight, segments=bounds.segments)
     assert torch.equal(out, want)

@@ -6,13 +6,19 @@ here, and a verifier each, so every rule of the choice can be exercised without 
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import deltapack
-from deltapack.ops import Backend, Op, Segments
+from deltapack import ops
+from deltapack.ops import Backend, Op, Segments, fla
 from deltapack.ops import dispatch as dispatch_mod
 
 
@@ -204,3 +210,106 @@ def test_registry_names_are_unique():
             dispatch_mod.register_op(name, doc_cumsum_ref)
     finally:
         del dispatch_mod.OPS[name]
+
+
+# ---------------------------------------------------------------------------------------------- the GDN ops
+def test_the_log_names_the_backend_that_runs(monkeypatch, caplog):
+    """fp32 inputs on CUDA run the exact reference, and the log says so with FLA's reason; bf16 runs FLA and the log
+    names it. The device check and FLA's kernel are stood in for (no GPU here); the op's own state is swapped for
+    fresh state so that nothing leaks into other tests."""
+    rule = ops.OPS["gated_delta_rule"]
+    for attr, fresh in (("_loaded", {}), ("_logged", set()), ("ran", Counter())):
+        monkeypatch.setattr(rule, attr, fresh)
+    monkeypatch.setattr(fla, "on_cuda", lambda t: True)
+    kernel_calls = []
+
+    def stand_in_kernel(q, k, v, g, beta, **kwargs):
+        kernel_calls.append((q.dtype, tuple(kwargs["cu_seqlens_cpu"].tolist())))
+        return torch.zeros_like(v), None
+
+    monkeypatch.setattr(fla, "kernels", lambda: SimpleNamespace(chunk_gated_delta_rule=stand_in_kernel))
+    seg = Segments.from_cu_seqlens([0, 3, 8])
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 8, 2, 16, generator=gen) for _ in range(2))
+    v, g, beta = torch.randn(1, 8, 2, 16, generator=gen), -torch.rand(1, 8, 2, generator=gen), torch.rand(1, 8, 2)
+
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        out, _ = ops.gated_delta_rule(q, k, v, g, beta, segments=seg)
+    assert torch.equal(out, ops.gated_delta_rule_ref(q, k, v, g, beta, segments=seg)[0]) and kernel_calls == []
+    assert caplog.messages == [
+        "deltapack: gated_delta_rule runs on the reference backend (fla: q is torch.float32; FLA's delta rule is "
+        "exact to our checks in bf16 / fp16 only)"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltapack"):
+        ops.gated_delta_rule(*(t.bfloat16() for t in (q, k, v)), g, beta.bfloat16(), segments=seg)
+    assert kernel_calls == [(torch.bfloat16, (0, 3, 8))]
+    assert caplog.messages == ["deltapack: gated_delta_rule runs on the fla backend"]
+    assert rule.ran == {"reference": 1, "fla": 1}
+
+
+def test_gdn_ops_are_fn_ref_twins():
+    """Each public op has the signature of its reference plus ``backend=None`` (mamba_ssm's fn / ref habit)."""
+    for op, ref in ((ops.causal_conv1d, ops.causal_conv1d_ref), (ops.gated_delta_rule, ops.gated_delta_rule_ref)):
+        params = list(inspect.signature(op).parameters.values())
+        assert params[-1].name == "backend" and params[-1].default is None
+        assert params[:-1] == list(inspect.signature(ref).parameters.values())
+        assert "segments" in inspect.signature(ref).parameters
+
+
+def test_context_parallel_segments_refuse_an_op_they_cannot_keep_exact():
+    from deltapack.distributed import ContextShard
+
+    bounds = deltapack.Boundaries.from_cu_seqlens([0, 5, 16], (1, 16))
+    shard = ContextShard.build(bounds, None, layout="zigzag", rank=0, world_size=2)
+    segments = shard.local.segments
+    assert segments.is_shard and not bounds.segments.is_shard
+    with pytest.raises(ValueError, match="doc_cumsum has no context-parallel version"):
+        make_op([])(torch.randn(1, shard.num_local_tokens, 3), segments=segments)
+    q = torch.randn(1, shard.num_local_tokens, 1, 4)
+    with pytest.raises(ValueError, match="output_final_state under context parallelism|initial state"):
+        ops.gated_delta_rule(q, q, q, q[..., 0], q[..., 0], segments=segments, output_final_state=True)
+
+
+# ---------------------------------------------------------------------------------------------- the import graph
+SRC = Path(deltapack.__file__).parent
+# each top-level part of the package may import only parts of a lower or the same rank (the package root, the
+# public API, is reached only from inside functions)
+RANKS = {"ops": 0, "boundaries": 1, "data": 2, "models": 2, "tiny": 2, "patch": 3, "distributed": 4, "audit": 4}
+RANKS |= {"train": 5, "cli": 6}
+
+
+def _imports(path: Path) -> set[str]:
+    """The deltapack modules ``path`` imports (anywhere in it), as dotted names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+    return {n for n in names if n.startswith("deltapack.")}
+
+
+def _part(dotted: str) -> str:
+    return dotted.split(".")[1]
+
+
+def test_ops_import_nothing_above_them():
+    for path in sorted((SRC / "ops").glob("*.py")):
+        above = sorted(n for n in _imports(path) if not n.startswith("deltapack.ops"))
+        assert not above, f"{path.name} imports {above}; ops/ may import only deltapack.ops"
+
+
+def test_the_import_graph_flows_one_way():
+    edges = 0
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        part = rel.parts[0].removesuffix(".py")
+        if part == "__init__":
+            continue
+        for name in _imports(path):
+            target = _part(name)
+            if target in RANKS:
+                assert RANKS[target] <= RANKS[part], f"{rel} ({part}) imports {name} from a higher layer"
+                edges += 1
+    assert edges > 50  # the scan sees the imports

@@ -8,6 +8,7 @@ import torch
 from transformers.models.qwen3_5.modeling_qwen3_5 import causal_conv1d_fn, torch_chunk_gated_delta_rule
 
 from deltapack import ops
+from deltapack.ops import Segments
 from deltapack.ops.reference import causal_conv1d_ref, gated_delta_rule_recurrent_ref, gated_delta_rule_ref
 
 # readable ids: length 1, shorter than a chunk, exactly a chunk, not a multiple of a chunk, longer than two chunks
@@ -22,6 +23,10 @@ LENGTHS = {
 
 def cu_of(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def seg_of(lengths):
+    return Segments.from_cu_seqlens(cu_of(lengths))
 
 
 def gdn_inputs(total, hk=2, ratio=2, k=16, v=8, seed=0):
@@ -41,7 +46,7 @@ def test_gated_delta_rule_matches_each_document_alone(name, ratio):
     lengths = LENGTHS[name]
     cu = cu_of(lengths)
     inputs = gdn_inputs(sum(lengths), ratio=ratio)
-    out, final = gated_delta_rule_ref(*inputs, cu_seqlens=cu, output_final_state=True)
+    out, final = gated_delta_rule_ref(*inputs, segments=seg_of(lengths), output_final_state=True)
     weights = torch.randn_like(out)
     grads = torch.autograd.grad((out * weights).sum(), inputs)
 
@@ -57,25 +62,26 @@ def test_gated_delta_rule_matches_each_document_alone(name, ratio):
             torch.testing.assert_close(g_packed[:, a:b], g_ref, rtol=1e-4, atol=1e-5)
 
     if len(lengths) > 1:  # the same stream as one sequence leaks: the test can tell
-        leaky, _ = gated_delta_rule_ref(*inputs, cu_seqlens=cu_of([sum(lengths)]))
+        leaky, _ = gated_delta_rule_ref(*inputs, segments=seg_of([sum(lengths)]))
         assert (leaky - out).abs().max() > 1e-3
 
 
 def test_chunked_equals_recurrent():
     lengths = [3, 70, 1, 9]
-    cu = cu_of(lengths)
+    segments = seg_of(lengths)
     inputs = [x.detach() for x in gdn_inputs(sum(lengths), seed=1)]
-    chunked, _ = gated_delta_rule_ref(*inputs, cu_seqlens=cu)
-    recurrent = gated_delta_rule_recurrent_ref(*inputs, cu_seqlens=cu)
+    chunked, _ = gated_delta_rule_ref(*inputs, segments=segments)
+    recurrent = gated_delta_rule_recurrent_ref(*inputs, segments=segments)
     torch.testing.assert_close(chunked, recurrent, rtol=0, atol=1e-5)
 
 
-def test_batch_rows_without_cu_seqlens_are_separate_sequences():
+def test_two_rows_packed_are_the_two_rows_alone():
     inputs = [x.detach() for x in gdn_inputs(2 * 20, seed=2)]
-    rows = [x.reshape(2, 20, *x.shape[2:]) for x in inputs]
-    out, _ = gated_delta_rule_ref(*rows)
-    stream, _ = gated_delta_rule_ref(*inputs, cu_seqlens=cu_of([20, 20]))
-    torch.testing.assert_close(out.reshape(stream.shape), stream, rtol=0, atol=0)
+    rows = [
+        gated_delta_rule_ref(*(x[:, i * 20 : (i + 1) * 20] for x in inputs), segments=seg_of([20]))[0] for i in (0, 1)
+    ]
+    stream, _ = gated_delta_rule_ref(*inputs, segments=seg_of([20, 20]))
+    torch.testing.assert_close(torch.cat(rows, dim=1), stream, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])
@@ -87,8 +93,7 @@ def test_conv_never_reads_across_a_boundary(width, bias, activation):
     x = torch.randn(1, total, channels, requires_grad=True)
     weight = torch.randn(channels, width, requires_grad=True)
     b = torch.randn(channels, requires_grad=True) if bias else None
-    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    out = causal_conv1d_ref(x, weight, b, activation, seq_idx=seq_idx)
+    out = causal_conv1d_ref(x, weight, b, activation, segments=seg_of(lengths))
     out.pow(2).sum().backward()
     cu = cu_of(lengths).tolist()
     expected = torch.cat(
@@ -101,30 +106,28 @@ def test_conv_never_reads_across_a_boundary(width, bias, activation):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     grad_x = torch.autograd.grad(expected.pow(2).sum(), x)[0]
     torch.testing.assert_close(x.grad, grad_x, rtol=1e-5, atol=1e-6)
-    unbounded = causal_conv1d_ref(x, weight, b, activation)  # no seq_idx: one sequence, leaks
+    unbounded = causal_conv1d_ref(x, weight, b, activation, segments=seg_of([total]))  # one sequence: leaks
     assert (unbounded - out).abs().max() > 1e-3
 
 
 def test_public_ops_run_the_reference_on_cpu():
-    lengths = [4, 9]
-    cu = cu_of(lengths)
+    segments = seg_of([4, 9])
     q, k, v, g, beta = (x.detach() for x in gdn_inputs(13))
-    out, _ = ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, cu_seqlens_host=tuple(cu.tolist()))
-    ref, _ = gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens=cu)
+    out, _ = ops.gated_delta_rule(q, k, v, g, beta, segments=segments)
+    ref, _ = gated_delta_rule_ref(q, k, v, g, beta, segments=segments)
     assert torch.equal(out, ref)
     x, w = torch.randn(1, 13, 5), torch.randn(5, 4)
-    conv = ops.causal_conv1d(x, w, None, "silu", cu_seqlens=cu)
-    seq_idx = torch.repeat_interleave(torch.arange(2), torch.tensor(lengths))[None]
-    assert torch.equal(conv, causal_conv1d_ref(x, w, None, "silu", seq_idx=seq_idx))
+    conv = ops.causal_conv1d(x, w, None, "silu", segments=segments)
+    assert torch.equal(conv, causal_conv1d_ref(x, w, None, "silu", segments=segments))
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v, g, b, cu_seqlens=cu_of([3, 3])), "end at T = 13"),
-        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v[:, :, :3], g, b), "Hv a multiple of Hk"),
-        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v, g[..., :1], b), "g must be"),
-        (lambda q, k, v, g, b: ops.gated_delta_rule(q[0], k, v, g, b, cu_seqlens=cu_of([13])), "one packed stream"),
+        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v, g, b, segments=seg_of([3, 3])), "the 6 tokens"),
+        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v[:, :, :3], g, b, segments=seg_of([13])), "Hv a multiple"),
+        (lambda q, k, v, g, b: gated_delta_rule_ref(q, k, v, g[..., :1], b, segments=seg_of([13])), "g must be"),
+        (lambda q, k, v, g, b: ops.gated_delta_rule(q[0], k, v, g, b, segments=seg_of([13])), "one packed stream"),
     ],
 )
 def test_bad_shapes_raise(call, message):

@@ -25,7 +25,6 @@ Padding is allowed only before the first or after the last real token of a row, 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,61 +40,75 @@ def _fail(what: str, expected: str) -> None:
     raise ValueError(f"deltapack: {what}; expected {expected}")
 
 
-@dataclass(frozen=True, eq=False)
-class Boundaries:
-    """Document boundaries of one batch, and everything derived from them.
+class BatchChoices:
+    """What the patched model decides once per batch, for every layer of that batch to read (a plain object, so that
+    copies of the boundaries, such as FSDP's input casting makes, share it).
 
     Attributes:
-        cu_seqlens: [N + 1] int32 offsets of the documents in the unpadded stream (0, ..., total).
-        cu_seqlens_host: the same offsets as a tuple of host ints (no device sync to read them).
-        seq_idx: [1, total] int32 document index of every real token.
+        varlen_attention: the varlen attention backend the full-attention layers run (None: the exact mask, which
+            the decoder stack then builds); set by :func:`deltapack.models.attention.attention_inputs`.
+    """
+
+    __slots__ = ("varlen_attention",)
+
+    def __init__(self) -> None:
+        self.varlen_attention: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Boundaries:
+    """Document boundaries of one batch, and what the model needs besides the ops' :class:`Segments`.
+
+    Attributes:
+        segments: the documents of the unpadded stream, as every op takes them (``segments=``): ``cu_seqlens`` [N + 1]
+            int32, ``cu_seqlens_host``, ``seq_idx`` [1, total] int32, ``max_seqlen``, and the per-batch plans of the
+            ops. Under context parallelism, one rank's shard (``deltapack.distributed.ShardSegments``).
         position_ids: [1, total] int64 position of every real token inside its document.
         indices: [total] int64 flat indices (into B * T) of the real tokens; None when every token is real.
         batch_shape: (B, T) of the padded batch.
-        max_seqlen: length of the longest document (host int).
-        cache: per-batch scratch space where backends keep index tensors they derive from these offsets.
-        context_parallel: when these are one rank's tokens of a stream split across ranks, that rank's
-            ``deltapack.distributed.ContextShard`` (the GDN ops and full attention then exchange what crosses
-            ranks); None otherwise.
+        choices: what the patched model decides once per batch (:class:`BatchChoices`).
+
+    ``cu_seqlens``, ``cu_seqlens_host``, ``seq_idx``, ``max_seqlen``, ``num_docs``, ``total_tokens``, ``device`` and
+    ``doc_lengths`` read through to the segments.
     """
 
-    cu_seqlens: torch.Tensor
-    cu_seqlens_host: tuple[int, ...]
-    seq_idx: torch.Tensor
+    segments: Segments
     position_ids: torch.Tensor
     indices: torch.Tensor | None
     batch_shape: tuple[int, int]
-    max_seqlen: int
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)
-    context_parallel: Any = field(default=None, repr=False)
+    choices: BatchChoices = field(default_factory=BatchChoices, repr=False)
 
-    @functools.cached_property
-    def segments(self) -> Segments:
-        """The documents of the unpadded stream, as every op takes them (``segments=``); one per batch, so the plans
-        ops derive from it are built once."""
-        if self.context_parallel is not None:
-            raise ValueError(
-                "deltapack: ops that take segments= have no context-parallel version yet; expected boundaries of "
-                "one device (not ContextShard.local)"
-            )
-        return Segments(self.cu_seqlens, self.cu_seqlens_host, self.seq_idx, self.max_seqlen)
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.segments.cu_seqlens
+
+    @property
+    def cu_seqlens_host(self) -> tuple[int, ...]:
+        return self.segments.cu_seqlens_host
+
+    @property
+    def seq_idx(self) -> torch.Tensor:
+        return self.segments.seq_idx
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.segments.max_seqlen
 
     @property
     def num_docs(self) -> int:
-        return len(self.cu_seqlens_host) - 1
+        return self.segments.num_docs
 
     @property
     def total_tokens(self) -> int:
-        return self.cu_seqlens_host[-1]
+        return self.segments.total_tokens
 
     @property
     def device(self) -> torch.device:
-        return self.cu_seqlens.device
+        return self.segments.device
 
     @property
     def doc_lengths(self) -> list[int]:
-        c = self.cu_seqlens_host
-        return [b - a for a, b in zip(c[:-1], c[1:])]
+        return self.segments.doc_lengths
 
     # ------------------------------------------------------------------ unpad / repad
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,24 +135,15 @@ class Boundaries:
         """Next-token targets [1, total] for unpadded ``labels`` [1, total]: ``ignore_index`` at the last token
         of every document, so no document's first token is predicted from the previous document.
         Under context parallelism a document cut at this rank's end takes its next target from the next rank."""
-        if self.context_parallel is not None:
-            return self.context_parallel.shift_labels(labels, ignore_index)
-        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-        last = self.cu_seqlens[1:].long() - 1
-        return shifted.index_fill(1, last, ignore_index)
+        return self.segments.shift_labels(labels, ignore_index)
 
     def to(self, device: torch.device | str) -> Boundaries:
         """The same boundaries with the device tensors on ``device`` (host copies unchanged)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Boundaries(
-            move(self.cu_seqlens),
-            self.cu_seqlens_host,
-            move(self.seq_idx),
-            move(self.position_ids),
-            move(self.indices),
+            self.segments.to(device),
+            self.position_ids.to(device, non_blocking=True),
+            None if self.indices is None else self.indices.to(device, non_blocking=True),
             self.batch_shape,
-            self.max_seqlen,
-            context_parallel=self.context_parallel,
         )
 
     # ------------------------------------------------------------------ constructors
@@ -159,14 +163,12 @@ class Boundaries:
         seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)
         position_ids = torch.arange(total) - cu[:-1].long().repeat_interleave(lengths)
         device = device if device is not None else real.device
+        segments = Segments(cu.to(device), tuple(cu.tolist()), seq_idx.unsqueeze(0).to(device), int(lengths.max()))
         return cls(
-            cu_seqlens=cu.to(device),
-            cu_seqlens_host=tuple(cu.tolist()),
-            seq_idx=seq_idx.unsqueeze(0).to(device),
+            segments=segments,
             position_ids=position_ids.unsqueeze(0).to(device),
             indices=None if indices is None else indices.to(device),
             batch_shape=(batch, seqlen),
-            max_seqlen=int(lengths.max()),
         )
 
     @staticmethod

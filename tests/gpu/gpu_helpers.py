@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deltapack.ops import Segments
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -34,6 +36,10 @@ def cu_of(lengths: list[int], device: str = "cuda") -> tuple[torch.Tensor, tuple
     for n in lengths:
         host.append(host[-1] + n)
     return torch.tensor(host, dtype=torch.int32, device=device), tuple(host)
+
+
+def segments_of(lengths: list[int], device: str = "cuda") -> Segments:
+    return Segments.from_cu_seqlens(cu_of(lengths, "cpu")[1], device)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from gpu_helpers import rel_err
 
 import deltapack
+from deltapack import ops
 from deltapack.boundaries import Boundaries
 from deltapack.distributed import ContextShard, disable_context_parallel, enable_context_parallel, token_mean_loss
 from deltapack.distributed import ops as cp_ops
@@ -83,7 +84,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
     shard = ContextShard.build(bounds, None, layout=layout)
     gen = torch.Generator(device="cuda").manual_seed(1)
     out: dict[str, float] = {}
-    whole = dict(cu_seqlens=bounds.cu_seqlens, cu_seqlens_host=bounds.cu_seqlens_host)
+    whole = dict(segments=bounds.segments)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", generator=gen)
@@ -94,7 +95,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         x, weight, bias = randn(1, total, 512).to(dtype), randn(512, 4).to(dtype), randn(512).to(dtype)
         cot = randn(1, total, 512)
         full = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y = fla.causal_conv1d(*full, "silu", **whole)
+        y = ops.causal_conv1d(*full, "silu", **whole, backend="fla")
         (y.float() * cot).sum().backward()
         local = [shard.shard(x).detach(), weight.clone(), bias.clone()]
         local = [t.requires_grad_() for t in local]
@@ -103,7 +104,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         out[f"conv.{tag}.out"] = rel_err(y_local, shard.shard(y))
         out[f"conv.{tag}.dx"] = rel_err(local[0].grad, shard.shard(full[0].grad))
         out[f"conv.{tag}.dweight"] = rel_err(all_reduce_sum(local[1].grad, None, WORLD), full[1].grad)
-        naive = fla.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard))
+        naive = ops.causal_conv1d(shard.shard(x), weight, bias, "silu", **_pieces(shard), backend="fla")
         # the naive split misses only the W - 1 rows after a cut: the largest difference, not an average over 2048
         want = shard.shard(y).float()
         out[f"conv.{tag}.naive"] = float((naive.float() - want).abs().max() / want.abs().max())
@@ -120,7 +121,7 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         return list(torch.autograd.grad((o.float() * c).sum(), inputs))
 
     full = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
-    o_fast, _ = fla.gated_delta_rule(*full, **whole)
+    o_fast, _ = ops.gated_delta_rule(*full, **whole, backend="fla")
     fast_grads = grads_of(o_fast, full, cot)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]  # bf16 inputs, fp32 arithmetic inside
     o_ref, _ = reference.gated_delta_rule_ref(*ref_in, **whole)
@@ -137,14 +138,14 @@ def _ops_checks(cu: list[int], layout: str) -> dict[str, float]:
         out[f"gdn.bf16.{name}"] = rel_err(mine, shard.shard(ref))
         out[f"gdn.bf16.one_gpu.{name}"] = rel_err(shard.shard(fast), shard.shard(ref))
         out[f"gdn.bf16.vs_one_gpu.{name}"] = rel_err(mine, shard.shard(fast))
-    naive, _ = fla.gated_delta_rule(*(shard.shard(t) for t in (q, k, v, g, beta)), **_pieces(shard))
+    naive, _ = ops.gated_delta_rule(*(shard.shard(t) for t in (q, k, v, g, beta)), **_pieces(shard), backend="fla")
     out["gdn.bf16.naive"] = rel_err(naive, shard.shard(o_fast))
     return out
 
 
 def _pieces(shard: ContextShard) -> dict:
     """This rank's pieces as documents of their own (the naive split: nothing crosses ranks)."""
-    return dict(cu_seqlens=shard.local.cu_seqlens, cu_seqlens_host=shard.local_cu_seqlens_host)
+    return dict(segments=shard.local.segments.pieces)
 
 
 # ---------------------------------------------------------------------------------------------- models (per rank)
@@ -209,10 +210,11 @@ def _model_checks(arch: str) -> dict[str, float]:
         del os.environ["DELTAPACK_BACKEND"], os.environ["DELTAPACK_ATTENTION_BACKEND"]
     for layout in LAYOUTS:
         shard = ContextShard.build(bounds, None, layout=layout)
-        cp_ops._logged.clear()
+        cp_ops.CONV.ran.clear()
+        cp_ops.GATED_DELTA_RULE.ran.clear()
         cp = _context_parallel(model, ids, shard)
         out[f"{arch}.{layout}.bf16.ran_fla"] = float(
-            {("causal_conv1d", "fla"), ("gated_delta_rule", "fla")} <= cp_ops._logged
+            set(cp_ops.CONV.ran) == set(cp_ops.GATED_DELTA_RULE.ran) == {"fla"}
         )
         _compare(f"{arch}.{layout}.bf16", cp, fast, shard, out)
         _compare(f"{arch}.{layout}.bf16.spread", fast, slow, shard, out)

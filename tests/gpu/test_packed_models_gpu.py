@@ -11,6 +11,7 @@ from gpu_helpers import rel_err, requires_cuda
 import deltapack
 from deltapack import Boundaries
 from deltapack.models.attention import varlen_backend_of
+from deltapack.ops import fla
 from deltapack.tiny import tiny_model
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -106,7 +107,7 @@ def test_bf16_packed_batch_takes_the_varlen_path():
     with torch.no_grad():
         model(input_ids=ids, boundaries=bounds)
     assert varlen_backend_of(bounds) in ("torch_varlen", "flash_attn")
-    assert "fla" in bounds.cache  # the FLA index tensors, built once for the batch
+    assert bounds.segments.has_plan(fla.build_plan)  # the FLA index tensors, built once for the batch
 
 
 @pytest.mark.parametrize("arch", ARCHS)

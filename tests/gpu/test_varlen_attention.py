@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_helpers import TOL, assert_close, cu_of, random_lengths, requires_cuda
+from gpu_helpers import TOL, assert_close, random_lengths, requires_cuda, segments_of
 
 from deltapack.ops import attention
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-FAST = [b for b in ("torch_varlen", "flash_attn") if torch.cuda.is_available()]
+BACKENDS = ["torch_varlen", "flash_attn", "reference"]
 
 
 def qkv(total, hq, hkv, dim, dtype, seed=0):
@@ -22,8 +22,10 @@ def qkv(total, hq, hkv, dim, dtype, seed=0):
 
 def skip_unless_runnable(backend: str, dim: int) -> None:
     probe = torch.empty(0, 1, dim, device="cuda", dtype=torch.bfloat16)
-    if not attention._runnable(backend, probe):
-        pytest.skip(f"{backend} is not installed here")
+    try:
+        attention.resolve_attention_backend(backend, probe)
+    except RuntimeError as exc:
+        pytest.skip(f"{backend} cannot run here: {exc}")
 
 
 def assert_matches_reference(backend: str, q, k, v, **offsets) -> None:
@@ -40,23 +42,23 @@ def assert_matches_reference(backend: str, q, k, v, **offsets) -> None:
         assert_close(g, w, TOL[torch.bfloat16], name)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
-def test_fast_backend_matches_reference(backend, heads, dim):
+def test_backend_matches_reference(backend, heads, dim):
     skip_unless_runnable(backend, dim)
     lengths = random_lengths(1200, torch.Generator().manual_seed(dim))
-    cu, _ = cu_of(lengths)
     q, k, v = qkv(sum(lengths), *heads, dim, torch.bfloat16)
-    assert_matches_reference(backend, q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert_matches_reference(backend, q, k, v, segments=segments_of(lengths))
 
 
 def test_reference_keeps_documents_apart():
     """The reference equals causal attention on each document alone; causal attention on the stream leaks."""
     lengths = [5, 17, 64, 3]
-    cu, host = cu_of(lengths)
+    segments = segments_of(lengths)
+    host = segments.cu_seqlens_host
     q, k, v = (t.detach().float() for t in qkv(sum(lengths), 4, 2, 32, torch.float32))
-    out = attention.varlen_attention_ref(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
+    out = attention.varlen_attention_ref(q, k, v, segments=segments)
     expand = lambda t: t.repeat_interleave(2, dim=1).transpose(0, 1)  # noqa: E731
     leaky = F.scaled_dot_product_attention(q.transpose(0, 1), expand(k), expand(v), is_causal=True).transpose(0, 1)
     assert (leaky - out).abs().max() > 1e-3
@@ -77,16 +79,13 @@ def test_automatic_choice_on_cuda(monkeypatch):
     assert attention.resolve_attention_backend(None, bf16) == "reference"
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_fast_backend_key_segments_match_reference(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_key_segments_match_reference(backend):
     """Query segments shorter than their key segments (what a context-parallel rank runs): the fast kernel aligns
     causal bottom-right like the reference, forward and backward."""
     skip_unless_runnable(backend, 128)
     k_lengths = random_lengths(1500, torch.Generator().manual_seed(7))
     q_lengths = [max(1, n // 3) if i % 2 else n for i, n in enumerate(k_lengths)]
-    cu_q, _ = cu_of(q_lengths)
-    cu_k, _ = cu_of(k_lengths)
     q = qkv(sum(q_lengths), 8, 2, 128, torch.bfloat16, seed=1)[0]
     _, k, v = qkv(sum(k_lengths), 8, 2, 128, torch.bfloat16, seed=2)
-    offsets = dict(cu_seqlens=cu_q, max_seqlen=max(q_lengths), cu_seqlens_k=cu_k, max_seqlen_k=max(k_lengths))
-    assert_matches_reference(backend, q, k, v, **offsets)
+    assert_matches_reference(backend, q, k, v, segments=segments_of(q_lengths), segments_k=segments_of(k_lengths))

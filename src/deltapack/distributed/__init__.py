@@ -3,7 +3,7 @@
 - :class:`ContextShard` splits one packed stream across the ranks of a process group (contiguous or zigzag) and
   keeps the bookkeeping of which documents each rank boundary cuts.
 - :mod:`deltapack.distributed.ops`: exact context-parallel causal conv1d and gated delta rule (conv tokens and
-  recurrent states handed over between ranks), reached through ``deltapack.ops`` when the boundaries carry a shard.
+  recurrent states handed over between ranks), reached through ``deltapack.ops`` when the segments are a shard.
 - :mod:`deltapack.distributed.attention`: full attention across ranks (keys and values all-gathered).
 - :func:`enable_context_parallel` and :func:`token_mean_loss`: a patched model on its shard, the loss of one device;
   :func:`load_balancing_loss_share`: the MoE load-balancing loss of all ranks' tokens, shared out.
@@ -19,11 +19,12 @@ from deltapack.distributed.context_parallel import (
     token_mean_loss,
 )
 from deltapack.distributed.fsdp import apply_fsdp, load_from_rank0, plan_fsdp_groups
-from deltapack.distributed.sharding import LAYOUTS, ContextShard, StreamPart, padded_total
+from deltapack.distributed.sharding import LAYOUTS, ContextShard, ShardSegments, StreamPart, padded_total
 
 __all__ = [
     "LAYOUTS",
     "ContextShard",
+    "ShardSegments",
     "StreamPart",
     "apply_fsdp",
     "disable_context_parallel",

@@ -30,36 +30,36 @@ import torch
 from torch import nn
 
 from deltapack.distributed.collectives import all_gather
-from deltapack.distributed.sharding import ContextShard, chain_parts_of_rank
+from deltapack.distributed.sharding import ContextShard, ShardSegments, chain_parts_of_rank
 from deltapack.models.attention import CONTEXT_PARALLEL as ATTENTION_NAME
 from deltapack.ops.attention import varlen_attention
+from deltapack.ops.segments import Segments
 
 __all__ = ["ATTENTION_NAME", "KeyPlan", "context_parallel_attention", "key_plan", "register_attention"]
-
-_CACHE_KEY = "context_parallel_keys"
 
 
 @dataclass(frozen=True)
 class KeyPlan:
-    """Which gathered keys each local query piece reads (built once per batch, kept in the local boundaries' cache).
+    """Which gathered keys each local query piece reads (built once per batch, the plan of the rank's segments).
 
     Attributes:
         index: [Tk] int64 rows of the gathered [P * 2 * T_local] key/value buffer (rank-major, keys then values per
             rank) holding the keys of every piece, piece after piece; index + T_local gives the values.
-        cu_seqlens_k: [pieces + 1] int32 key segment offsets. max_seqlen_k: the longest key segment (host int).
+        segments_k: the key segments, one per local piece (offsets into the Tk selected keys).
     """
 
     index: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_k: int
+    segments_k: Segments
 
 
-def key_plan(shard: ContextShard, device: torch.device) -> KeyPlan:
+def key_plan(shard: ContextShard) -> KeyPlan:
     """This rank's :class:`KeyPlan`: each local piece reads its document from its first token to the piece's end."""
-    cache = shard.local.cache
-    plan = cache.get(_CACHE_KEY)
-    if plan is not None and plan.index.device == device:
-        return plan
+    segments = shard.local.segments
+    return segments.plan(_build_key_plan)
+
+
+def _build_key_plan(segments: ShardSegments) -> KeyPlan:
+    shard, device = segments.shard, segments.device
     local = shard.num_local_tokens
     # where each global token sits in the gathered buffer: rank r's local token i is row r * 2 * local + i
     row_of = torch.empty(shard.total, dtype=torch.long)
@@ -76,14 +76,7 @@ def key_plan(shard: ContextShard, device: torch.device) -> KeyPlan:
             first, end = cu[doc], part.start + part.pieces[j + 1]
             ranges.append(row_of[first:end])
             offsets.append(offsets[-1] + end - first)
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    plan = KeyPlan(
-        index=torch.cat(ranges).to(device),
-        cu_seqlens_k=torch.tensor(offsets, dtype=torch.int32).to(device),
-        max_seqlen_k=max(lengths),
-    )
-    cache[_CACHE_KEY] = plan
-    return plan
+    return KeyPlan(index=torch.cat(ranges).to(device), segments_k=Segments.from_cu_seqlens(offsets, device))
 
 
 def context_parallel_attention(
@@ -103,14 +96,13 @@ def context_parallel_attention(
         query: [1, Hq, T_local, D]. key, value: [1, Hkv, T_local, D], Hq a multiple of Hkv (GQA).
         attention_mask: must be None (the mask comes from the shard).
         dropout, scaling: as transformers passes them.
-        kwargs: must hold ``boundaries`` whose ``context_parallel`` is this rank's :class:`ContextShard`.
+        kwargs: must hold ``boundaries`` whose segments are this rank's :class:`ShardSegments`.
 
     Returns:
         ([1, T_local, Hq, D] in the dtype of query, None).
     """
-    bounds = kwargs.get("boundaries")
-    shard = getattr(bounds, "context_parallel", None)
-    if shard is None:
+    segments = getattr(kwargs.get("boundaries"), "segments", None)
+    if not isinstance(segments, ShardSegments):
         raise ValueError(
             f"deltapack: the {ATTENTION_NAME!r} attention ran without a context-parallel shard; expected a patched "
             "model called with boundaries=ContextShard.local (or call disable_context_parallel(model) to run it on "
@@ -120,6 +112,7 @@ def context_parallel_attention(
         raise ValueError("deltapack: context-parallel attention got a mask; expected None (the shard holds the mask)")
     if dropout:
         raise ValueError(f"deltapack: context-parallel attention got dropout {dropout}; expected 0 (attention_dropout)")
+    shard = segments.shard
     if query.shape[0] != 1 or query.shape[2] != shard.num_local_tokens:
         raise ValueError(
             f"deltapack: context-parallel attention got queries of shape {tuple(query.shape)}; expected "
@@ -129,19 +122,16 @@ def context_parallel_attention(
     # [2, T_local, Hkv, D]: tokens first, as varlen kernels take them; gathered [P, 2, T_local, Hkv, D]
     kv = torch.stack([key[0].transpose(0, 1), value[0].transpose(0, 1)])
     gathered = all_gather(kv, shard.group, shard.world_size)
-    plan = key_plan(shard, query.device)
+    plan = key_plan(shard)
     rows = gathered.reshape(-1, *gathered.shape[-2:]).index_select(0, torch.cat([plan.index, plan.index + local]))
     keys, values = rows.chunk(2)  # [Tk, Hkv, D] each
-    bounds_local = shard.local
     out = varlen_attention(
         query[0].transpose(0, 1).contiguous(),
         keys,
         values,
-        cu_seqlens=bounds_local.cu_seqlens.to(query.device),
-        max_seqlen=bounds_local.max_seqlen,
+        segments=segments.pieces,
         scale=scaling,
-        cu_seqlens_k=plan.cu_seqlens_k,
-        max_seqlen_k=plan.max_seqlen_k,
+        segments_k=plan.segments_k,
     )
     return out.unsqueeze(0), None
 

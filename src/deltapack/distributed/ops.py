@@ -1,13 +1,15 @@
 """Exact context-parallel versions of the two GDN primitives: FLA's context-parallel kernels on GPUs, and the same
 algebra written over the reference ops everywhere else.
 
-Backends follow :func:`deltapack.ops.dispatch.resolve_backend` (argument, ``DELTAPACK_BACKEND``, automatic). On
-``fla`` the conv runs FLA's context-parallel conv (any dtype, parts of at least W - 1 tokens) and the delta rule
-FLA's context-parallel ``chunk_gated_delta_rule`` (bf16 / fp16, head dims <= 256), both through one
-``fla.ops.cp.FLACPContext`` built per batch (``build_cp_context`` with the global offsets, the group and the layout)
-and kept in the local boundaries' cache with its chunk indices. Inputs FLA does not take (fp32 delta rule, parts
-shorter than W - 1) run the reference algebra below, which is exact; every rank decides the same way, since the
-decision reads only the shard and dtypes all ranks share.
+The public ops reach these through the rank's :class:`~deltapack.distributed.sharding.ShardSegments` (:func:`run`);
+each is an :class:`~deltapack.ops.Op` of its own, so the backend is chosen as for every op (argument,
+``DELTAPACK_BACKEND``, automatic; verified, logged once with the reason). On ``fla`` the conv runs FLA's
+context-parallel conv (any dtype, parts of at least W - 1 tokens) and the delta rule FLA's context-parallel
+``chunk_gated_delta_rule`` (bf16 / fp16, head dims <= 256), both through one ``fla.ops.cp.FLACPContext`` built per
+batch (``build_cp_context`` with the global offsets, the group and the layout) and kept as the segments' plan with
+its chunk indices. Inputs FLA does not take (fp32 delta rule, parts shorter than W - 1) run the reference algebra
+below, which is exact; every rank decides the same way, since the verifiers read only the shard and dtypes all
+ranks share.
 
 Legend: T = this rank's tokens (its local buffer), P = ranks, C = parts of the stream along the chain (see
 :mod:`deltapack.distributed.sharding`), D = conv channels, W = conv width, Hk / Hv = key / value heads,
@@ -34,40 +36,37 @@ share, so the collectives (and their backward) always pair up.
 
 from __future__ import annotations
 
-import logging
+import functools
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from deltapack.distributed.collectives import all_gather
-from deltapack.distributed.sharding import ContextShard
+from deltapack.distributed.sharding import ContextShard, ShardSegments
 from deltapack.ops import fla, reference
-from deltapack.ops.dispatch import resolve_backend
+from deltapack.ops.dispatch import Backend, Op
+from deltapack.ops.segments import Segments
 
-__all__ = ["causal_conv1d", "gated_delta_rule"]
-
-logger = logging.getLogger("deltapack")
-_logged: set[tuple[str, str]] = set()
-_FLA_CACHE_KEY = "fla_context_parallel"
+__all__ = ["CONTEXT_PARALLEL_OPS", "causal_conv1d", "gated_delta_rule", "run"]
 
 
-def _note(op: str, backend: str, why: str = "") -> None:
-    if (op, backend) not in _logged:
-        _logged.add((op, backend))
-        logger.info("deltapack: context-parallel %s runs on the %s backend%s", op, backend, why)
+def _fla_contexts(segments: Segments) -> dict[int | None, tuple[Any, torch.Tensor]]:
+    """This batch's FLA contexts with their chunk indices, by conv width (None: built by the delta rule)."""
+    return {}
 
 
-def _fla_plan(shard: ContextShard, conv_width: int | None, device: torch.device) -> tuple[Any, torch.Tensor]:
+def _fla_plan(segments: ShardSegments, conv_width: int | None, device: torch.device) -> tuple[Any, torch.Tensor]:
     """(FLA's context for this rank, its chunk indices), built once per batch. ``conv_width`` None (the delta rule,
     which reads no conv metadata) takes the context the conv built."""
-    cache = shard.local.cache
-    key = (_FLA_CACHE_KEY, str(device))
-    plan = cache.get(key)
-    if plan is not None and (conv_width is None or plan[0].conv1d_kernel_size == conv_width):
-        return plan
+    contexts = segments.plan(_fla_contexts)
+    if conv_width in contexts:
+        return contexts[conv_width]
+    if conv_width is None and contexts:
+        return next(iter(contexts.values()))
     from fla.ops.cp import build_cp_context
 
+    shard = segments.shard
     cu_host = torch.tensor(shard.global_bounds.cu_seqlens_host, dtype=torch.long)
     group = shard.group if shard.group is not None else dist.group.WORLD
     context = build_cp_context(
@@ -81,13 +80,14 @@ def _fla_plan(shard: ContextShard, conv_width: int | None, device: torch.device)
             "same split: is the shard built over the same process group?"
         )
     lengths = [b - a for a, b in zip(local[:-1], local[1:])]
-    plan = (context, fla.chunk_indices(context.cu_seqlens, lengths))
-    cache[key] = plan
+    contexts[conv_width] = plan = (context, fla.chunk_indices(context.cu_seqlens, lengths, fla.CHUNK))
     return plan
 
 
-def _fla_takes(shard: ContextShard) -> bool:
-    return shard.num_local_tokens <= fla.MAX_CHUNKS_PER_CALL * fla.CHUNK
+def _fla_takes(shard: ContextShard) -> tuple[bool, str]:
+    limit = fla.MAX_CHUNKS_PER_CALL * fla.CHUNK
+    ok = shard.num_local_tokens <= limit
+    return ok, f"{shard.num_local_tokens} tokens on this rank; FLA's context-parallel kernels take at most {limit}"
 
 
 def _check_stream(name: str, x: torch.Tensor, shard: ContextShard) -> None:
@@ -110,6 +110,106 @@ def _my_chains(shard: ContextShard, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- causal conv1d
+@functools.cache
+def _halo_builder(keep: int) -> Any:
+    """The segments of this rank's parts, each behind ``keep`` rows for the tokens before it (see
+    :func:`_conv_reference`): rows that belong to no document of the part form a document of their own."""
+
+    def build(segments: ShardSegments) -> Segments:
+        offsets, base = [0], 0
+        for part in segments.shard.parts:
+            valid = min(keep, part.context_before)
+            if keep > valid:
+                offsets.append(base + keep - valid)
+            offsets.extend(base + keep + p for p in part.pieces[1:])
+            base += keep + part.length
+        return Segments.from_cu_seqlens(offsets, segments.device)
+
+    return build
+
+
+def _conv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    segments: ShardSegments,
+) -> torch.Tensor:
+    """The exact conv over this rank's tokens: one all-gather of each part's last W - 1 tokens (module docstring)."""
+    shard = segments.shard
+    keep = weight.shape[-1] - 1
+    if keep == 0 or not shard.crosses_ranks:
+        return reference.causal_conv1d_ref(x, weight, bias, activation, segments=segments.pieces)
+
+    parts, part_len, channels = shard.parts, shard.part_len, x.shape[-1]
+    tail = min(keep, part_len)
+    tails = torch.stack([x[0, (i + 1) * part_len - tail : (i + 1) * part_len] for i in range(len(parts))])
+    gathered = all_gather(tails, shard.group, shard.world_size)  # [P, slots, tail, D]
+    chain_tails = gathered.reshape(-1, tail, channels).index_select(0, _chain_order(shard, x.device))  # [C, tail, D]
+    # the `keep` tokens before each part's start; tails of consecutive parts are adjacent when tail < keep (whole
+    # parts) and only the previous part's tail is read otherwise, so one zero-padded flat view serves both
+    flat = torch.cat([chain_tails.new_zeros(keep, channels), chain_tails.reshape(-1, channels)])
+    rows = torch.arange(len(shard.chain), device=x.device)[:, None] * tail + torch.arange(keep, device=x.device)
+    halos = flat.index_select(0, rows.reshape(-1)).reshape(len(shard.chain), keep, channels)
+    halos = halos.index_select(0, _my_chains(shard, x.device))  # [slots, keep, D]
+
+    pieces, keep_rows, base = [], [], 0
+    for i in range(len(parts)):
+        pieces += [halos[i].to(x.dtype), x[0, i * part_len : (i + 1) * part_len]]
+        keep_rows.append(torch.arange(base + keep, base + keep + part_len, device=x.device))
+        base += keep + part_len
+    extended = torch.cat(pieces).unsqueeze(0)
+    halo_segments = segments.plan(_halo_builder(keep))
+    out = reference.causal_conv1d_ref(extended, weight, bias, activation, segments=halo_segments)
+    return out.index_select(1, torch.cat(keep_rows))
+
+
+def _verify_fla_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    segments: ShardSegments,
+) -> tuple[bool, str]:
+    ok, why = fla.verify_causal_conv1d(x, weight, bias, activation, segments=segments.pieces)
+    keep = weight.shape[-1] - 1
+    if ok and segments.shard.part_len < keep:
+        ok, why = (
+            False,
+            f"parts of {segments.shard.part_len} tokens; FLA's context-parallel conv takes >= W - 1 = {keep}",
+        )
+    return (ok, why) if not ok else _fla_takes(segments.shard)
+
+
+def _fla_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    segments: ShardSegments,
+) -> torch.Tensor:
+    context, chunk_indices = _fla_plan(segments, weight.shape[-1], x.device)
+    return fla.causal_conv1d_cp(x, weight, bias, activation, cp_context=context, chunk_indices=chunk_indices)
+
+
+def _load(fn: Any) -> Any:
+    def load() -> Any:
+        fla.kernels()
+        from fla.ops.cp import build_cp_context  # noqa: F401
+
+        return fn
+
+    return load
+
+
+_HINT = "install deltapack[gpu] on a CUDA machine or choose backend='reference'"
+CONV = Op("context-parallel causal_conv1d", _conv_reference)
+CONV.add_backend(Backend("fla", load=_load(_fla_conv), verify=_verify_fla_conv, package="fla", hint=_HINT))
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -130,43 +230,7 @@ def causal_conv1d(
         [1, T, D] in the dtype of x: equal to the conv over the whole stream, restricted to this rank's tokens.
     """
     _check_stream("x", x, shard)
-    keep = weight.shape[-1] - 1
-    if resolve_backend(backend, x.device, "context-parallel causal_conv1d") == "fla":
-        if fla.runs_causal_conv1d(activation) and shard.part_len >= keep and _fla_takes(shard):
-            _note("causal_conv1d", "fla")
-            context, chunk_indices = _fla_plan(shard, weight.shape[-1], x.device)
-            return fla.causal_conv1d_cp(x, weight, bias, activation, cp_context=context, chunk_indices=chunk_indices)
-        _note("causal_conv1d", "reference", f" (FLA takes parts of at least {keep} tokens and silu or no activation)")
-    seq_idx = shard.local.seq_idx.to(x.device)
-    if keep == 0 or not shard.crosses_ranks:
-        return reference.causal_conv1d_ref(x, weight, bias, activation, seq_idx=seq_idx)
-
-    parts, part_len, channels = shard.parts, shard.part_len, x.shape[-1]
-    tail = min(keep, part_len)
-    tails = torch.stack([x[0, (i + 1) * part_len - tail : (i + 1) * part_len] for i in range(len(parts))])
-    gathered = all_gather(tails, shard.group, shard.world_size)  # [P, slots, tail, D]
-    chain_tails = gathered.reshape(-1, tail, channels).index_select(0, _chain_order(shard, x.device))  # [C, tail, D]
-    # the `keep` tokens before each part's start; tails of consecutive parts are adjacent when tail < keep (whole
-    # parts) and only the previous part's tail is read otherwise, so one zero-padded flat view serves both
-    flat = torch.cat([chain_tails.new_zeros(keep, channels), chain_tails.reshape(-1, channels)])
-    rows = torch.arange(len(shard.chain), device=x.device)[:, None] * tail + torch.arange(keep, device=x.device)
-    halos = flat.index_select(0, rows.reshape(-1)).reshape(len(shard.chain), keep, channels)
-    halos = halos.index_select(0, _my_chains(shard, x.device))  # [slots, keep, D]
-
-    pieces, ids, keep_rows, base = [], [], [], 0
-    for i, part in enumerate(parts):
-        valid = min(keep, part.context_before)
-        local_ids = seq_idx[0, i * part_len : (i + 1) * part_len]
-        # rows that belong to no document of this part get their own id (-1 - i), so no tap reads them
-        halo_ids = torch.full((keep,), -1 - i, dtype=local_ids.dtype, device=x.device)
-        halo_ids[keep - valid :] = local_ids[0]
-        pieces += [halos[i].to(x.dtype), x[0, i * part_len : (i + 1) * part_len]]
-        ids += [halo_ids, local_ids]
-        keep_rows.append(torch.arange(base + keep, base + keep + part_len, device=x.device))
-        base += keep + part_len
-    extended = torch.cat(pieces).unsqueeze(0)
-    out = reference.causal_conv1d_ref(extended, weight, bias, activation, seq_idx=torch.cat(ids).unsqueeze(0))
-    return out.index_select(1, torch.cat(keep_rows))
+    return CONV.run(x, weight, bias, activation, segments=shard.local.segments, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------- gated delta rule
@@ -182,6 +246,102 @@ def _compose_chain(hm: torch.Tensor, shard: ContextShard, head_v: int) -> torch.
         else:  # the previous part lies wholly inside the document: its state enters it and goes on
             states.append(hm[c - 1, ..., head_v:] @ states[c - 1] + hm[c - 1, ..., :head_v])
     return torch.stack(states)
+
+
+def _gated_delta_rule_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: ShardSegments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, None]:
+    """The exact rule over this rank's tokens: one all-gather of per-part state transitions (module docstring)."""
+    shard, pieces = segments.shard, segments.pieces
+    if not shard.crosses_ranks:
+        o, _ = reference.gated_delta_rule_ref(
+            q, k, v, g, beta, segments=pieces, scale=scale, use_qk_l2norm=use_qk_l2norm
+        )
+        return o, None
+
+    num_v_heads, head_v = v.shape[-2:]
+    head_k = q.shape[-1]
+    num_pieces = pieces.num_docs
+    # K extra value columns, zero input, identity start: their final state is M, their output R_t = P_t^T q_t
+    v_aug = torch.cat([v.float(), v.new_zeros(*v.shape[:-1], head_k, dtype=torch.float32)], dim=-1)
+    eye = torch.eye(head_k, device=q.device).expand(num_pieces, num_v_heads, head_k, head_k)
+    start = torch.cat([eye.new_zeros(num_pieces, num_v_heads, head_k, head_v), eye], dim=-1)
+    out, final = reference.gated_delta_rule_ref(
+        q.float(),
+        k.float(),
+        v_aug,
+        g.float(),
+        beta.float(),
+        segments=pieces,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        initial_state=start,
+        output_final_state=True,
+    )
+    o, response = out[..., :head_v], out[..., head_v:]  # [1, T, Hv, V], [1, T, Hv, K]
+
+    # [H | M] of the piece that ends each local part, gathered from every rank and put along the chain
+    piece_of_part_end = [shard.parts[0].num_pieces - 1]
+    if len(shard.parts) == 2:
+        piece_of_part_end.append(num_pieces - 1)
+    hm_local = final.index_select(0, torch.tensor(piece_of_part_end, device=q.device))  # [slots, Hv, K, V + K]
+    gathered = all_gather(hm_local, shard.group, shard.world_size)
+    hm = gathered.reshape(-1, *hm_local.shape[1:]).index_select(0, _chain_order(shard, q.device))
+    entering = _compose_chain(hm, shard, head_v).index_select(0, _my_chains(shard, q.device))  # [slots, Hv, K, V]
+
+    rows, part_len = [], shard.part_len
+    for i, part in enumerate(shard.parts):
+        lo, first_end = i * part_len, i * part_len + part.pieces[1]
+        carried = torch.einsum("thk,hkv->thv", response[0, lo:first_end], entering[i])
+        rows += [o[0, lo:first_end] + carried, o[0, first_end : lo + part_len]]
+    return torch.cat(rows).unsqueeze(0).to(q.dtype), None
+
+
+def _verify_fla_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: ShardSegments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[bool, str]:
+    ok, why = fla.verify_gated_delta_rule(q, k, v, g, beta, segments=segments.pieces)
+    return (ok, why) if not ok else _fla_takes(segments.shard)
+
+
+def _fla_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: ShardSegments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, None]:
+    context, chunk_indices = _fla_plan(segments, None, q.device)
+    o = fla.gated_delta_rule_cp(
+        q, k, v, g, beta, cp_context=context, chunk_indices=chunk_indices, scale=scale, use_qk_l2norm=use_qk_l2norm
+    )
+    return o, None
+
+
+GATED_DELTA_RULE = Op("context-parallel gated_delta_rule", _gated_delta_rule_reference)
+GATED_DELTA_RULE.add_backend(
+    Backend("fla", load=_load(_fla_gated_delta_rule), verify=_verify_fla_gated_delta_rule, package="fla", hint=_HINT)
+)
 
 
 def gated_delta_rule(
@@ -209,53 +369,46 @@ def gated_delta_rule(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_stream(name, t, shard)
-    if resolve_backend(backend, q.device, "context-parallel gated_delta_rule") == "fla":
-        if fla.runs_gated_delta_rule(q, v) and _fla_takes(shard):
-            _note("gated_delta_rule", "fla")
-            context, chunk_indices = _fla_plan(shard, None, q.device)
-            o = fla.gated_delta_rule_cp(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                cp_context=context,
-                chunk_indices=chunk_indices,
-                scale=scale,
-                use_qk_l2norm=use_qk_l2norm,
-            )
-            return o, None
-        _note("gated_delta_rule", "reference", " (FLA's delta rule takes bf16 / fp16 with head dims <= 256)")
-    cu_host = shard.local_cu_seqlens_host
-    cu = torch.tensor(cu_host, dtype=torch.int32, device=q.device)
-    common = dict(cu_seqlens=cu, cu_seqlens_host=cu_host, scale=scale, use_qk_l2norm=use_qk_l2norm)
-    if not shard.crosses_ranks:
-        return reference.gated_delta_rule_ref(q, k, v, g, beta, **common)
-
-    num_v_heads, head_v = v.shape[-2:]
-    head_k = q.shape[-1]
-    num_pieces = len(cu_host) - 1
-    # K extra value columns, zero input, identity start: their final state is M, their output R_t = P_t^T q_t
-    v_aug = torch.cat([v.float(), v.new_zeros(*v.shape[:-1], head_k, dtype=torch.float32)], dim=-1)
-    eye = torch.eye(head_k, device=q.device).expand(num_pieces, num_v_heads, head_k, head_k)
-    start = torch.cat([eye.new_zeros(num_pieces, num_v_heads, head_k, head_v), eye], dim=-1)
-    out, final = reference.gated_delta_rule_ref(
-        q.float(), k.float(), v_aug, g.float(), beta.float(), **common, output_final_state=True, initial_state=start
+    segments = shard.local.segments
+    return GATED_DELTA_RULE.run(
+        q, k, v, g, beta, segments=segments, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend
     )
-    o, response = out[..., :head_v], out[..., head_v:]  # [1, T, Hv, V], [1, T, Hv, K]
 
-    # [H | M] of the piece that ends each local part, gathered from every rank and put along the chain
-    piece_of_part_end = [shard.parts[0].num_pieces - 1]
-    if len(shard.parts) == 2:
-        piece_of_part_end.append(num_pieces - 1)
-    hm_local = final.index_select(0, torch.tensor(piece_of_part_end, device=q.device))  # [slots, Hv, K, V + K]
-    gathered = all_gather(hm_local, shard.group, shard.world_size)
-    hm = gathered.reshape(-1, *hm_local.shape[1:]).index_select(0, _chain_order(shard, q.device))
-    entering = _compose_chain(hm, shard, head_v).index_select(0, _my_chains(shard, q.device))  # [slots, Hv, K, V]
 
-    segments, part_len = [], shard.part_len
-    for i, part in enumerate(shard.parts):
-        lo, first_end = i * part_len, i * part_len + part.pieces[1]
-        carried = torch.einsum("thk,hkv->thv", response[0, lo:first_end], entering[i])
-        segments += [o[0, lo:first_end] + carried, o[0, first_end : lo + part_len]]
-    return torch.cat(segments).unsqueeze(0).to(q.dtype), None
+# ---------------------------------------------------------------------------------------------- from the public ops
+def _run_gated_delta_rule(
+    shard: ContextShard,
+    *args: torch.Tensor,
+    backend: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if initial_state is not None or output_final_state:
+        raise ValueError(
+            "deltapack: gated_delta_rule with an initial state or output_final_state under context parallelism; "
+            "expected neither (states are handed across ranks inside the op)"
+        )
+    return gated_delta_rule(*args, shard=shard, backend=backend, **kwargs)
+
+
+def _run_causal_conv1d(shard: ContextShard, *args: Any, backend: str | None = None, **kwargs: Any) -> torch.Tensor:
+    return causal_conv1d(*args, shard=shard, backend=backend, **kwargs)
+
+
+CONTEXT_PARALLEL_OPS = {"causal_conv1d": _run_causal_conv1d, "gated_delta_rule": _run_gated_delta_rule}
+
+
+def run(op: str, segments: ShardSegments, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+    """Op ``op`` of :mod:`deltapack.ops` on one rank's shard (what :meth:`ShardSegments.run_op` calls).
+
+    Raises:
+        ValueError: for an op with no context-parallel version (it would treat the pieces of documents cut by rank
+            boundaries as whole documents).
+    """
+    if op not in CONTEXT_PARALLEL_OPS:
+        raise ValueError(
+            f"deltapack: {op} has no context-parallel version; expected one of {sorted(CONTEXT_PARALLEL_OPS)} under "
+            "context parallelism (or run the model on one device)"
+        )
+    return CONTEXT_PARALLEL_OPS[op](segments.shard, *args, backend=backend, **kwargs)

@@ -25,15 +25,16 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from deltapack.boundaries import Boundaries
+from deltapack.ops.segments import Segments
 
-__all__ = ["LAYOUTS", "ContextShard", "StreamPart", "padded_total"]
+__all__ = ["LAYOUTS", "ContextShard", "ShardSegments", "StreamPart", "padded_total"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -110,7 +111,7 @@ class ContextShard:
 
     Build it with :meth:`build`. Its :attr:`local` boundaries describe the rank's tokens for a patched model: local
     pieces as documents, global in-document positions (RoPE sees the same positions as on one device), and this shard
-    as their ``context_parallel``, which makes the GDN ops and full attention exchange what crosses ranks.
+    as :class:`ShardSegments`, which makes the ops and full attention exchange what crosses ranks.
 
     Attributes:
         group: the process group (None: bookkeeping only, for a single rank or for tests of the layout).
@@ -228,22 +229,17 @@ class ContextShard:
     def local(self) -> Boundaries:
         """The boundaries of this rank's tokens, for a patched model run on the local stream [1, local tokens].
 
-        Pieces are its documents; ``position_ids`` are the global in-document positions; ``context_parallel`` is
-        this shard.
+        Their segments are a :class:`ShardSegments` over this rank's pieces (so every op exchanges what crosses
+        ranks); ``position_ids`` are the global in-document positions.
         """
-        cu = self.local_cu_seqlens_host
-        device = self.global_bounds.device
-        lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])])
-        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)
+        pieces = Segments.from_cu_seqlens(self.local_cu_seqlens_host, self.global_bounds.device)
         return Boundaries(
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
-            cu_seqlens_host=cu,
-            seq_idx=seq_idx.unsqueeze(0).to(device),
+            segments=ShardSegments(
+                pieces.cu_seqlens, pieces.cu_seqlens_host, pieces.seq_idx, pieces.max_seqlen, shard=self
+            ),
             position_ids=self.global_bounds.position_ids.index_select(1, self.local_index),
             indices=None,
             batch_shape=(1, self.num_local_tokens),
-            max_seqlen=int(lengths.max()),
-            context_parallel=self,
         )
 
     # ------------------------------------------------------------------ moving tensors between views
@@ -307,3 +303,36 @@ class ContextShard:
             f"ContextShard(rank={self.rank}/{self.world_size}, layout={self.layout!r}, part_len={self.part_len}, "
             f"local pieces={self.local_cu_seqlens_host})"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSegments(Segments):
+    """The segments of one rank's tokens under context parallelism: the rank's pieces of documents (its offsets,
+    as in :class:`~deltapack.ops.Segments`), some of which go on in other ranks' parts.
+
+    Every op called with these segments runs through :meth:`run_op`: the context-parallel version of the op
+    (:mod:`deltapack.distributed.ops`), which hands conv tokens and recurrent states across ranks; an op without one
+    raises, never runs the pieces as if they were whole documents. Labels shift across rank boundaries too.
+
+    Attributes:
+        shard: the :class:`ContextShard` these segments describe this rank of.
+    """
+
+    is_shard = True
+    shard: ContextShard = field(default=None, repr=False)  # type: ignore[assignment]
+
+    @functools.cached_property
+    def pieces(self) -> Segments:
+        """The same offsets as plain segments: the pieces as independent documents, for what runs after the exchange
+        (the reference on this rank's tokens, varlen attention against gathered keys)."""
+        return Segments(self.cu_seqlens, self.cu_seqlens_host, self.seq_idx, self.max_seqlen)
+
+    def run_op(self, op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        from deltapack.distributed import ops as cp_ops
+
+        return cp_ops.run(op, self, *args, backend=backend, **kwargs)
+
+    def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """As :meth:`ContextShard.shift_labels`: a document cut at this rank's end takes its next target from the
+        next rank (a collective)."""
+        return self.shard.shift_labels(labels, ignore_index)

@@ -10,8 +10,8 @@ apart is built here from the batch's boundaries, once per forward:
 - ``eager`` / ``sdpa`` on CUDA, when a varlen kernel runs there (see :mod:`deltapack.ops.attention`): no mask;
   the patched full-attention modules run :func:`packed_attention_forward`, which computes q, k, v, the output gate
   and rope exactly as the transformers module does and calls :func:`deltapack.ops.attention.varlen_attention`
-  with the same cu_seqlens. The decision is made once per batch (:func:`attention_inputs`) and kept in
-  ``Boundaries.cache``, so the mask and the modules always agree.
+  with the same segments. The decision is made once per batch (:func:`attention_inputs`) and kept in
+  ``Boundaries.choices``, so the mask and the modules always agree.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ ATTENTION_MODULES = "_deltapack_attention_modules"  # on a patched decoder stack
 CONTEXT_PARALLEL = "deltapack_context_parallel"  # deltapack.distributed.attention registers it with transformers
 # the full-attention classes whose forward packed_attention_forward reproduces (q/k/v, output gate, rope)
 FULL_ATTENTION_CLASSES = ("Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen3NextAttention")
-_PLAN_KEY = "attention_backend"  # in Boundaries.cache: the varlen backend of this batch, or None (masked path)
 WRAPPED_ATTR = "_deltapack_attn_inner"  # where patch() keeps a wrapped attention module's own forward
 
 
@@ -58,15 +57,15 @@ def _varlen_backend(bounds: Boundaries, text_model: nn.Module | None, dtype: tor
 
 def varlen_backend_of(bounds: Boundaries) -> str | None:
     """The varlen backend :func:`attention_inputs` chose for this batch (None: the masked path)."""
-    return bounds.cache.get(_PLAN_KEY)
+    return bounds.choices.varlen_attention
 
 
 def _context_parallel_inputs(bounds: Boundaries, implementation: str) -> tuple[None, dict[str, Any]]:
     """One rank's tokens of a stream split across ranks: the context-parallel attention reads the shard itself."""
-    if bounds.context_parallel is None or implementation != CONTEXT_PARALLEL:
+    if not bounds.segments.is_shard or implementation != CONTEXT_PARALLEL:
         raise ValueError(
             f"deltapack: attention implementation {implementation!r} with "
-            f"{'a' if bounds.context_parallel is not None else 'no'} context-parallel shard; expected "
+            f"{'a' if bounds.segments.is_shard else 'no'} context-parallel shard; expected "
             f"{CONTEXT_PARALLEL!r} exactly when the boundaries come from a ContextShard "
             "(deltapack.distributed.enable_context_parallel(model) selects it)"
         )
@@ -87,14 +86,14 @@ def attention_inputs(
     """(the mask for the full-attention layers, extra kwargs for the attention function).
 
     With ``text_model`` given (the decoder stack, its full-attention modules patched), eager/sdpa batches on CUDA
-    take the varlen path: no mask, and the choice is recorded in ``bounds.cache`` for the modules to read.
+    take the varlen path: no mask, and the choice is recorded in ``bounds.choices`` for the modules to read.
     Raises ValueError for an attention implementation deltapack cannot keep exact.
     """
-    if bounds.context_parallel is not None or implementation == CONTEXT_PARALLEL:
+    if bounds.segments.is_shard or implementation == CONTEXT_PARALLEL:
         return _context_parallel_inputs(bounds, implementation)
     if implementation in MASKED:
         backend = _varlen_backend(bounds, text_model, dtype)
-        bounds.cache[_PLAN_KEY] = backend
+        bounds.choices.varlen_attention = backend
         if backend is not None:
             return None, {}
     if implementation == "sdpa":
@@ -149,10 +148,8 @@ def packed_attention_forward(
         query[0],
         key[0],
         value[0],
-        cu_seqlens=bounds.cu_seqlens,
-        max_seqlen=bounds.max_seqlen,
+        segments=bounds.segments,
         scale=module.scaling,
-        seq_idx=bounds.seq_idx,
         backend=varlen_backend_of(bounds),
     )
     out = out.reshape(*input_shape, -1) * torch.sigmoid(gate)

@@ -51,11 +51,7 @@ def packed_gdn_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
         layer.conv1d.weight.squeeze(1),
         layer.conv1d.bias,
         layer.activation,
-        cu_seqlens=bounds.cu_seqlens,
-        seq_idx=bounds.seq_idx,
-        cu_seqlens_host=bounds.cu_seqlens_host,
-        cache=bounds.cache,
-        context_parallel=bounds.context_parallel,
+        segments=bounds.segments,
     )
     q, k, v = torch.split(mixed, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
     q = q.reshape(1, tokens, -1, layer.head_k_dim)
@@ -70,11 +66,8 @@ def packed_gdn_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
         v,
         g,
         beta,
-        cu_seqlens=bounds.cu_seqlens,
-        cu_seqlens_host=bounds.cu_seqlens_host,
+        segments=bounds.segments,
         use_qk_l2norm=True,
-        cache=bounds.cache,
-        context_parallel=bounds.context_parallel,
     )
     core = layer.norm(core.reshape(-1, layer.head_v_dim), z.reshape(-1, layer.head_v_dim))
     return layer.out_proj(core.reshape(1, tokens, -1))

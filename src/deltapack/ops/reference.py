@@ -1,20 +1,24 @@
 """Exact pure-PyTorch varlen references of the two GDN primitives.
 
 These are the oracle every faster backend is tested against, and the path that runs wherever no kernel is
-installed (any device, autograd included). They are written for clarity first.
+installed (any device, autograd included). They are written for clarity first. Each has the signature of its
+public op in :mod:`deltapack.ops` less ``backend=``.
 
 Legend (shapes): T = tokens in the packed stream, D = conv channels, W = conv width, N = documents,
 Hk / Hv = key / value heads (Hv = r * Hk), K / V = key / value head dim.
 
-The varlen rule, as in flash-attn and FLA: a packed stream is one row (batch size 1) and
-``cu_seqlens`` (int32, length N + 1, starting at 0, strictly increasing, ending at T) says where each
-document starts. ``seq_idx`` ([1, T] int32) is the same information per token: the document index.
+The varlen rule, as in flash-attn and FLA: a packed stream is one row (batch size 1), and its
+:class:`~deltapack.ops.Segments` say where each document starts (see :mod:`deltapack.ops.segments`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from deltapack.ops.segments import Segments
+
+CHUNK = 64  # the reference delta rule's chunk length (FLA's and transformers' too)
 
 _ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
 
@@ -25,53 +29,51 @@ def causal_conv1d_ref(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
-    seq_idx: torch.Tensor | None = None,
+    segments: Segments,
 ) -> torch.Tensor:
-    """Depthwise causal conv1d that never reads across a document boundary.
+    """Depthwise causal conv1d over a packed stream that never reads across a document boundary.
 
     Args:
-        x: [B, T, D] input, channels last.
+        x: [1, T, D] the packed stream, channels last.
         weight: [D, W] per-channel taps; ``weight[:, -1]`` multiplies the current token (as in ``nn.Conv1d``
             with ``padding=W-1`` truncated to the first T outputs).
         bias: [D] or None.
         activation: None or "silu" / "swish".
-        seq_idx: [B, T] integer document index per token; a tap reads token ``t - s`` only when
-            ``seq_idx[t - s] == seq_idx[t]``. None: every row is one sequence.
+        segments: the documents of the stream; a tap reads token ``t - s`` only inside the document of ``t``.
 
     Returns:
-        [B, T, D] in the dtype of ``x``; computed in the dtype of ``weight`` (as the model does).
+        [1, T, D] in the dtype of ``x``; computed in the dtype of ``weight`` (as the model does).
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+    _check_stream("x", x, 3, segments)
     if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [D, W] with D = {x.shape[-1]}, got shape {tuple(weight.shape)}")
-    if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"seq_idx must be [B, T] = {tuple(x.shape[:2])}, got shape {tuple(seq_idx.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"activation must be one of {sorted(k for k in _ACTIVATIONS if k)} or None, got {activation!r}"
         )
-    batch, total, channels = x.shape
+    total, channels = x.shape[1:]
     width = weight.shape[1]
-    if seq_idx is None:
-        seq_idx = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, total)
     # Lay the documents out one after another, each behind W - 1 zeros, and run the same F.conv1d the model runs:
     # no tap can reach the previous document, and each document sees exactly the arithmetic it sees alone.
-    flat_idx = seq_idx.reshape(-1)
-    starts = torch.ones_like(flat_idx, dtype=torch.bool)
-    starts[1:] = flat_idx[1:] != flat_idx[:-1]
-    starts = starts.reshape(batch, total)
-    starts[:, 0] = True  # a row never continues the previous row
-    doc = starts.reshape(-1).cumsum(0) - 1
-    dest = torch.arange(batch * total, device=x.device) + (doc + 1) * (width - 1)
-    gapped = x.new_zeros(int(dest[-1]) + 1, channels, dtype=weight.dtype)
-    gapped = gapped.index_copy(0, dest, x.reshape(batch * total, channels).to(weight.dtype))
+    doc = segments.seq_idx.reshape(-1).to(x.device, torch.long)
+    dest = torch.arange(total, device=x.device) + (doc + 1) * (width - 1)
+    gapped = x.new_zeros(total + segments.num_docs * (width - 1), channels, dtype=weight.dtype)
+    gapped = gapped.index_copy(0, dest, x[0].to(weight.dtype))
     out = F.conv1d(gapped.t().unsqueeze(0), weight.unsqueeze(1), bias, groups=channels)  # [1, D, L - W + 1]
-    out = out[0].t().index_select(0, dest - (width - 1)).reshape(batch, total, channels)
+    out = out[0].t().index_select(0, dest - (width - 1)).unsqueeze(0)
     act = _ACTIVATIONS[activation]
     if act is not None:
         out = act(out)
     return out.to(x.dtype)
+
+
+def _check_stream(name: str, x: torch.Tensor, dims: int, segments: Segments) -> None:
+    if x.dim() != dims or x.shape[0] != 1 or x.shape[1] != segments.total_tokens:
+        shape = ", ".join(["1", str(segments.total_tokens)] + ["..."] * (dims - 2))
+        raise ValueError(
+            f"{name} must be one packed stream [{shape}] of the {segments.total_tokens} tokens the segments "
+            f"describe, got shape {tuple(x.shape)}"
+        )
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -103,13 +105,11 @@ def gated_delta_rule_ref(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    cu_seqlens: torch.Tensor | None = None,
-    cu_seqlens_host: list[int] | tuple[int, ...] | None = None,
+    segments: Segments,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
-    output_final_state: bool = False,
     initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule whose state starts at zero for every document (or at ``initial_state``).
 
@@ -120,54 +120,28 @@ def gated_delta_rule_ref(
     first chunk of every document.
 
     Args:
-        q, k: [B, T, Hk, K]. v: [B, T, Hv, V] with Hv a multiple of Hk (value head h reads key head h // (Hv/Hk)).
-        g: [B, T, Hv] log-decay (<= 0). beta: [B, T, Hv] write strength.
-        cu_seqlens: [N + 1] int32 document offsets; requires B == 1. None: every row is one sequence.
-        cu_seqlens_host: the same offsets as host ints (saves a device sync when given).
+        q, k: [1, T, Hk, K]. v: [1, T, Hv, V] with Hv a multiple of Hk (value head h reads key head h // (Hv/Hk)).
+        g: [1, T, Hv] log-decay (<= 0, fp32 preferred). beta: [1, T, Hv] write strength in (0, 1).
+        segments: the documents of the stream.
         scale: query scale, default K ** -0.5.
         use_qk_l2norm: L2-normalise q and k first (what the Qwen3.5 / Qwen3-Next layers ask for).
+        initial_state: [N, Hv, K, V] the state each document starts from; None: zeros. Gradients flow into it
+            (context parallelism hands states across ranks through it).
         output_final_state: also return each document's final state.
-        initial_state: [N, Hv, K, V] the state each document starts from (N = B when cu_seqlens is None); None:
-            zeros. Gradients flow into it (context parallelism hands states across ranks through it).
 
     Returns:
-        o: [B, T, Hv, V] in the dtype of q (computed in fp32);
-        final state: [N, Hv, K, V] fp32 (N = B when cu_seqlens is None) or None.
+        o: [1, T, Hv, V] in the dtype of q (computed in fp32);
+        final state: [N, Hv, K, V] fp32, or None.
     """
-    batch, total, num_k_heads, head_k = q.shape
+    _check_gated_delta_rule(q, k, v, g, beta, segments, initial_state)
+    num_k_heads, head_k = q.shape[2:]
     num_v_heads, head_v = v.shape[-2:]
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2] or num_v_heads % num_k_heads:
-        raise ValueError(
-            f"v must be [B, T, Hv, V] with B, T = {tuple(q.shape[:2])} and Hv a multiple of Hk = {num_k_heads}, "
-            f"got {tuple(v.shape)}"
-        )
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (batch, total, num_v_heads):
-            raise ValueError(f"{name} must be [B, T, Hv] = {(batch, total, num_v_heads)}, got {tuple(t.shape)}")
-    if cu_seqlens is None:
-        bounds = [0, total]
-    else:
-        if batch != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (one packed stream), got {batch}")
-        bounds = list(cu_seqlens_host) if cu_seqlens_host is not None else cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {total}, got {bounds}")
-    num_seqs = batch if cu_seqlens is None else len(bounds) - 1
-    if initial_state is not None and tuple(initial_state.shape) != (num_seqs, num_v_heads, head_k, head_v):
-        raise ValueError(
-            f"initial_state must be [N, Hv, K, V] = {(num_seqs, num_v_heads, head_k, head_v)}, "
-            f"got {tuple(initial_state.shape)}"
-        )
+    bounds = list(segments.cu_seqlens_host)
     out_dtype = q.dtype
     scale = head_k**-0.5 if scale is None else scale
     group = num_v_heads // num_k_heads
 
-    # [B, T, H, *] -> one stream of rows [1, T * B] when B > 1 without cu_seqlens: each row is a document
-    if cu_seqlens is None and batch > 1:
-        bounds = [i * total for i in range(batch + 1)]
-    q, k, v, g, beta = (x.reshape(1, batch * total, *x.shape[2:]).float() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     if group > 1:
         q = q.repeat_interleave(group, dim=2)
         k = k.repeat_interleave(group, dim=2)
@@ -176,6 +150,7 @@ def gated_delta_rule_ref(
     q = q * scale
 
     # scatter into the per-document chunk-aligned layout: [Hv, C_total, chunk, *]
+    chunk_size = CHUNK
     dest, padded_len, first_chunk = _chunk_layout(bounds, chunk_size, q.device)
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:  # [1, T, H, *] -> [H, C, L, *]
@@ -214,10 +189,37 @@ def gated_delta_rule_ref(
             finals.append(state)
 
     o = torch.stack(outs, dim=1).reshape(num_v_heads, padded_len, head_v)  # [Hv, padded, V]
-    o = o.index_select(1, dest).transpose(0, 1)  # [T * B, Hv, V]
-    o = o.reshape(batch, total, num_v_heads, head_v).to(out_dtype)
+    o = o.index_select(1, dest).transpose(0, 1)  # [T, Hv, V]
+    o = o.unsqueeze(0).to(out_dtype)
     final = torch.stack(finals) if output_final_state else None
     return o, final
+
+
+def _check_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    segments: Segments,
+    initial_state: torch.Tensor | None,
+) -> None:
+    _check_stream("q", q, 4, segments)
+    num_k_heads, head_k = q.shape[2:]
+    num_v_heads, head_v = v.shape[-2:]
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:2] != q.shape[:2] or num_v_heads % num_k_heads:
+        raise ValueError(
+            f"v must be [1, T, Hv, V] with T = {q.shape[1]} and Hv a multiple of Hk = {num_k_heads}, "
+            f"got {tuple(v.shape)}"
+        )
+    for name, t in (("g", g), ("beta", beta)):
+        if tuple(t.shape) != (*q.shape[:2], num_v_heads):
+            raise ValueError(f"{name} must be [1, T, Hv] = {(*q.shape[:2], num_v_heads)}, got {tuple(t.shape)}")
+    expected = (segments.num_docs, num_v_heads, head_k, head_v)
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state must be [N, Hv, K, V] = {expected}, got {tuple(initial_state.shape)}")
 
 
 def gated_delta_rule_recurrent_ref(
@@ -227,12 +229,14 @@ def gated_delta_rule_recurrent_ref(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    cu_seqlens: torch.Tensor | None = None,
+    segments: Segments,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
 ) -> torch.Tensor:
-    """Token-by-token form of :func:`gated_delta_rule_ref` (same arguments): slow, for checking the chunked one."""
-    batch, total, num_k_heads, head_k = q.shape
+    """Token-by-token form of :func:`gated_delta_rule_ref` (same arguments, output only): slow, for checking the
+    chunked one."""
+    _check_gated_delta_rule(q, k, v, g, beta, segments, None)
+    total, num_k_heads, head_k = q.shape[1:]
     num_v_heads, head_v = v.shape[-2:]
     scale = head_k**-0.5 if scale is None else scale
     group = num_v_heads // num_k_heads
@@ -241,9 +245,9 @@ def gated_delta_rule_recurrent_ref(
         q, k = l2norm(q), l2norm(k)
     q = q * scale
     v, g, beta = v.float(), g.float(), beta.float()
-    starts = set(cu_seqlens.tolist()) if cu_seqlens is not None else {0}
-    out = torch.empty(batch, total, num_v_heads, head_v)
-    state = q.new_zeros(batch, num_v_heads, head_k, head_v)
+    starts = set(segments.cu_seqlens_host[:-1])
+    out = torch.empty(1, total, num_v_heads, head_v)
+    state = q.new_zeros(1, num_v_heads, head_k, head_v)
     for t in range(total):
         if t in starts:
             state = torch.zeros_like(state)

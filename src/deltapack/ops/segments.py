@@ -10,16 +10,28 @@ the :class:`Segments` object, so every layer of the batch reuses it and nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 __all__ = ["Segments"]
 
 PlanT = TypeVar("PlanT")
+
+
+class _Plans:
+    """The plans of one batch, keyed by the function that builds each. Not a dict or a dataclass on purpose: code that
+    walks inputs and copies their containers (FSDP's input casting copies dataclasses field by field) passes it on as
+    it is, so every copy of a :class:`Segments` shares the plans of its batch."""
+
+    __slots__ = ("by_builder",)
+
+    def __init__(self) -> None:
+        self.by_builder: dict[Callable[..., Any], Any] = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,14 +49,15 @@ class Segments:
 
     Subclasses describe streams an op cannot treat as independent documents on their own: under context
     parallelism (``deltapack.distributed``) a rank's segments are pieces of documents that go on in other ranks,
-    and :meth:`run_op` hands the op to the exchange that keeps it exact.
+    and :meth:`run_op` hands the op to the exchange that keeps it exact (``is_shard`` is then True).
     """
 
+    is_shard: ClassVar[bool] = False
     cu_seqlens: torch.Tensor
     cu_seqlens_host: tuple[int, ...]
     seq_idx: torch.Tensor
     max_seqlen: int
-    _plans: dict[Callable[..., Any], Any] = field(default_factory=dict, init=False, repr=False)
+    _plans: _Plans = field(default_factory=_Plans, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -86,11 +99,11 @@ class Segments:
 
     def to(self, device: torch.device | str) -> Segments:
         """The same segments with the device tensors on ``device`` (plans are not carried over)."""
-        return type(self)(
-            self.cu_seqlens.to(device, non_blocking=True),
-            self.cu_seqlens_host,
-            self.seq_idx.to(device, non_blocking=True),
-            self.max_seqlen,
+        return dataclasses.replace(
+            self,
+            cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
+            seq_idx=self.seq_idx.to(device, non_blocking=True),
+            _plans=_Plans(),
         )
 
     # ------------------------------------------------------------------ what every op reads
@@ -118,10 +131,14 @@ class Segments:
         A backend's per-batch preparation goes in a module-level function ``build(segments) -> Plan``; every layer
         then reads the same plan, also when activation checkpointing recomputes a layer.
         """
-        plans = self._plans
+        plans = self._plans.by_builder
         if build not in plans:
             plans[build] = build(self)
         return plans[build]
+
+    def has_plan(self, build: Callable[[Segments], Any]) -> bool:
+        """Whether ``build``'s plan was built for this batch already."""
+        return build in self._plans.by_builder
 
     def chunk_indices(self, chunk: int) -> torch.Tensor:
         """[chunks, 2] int32 (document, chunk index inside it) for ``chunk``-token chunks, as FLA's kernels take

@@ -1,0 +1,43 @@
+"""The varlen depthwise causal conv1d: the short conv in front of GDN, KDA, Mamba and the gated short convs.
+
+Backends: ``fla`` (FLA's varlen Triton conv, CUDA, :mod:`deltapack.ops.fla`) and ``reference``
+(:func:`deltapack.ops.reference.causal_conv1d_ref`, exact, any device); chosen by :mod:`deltapack.ops.dispatch`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltapack.ops import fla
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.reference import causal_conv1d_ref
+from deltapack.ops.segments import Segments
+
+__all__ = ["CAUSAL_CONV1D", "causal_conv1d", "causal_conv1d_ref"]
+
+CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref)
+CAUSAL_CONV1D.add_backend(fla.CONV_BACKEND)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    segments: Segments,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv1d over a packed stream, cut at every document boundary.
+
+    Args:
+        x: [1, T, D] the packed stream, channels last. weight: [D, W]. bias: [D] or None.
+        activation: None or "silu".
+        segments: the documents of the stream (under context parallelism, this rank's shard: the conv then reads
+            the earlier tokens of a cut document from the previous rank).
+        backend: "fla", "reference" or None (automatic; see :mod:`deltapack.ops.dispatch`).
+
+    Returns:
+        [1, T, D] in the dtype of x.
+    """
+    return CAUSAL_CONV1D(x, weight, bias, activation, segments=segments, backend=backend)

@@ -1,0 +1,63 @@
+"""The gated delta rule (Gated DeltaNet's recurrence) over a packed stream, the state reset at every document.
+
+Backends: ``fla`` (FLA's chunked kernel, CUDA, bf16 / fp16, :mod:`deltapack.ops.fla`) and ``reference``
+(:func:`deltapack.ops.reference.gated_delta_rule_ref`, exact, any device and dtype); chosen by
+:mod:`deltapack.ops.dispatch`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltapack.ops import fla
+from deltapack.ops.dispatch import register_op
+from deltapack.ops.reference import gated_delta_rule_ref
+from deltapack.ops.segments import Segments
+
+__all__ = ["GATED_DELTA_RULE", "gated_delta_rule", "gated_delta_rule_ref"]
+
+GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref)
+GATED_DELTA_RULE.add_backend(fla.GATED_DELTA_RULE_BACKEND)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: Segments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule over a packed stream; the state starts at zero (or ``initial_state``) for each document.
+
+    Args:
+        q, k: [1, T, Hk, K]. v: [1, T, Hv, V], Hv = r * Hk (grouped value heads).
+        g: [1, T, Hv] log-decay (fp32 preferred). beta: [1, T, Hv] in (0, 1).
+        segments: the documents of the stream (under context parallelism, this rank's shard: the state of a cut
+            document is handed over from the previous rank; no initial or final states there).
+        scale: query scale (default K ** -0.5). use_qk_l2norm: L2-normalise q and k as the model does.
+        initial_state: [N, Hv, K, V] or None (zeros). output_final_state: also return [N, Hv, K, V] fp32 states.
+        backend: "fla", "reference" or None (automatic; see :mod:`deltapack.ops.dispatch`).
+
+    Returns:
+        (o [1, T, Hv, V] in the dtype of q, final states or None).
+    """
+    return GATED_DELTA_RULE(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        segments=segments,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        backend=backend,
+    )
