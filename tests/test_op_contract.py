@@ -313,3 +313,30 @@ def test_the_import_graph_flows_one_way():
                 assert RANKS[target] <= RANKS[part], f"{rel} ({part}) imports {name} from a higher layer"
                 edges += 1
     assert edges > 50  # the scan sees the imports
+
+
+# ---------------------------------------------------------------------------------------------- the packing guard
+def test_a_gdn_layer_recomputed_without_its_boundaries_raises():
+    """A GDN layer that ran packed and is replayed by activation checkpointing outside the packing scope (a
+    checkpoint that does not go through transformers) raises instead of running the stream as one document; the
+    same layer with the scope, and the same layer outside any packed call, run."""
+    from torch.utils.checkpoint import checkpoint
+
+    from deltapack.models.scope import packing_scope
+    from deltapack.tiny import tiny_model
+
+    model = deltapack.patch(tiny_model("qwen3_5"))
+    try:
+        gdn = next(m for m in model.modules() if type(m).__name__ == "Qwen3_5GatedDeltaNet")
+        bounds = deltapack.Boundaries.from_document_ids(torch.tensor([[1, 1, 1, 2, 2, 2, 2]]))
+        hidden = torch.randn(1, 7, model.config.hidden_size, requires_grad=True)
+        with packing_scope(bounds):
+            packed = gdn(hidden)
+        alone = gdn(hidden[:, 3:])  # outside a packed call: the layer's own forward on one document
+        assert (packed[:, 3:] - alone).abs().max() <= 1e-5
+        with packing_scope(bounds):
+            out = checkpoint(gdn, hidden, use_reentrant=False)
+        with pytest.raises(RuntimeError, match="recomputed in the backward pass without the batch's boundaries"):
+            out.sum().backward()
+    finally:
+        deltapack.unpatch(model)
