@@ -1,0 +1,213 @@
+"""Recurrence layers: each packed (deltapack) vs unpatched (transformers) on the same 32768-token row, bf16 fwd+bwd.
+
+Layers (one of each, at the dims of a released model of the family, random init): MiniMax lightning attention,
+RecurrentGemma's recurrent block (conv + RG-LRU), RWKV-4 time-mix and channel-mix, xLSTM's mLSTM layer.
+
+patched: the family's packed forward with the row's boundaries (exact per document). unpatched: the transformers
+layer on the same row as one sequence (it leaks across documents). Documents are the e2e spec's lengths
+(benchmarks/common.py). Also per layer: host syncs of the patched forward+backward (must be 0), and exactness on
+the documents of the first 4096 tokens: the patched bf16 layer (automatic backend) and the unpatched bf16 layer run
+on each document alone, both against the patched fp32 layer on the exact reference (relative error of the output
+and of dx), so the fast path's error is judged against bf16's own.
+
+Usage: python benchmarks/bench_recurrences.py [--out recurrences.json] [--reps 5] [--only rwkv_time_mix,...]
+       python benchmarks/bench_recurrences.py --dry   (tiny dims, 512 tokens, CPU, fp32: checks the script runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from common import cuda_time_ms, document_lengths, environment, write
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from deltapack import Boundaries
+from deltapack.models.layers import packed_layer_of
+
+# per layer kind: the model type, config fields at full size and in --dry (the model around the layer is built with a
+# tiny vocabulary and 2 layers, so that transformers initialises the layer's parameters as it does), the layer class,
+# and how the unpatched layer is called on [1, T, D]
+_SMALL = dict(vocab_size=128, num_hidden_layers=2)
+LAYERS: dict[str, dict] = {
+    "minimax_lightning": dict(
+        model_type="minimax",
+        full=dict(hidden_size=2048, num_attention_heads=16, head_dim=128, block_size=256),
+        dry=dict(hidden_size=64, num_attention_heads=4, head_dim=16, block_size=16),
+        common=dict(
+            layer_types=["linear_attention", "full_attention"], intermediate_size=64, num_local_experts=2, **_SMALL
+        ),
+        cls="MiniMaxLightningAttention",
+        call=lambda layer, x: layer(x, None, None)[0],
+    ),
+    "recurrent_gemma_block": dict(  # recurrentgemma-2b's dims
+        model_type="recurrent_gemma",
+        full=dict(hidden_size=2560, lru_width=2560, num_attention_heads=10, intermediate_size=64),
+        dry=dict(hidden_size=64, lru_width=64, num_attention_heads=4, head_dim=16, intermediate_size=64),
+        common=_SMALL,
+        cls="RecurrentGemmaRecurrentBlock",
+        call=lambda layer, x: layer(x, torch.arange(x.shape[1], device=x.device)[None], None, use_cache=False)[0],
+    ),
+    "rwkv_time_mix": dict(  # rwkv-4 1.5b's dims
+        model_type="rwkv",
+        full=dict(hidden_size=2048, attention_hidden_size=2048, intermediate_size=8192, context_length=32768),
+        dry=dict(hidden_size=64, attention_hidden_size=64, intermediate_size=128, context_length=512),
+        common=_SMALL,
+        cls="RwkvSelfAttention",
+        call=lambda layer, x: layer(x)[0],
+    ),
+    "rwkv_channel_mix": dict(
+        model_type="rwkv",
+        full=dict(hidden_size=2048, attention_hidden_size=2048, intermediate_size=8192, context_length=32768),
+        dry=dict(hidden_size=64, attention_hidden_size=64, intermediate_size=128, context_length=512),
+        common=_SMALL,
+        cls="RwkvFeedForward",
+        call=lambda layer, x: layer(x)[0],
+    ),
+    "xlstm_mlstm": dict(  # xLSTM-7b's head count at half the width
+        model_type="xlstm",
+        full=dict(hidden_size=2048, embedding_dim=2048, num_heads=8, chunk_size=64),
+        dry=dict(hidden_size=128, embedding_dim=128, num_heads=4, chunk_size=16),
+        common=dict(num_blocks=2, **_SMALL),
+        cls="xLSTMLayer",
+        call=lambda layer, x: layer(x)[0],
+    ),
+}
+
+
+def make_layer(entry: dict, dry: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The first layer of class ``entry["cls"]`` of a freshly initialised model (seed 0) of the entry's config."""
+    fields = {**entry["common"], **entry["dry" if dry else "full"]}
+    config = AutoConfig.for_model(entry["model_type"], **fields)
+    torch.manual_seed(0)
+    attn = "sdpa" if entry["model_type"] in ("minimax", "recurrent_gemma") else "eager"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    layer = next(m for m in model.modules() if type(m).__name__ == entry["cls"])
+    return layer.to(dtype)
+
+
+def count_syncs(fn: Callable[[], object]) -> int:
+    """Host syncs CUDA reports while ``fn`` runs (torch's sync debug mode, one warning per sync)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught)
+
+
+def wall_ms(fn: Callable[[], object], reps: int) -> dict:
+    """--dry timing on the CPU."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": sorted(times)[len(times) // 2], "reps": reps}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def bench_layer(name: str, entry: dict, lengths: list[int], device: str, dtype: torch.dtype, reps: int) -> dict:
+    dry = device == "cpu"
+    layer = make_layer(entry, dry, device, dtype)
+    packed = packed_layer_of(layer).forward
+    total = sum(lengths)
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    bounds = Boundaries.from_cu_seqlens(cu, (1, total)).to(device)
+    hidden = entry["dry" if dry else "full"]["hidden_size"]
+    x = torch.randn(1, total, hidden, device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def patched():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        packed(layer, x, bounds)[0].backward(dy)
+
+    def unpatched():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        entry["call"](layer, x).backward(dy)
+
+    out: dict = {"tokens": total, "documents": len(lengths), "dims": entry["dry" if dry else "full"]}
+    clock = time.perf_counter()
+    for label, fn in (("unpatched", unpatched), ("patched", patched)):  # first calls: compile, autotune, caches
+        fn()
+        if not dry:
+            torch.cuda.synchronize()
+        out[f"{label}_first_call_s"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+    timer = wall_ms if dry else (lambda fn, reps: cuda_time_ms(fn, warmup=1, reps=reps))
+    # the per-token Python loops of some unpatched layers take seconds per call: time them fewer times
+    slow = out["unpatched_first_call_s"] > 5
+    t_un = timer(unpatched, 2 if slow else reps)
+    t_pa = timer(patched, reps)
+    out.update(
+        patched_ms=t_pa["median_ms"], unpatched_ms=t_un["median_ms"], ratio=t_pa["median_ms"] / t_un["median_ms"]
+    )
+    if not dry:
+        prebuilt = Boundaries.from_cu_seqlens(cu, (1, total)).to(device)  # built ahead, as a collator would
+        out["host_syncs"] = count_syncs(lambda: packed(layer, x, prebuilt)[0].backward(dy))
+
+    # exactness on the documents of the first 4096 tokens (all of them in --dry)
+    n_docs = max(1, sum(1 for c in cu[1:] if c <= 4096))
+    n = cu[n_docs]
+    small = Boundaries.from_cu_seqlens(cu[: n_docs + 1], (1, n)).to(device)
+    xs = x[:, :n].detach().requires_grad_()
+    fast = packed(layer, xs, small)[0]
+    (dx_fast,) = torch.autograd.grad(fast, xs, dy[:, :n])
+    alone = [entry["call"](layer, xs[:, a:b]) for a, b in zip(cu[:n_docs], cu[1 : n_docs + 1])]
+    alone_out = torch.cat(alone, dim=1)
+    (dx_alone,) = torch.autograd.grad(alone_out, xs, dy[:, :n])
+    layer32 = make_layer(entry, dry, device, torch.float32)
+    layer32.load_state_dict(layer.state_dict())
+    x32 = xs.detach().float().requires_grad_()
+    os.environ["DELTAPACK_BACKEND"] = "reference"
+    try:
+        ref = packed(layer32, x32, small)[0]
+        (dx_ref,) = torch.autograd.grad(ref, x32, dy[:, :n].float())
+    finally:
+        del os.environ["DELTAPACK_BACKEND"]
+    out["exactness"] = {
+        "tokens": n,
+        "documents": n_docs,
+        "patched_vs_fp32_reference": {"output": rel(fast, ref), "dx": rel(dx_fast, dx_ref)},
+        "unpatched_alone_vs_fp32_reference": {"output": rel(alone_out, ref), "dx": rel(dx_alone, dx_ref)},
+    }
+    one_row = entry["call"](layer, xs)  # the unpatched layer on the same documents as one sequence: the leak
+    out["exactness"]["unpatched_one_row_vs_fp32_reference"] = {"output": rel(one_row, ref)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated layer names", default=",".join(LAYERS))
+    parser.add_argument("--dry", action="store_true", help="tiny dims, 512 tokens, CPU, fp32")
+    args = parser.parse_args()
+
+    device, dtype = ("cpu", torch.float32) if args.dry else ("cuda", torch.bfloat16)
+    lengths = document_lengths(512) if args.dry else document_lengths(32768)
+    if args.dry:  # the spec's lengths are for 32768 tokens: cut them smaller, length-1 documents included
+        lengths = [1, 37, 5, 128, 1, 200, 140]
+    result: dict = {"env": {"device": "cpu (dry)"} if args.dry else environment(), "layers": {}}
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        result["layers"][name] = bench_layer(name, LAYERS[name], lengths, device, dtype, 1 if args.dry else args.reps)
+        print(f"{name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""RecurrentGemma (Griffin): recurrent blocks (depthwise conv + RG-LRU) beside local attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
+
+from deltapack.boundaries import Boundaries
+from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.ops import causal_conv1d
+from deltapack.ops.rg_lru import rg_lru_scan
+from deltapack.ops.varlen import starts
+from deltapack.tiny import register_tiny
+
+
+def _gate(x_1TD: torch.Tensor, weight_HWW: torch.Tensor, bias_HW: torch.Tensor) -> torch.Tensor:
+    """sigmoid of the RG-LRU's block-diagonal gate projection, as the layer computes it (one baddbmm per head)."""
+    heads, width = bias_HW.shape
+    x_HTW = x_1TD.reshape(-1, heads, width).transpose(0, 1)
+    return torch.sigmoid(torch.baddbmm(bias_HW[:, None, :], x_HTW, weight_HWW).transpose(0, 1).reshape(x_1TD.shape))
+
+
+def packed_recurrent_block(
+    block: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries
+) -> tuple[torch.Tensor, None]:
+    """``RecurrentGemmaRecurrentBlock`` on the packed stream ``hidden_states`` [1, T, D]: (output [1, T, D], None).
+
+    The conv never reads across a document start; the RG-LRU resets at every document start as the layer does at
+    position 0 (decay 0, input multiplier 1 instead of sqrt(1 - a^2)). The block's decoding caches are cleared, as
+    in its ``use_cache=False`` path.
+    """
+    segments, rg_lru = bounds.segments, block.rg_lru
+    block.conv1d_state = rg_lru.recurrent_states = None
+    y_1TL = block.act_fn(block.linear_y(hidden_states))
+    x_1TL = block.linear_x(hidden_states)
+    x_1TL = causal_conv1d(
+        x_1TL,
+        block.conv_1d.weight[:, 0],
+        block.conv_1d.bias,
+        cu_seqlens=segments.cu_seqlens,
+        seq_idx=segments.seq_idx,
+        cu_seqlens_host=segments.cu_seqlens_host,
+    )
+    input_gate = _gate(x_1TL, rg_lru.input_gate_weight, rg_lru.input_gate_bias)
+    recurrent_gate = _gate(x_1TL, rg_lru.recurrent_gate_weight, rg_lru.recurrent_gate_bias)
+    log_a_1TL = -8.0 * recurrent_gate * F.softplus(rg_lru.recurrent_param)
+    multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a_1TL))
+    reset_1T1 = starts(segments)[None, :, None]
+    multiplier = reset_1T1 + ~reset_1T1 * multiplier
+    x_1TL = (x_1TL * input_gate) * multiplier.type(x_1TL.dtype)
+    h_1TL = rg_lru_scan(x_1TL, log_a_1TL, segments=segments)
+    return block.linear_out(h_1TL * y_1TL), None
+
+
+def _long_memory(model: nn.Module) -> None:
+    """RG-LRU decay a = exp(-8 r softplus(p)) close to 1: softplus(p) in [1e-3, 1e-2]."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "recurrent_param"):
+                sp = torch.empty(module.recurrent_param.shape).uniform_(1e-3, 1e-2, generator=gen)
+                module.recurrent_param.copy_(torch.log(torch.expm1(sp)))
+
+
+register_family(
+    Family(
+        name="rg_lru",
+        model_types=("recurrent_gemma",),
+        layers=(
+            PackedLayer(
+                classes=("transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock",),
+                forward=packed_recurrent_block,
+            ),
+        ),
+    )
+)
+
+# 3 layers (recurrent, recurrent, local attention with an 8-token window); 4 heads of the LRU's block-diagonal gates
+register_tiny(
+    "recurrent_gemma",
+    dict(
+        model_type="recurrent_gemma",
+        vocab_size=128,
+        hidden_size=64,
+        lru_width=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        attention_window_size=8,
+        conv1d_width=4,
+    ),
+    long_memory=_long_memory,
+)

@@ -1,0 +1,74 @@
+"""RWKV (RWKV-4): time-mix (token shift + WKV) and channel-mix (token shift) in every block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltapack.boundaries import Boundaries
+from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.ops.token_shift import token_shift
+from deltapack.ops.wkv import wkv
+from deltapack.tiny import register_tiny
+
+
+def _mix(x_1TD: torch.Tensor, shifted_1TD: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return x_1TD * ratio + shifted_1TD * (1 - ratio)
+
+
+def packed_time_mix(layer: nn.Module, hidden: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
+    """``RwkvSelfAttention`` on the packed stream ``hidden`` [1, T, D] (no state): (output [1, T, D], None).
+
+    The token shift reads zeros at every document start; the WKV's numerator, denominator and max restart there.
+    """
+    segments = bounds.segments
+    shifted = token_shift(hidden, segments=segments)
+    key = layer.key(_mix(hidden, shifted, layer.time_mix_key))
+    value = layer.value(_mix(hidden, shifted, layer.time_mix_value))
+    receptance = torch.sigmoid(layer.receptance(_mix(hidden, shifted, layer.time_mix_receptance)))
+    out = wkv(layer.time_decay, layer.time_first, key, value, segments=segments)
+    return layer.output(receptance * out), None
+
+
+def packed_channel_mix(layer: nn.Module, hidden: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
+    """``RwkvFeedForward`` on the packed stream ``hidden`` [1, T, D] (no state): (output [1, T, D], None)."""
+    shifted = token_shift(hidden, segments=bounds.segments)
+    key = torch.square(torch.relu(layer.key(_mix(hidden, shifted, layer.time_mix_key))))
+    receptance = torch.sigmoid(layer.receptance(_mix(hidden, shifted, layer.time_mix_receptance)))
+    return receptance * layer.value(key), None
+
+
+def _long_memory(model: nn.Module) -> None:
+    """WKV decay per token e^{-w}, w = exp(time_decay) in [e^-6, e^-3]: long memory in every channel."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "time_decay") and hasattr(module, "time_first"):
+                module.time_decay.copy_(torch.empty(module.time_decay.shape).uniform_(-6, -3, generator=gen))
+
+
+_MODELING = "transformers.models.rwkv.modeling_rwkv"
+register_family(
+    Family(
+        name="rwkv4",
+        model_types=("rwkv",),
+        layers=(
+            PackedLayer(classes=(f"{_MODELING}.RwkvSelfAttention",), forward=packed_time_mix),
+            PackedLayer(classes=(f"{_MODELING}.RwkvFeedForward",), forward=packed_channel_mix),
+        ),
+    )
+)
+
+register_tiny(
+    "rwkv",
+    dict(
+        model_type="rwkv",
+        vocab_size=128,
+        hidden_size=64,
+        attention_hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        context_length=256,
+    ),
+    long_memory=_long_memory,
+)

@@ -1,0 +1,85 @@
+"""xLSTM (xLSTM-7B style): mLSTM layers with matrix memory, normaliser and max-stabiliser state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.xlstm.modeling_xlstm import soft_cap
+
+from deltapack.boundaries import Boundaries
+from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.ops.mlstm import mlstm
+from deltapack.tiny import register_tiny
+
+
+def packed_mlstm_layer(layer: nn.Module, x: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
+    """``xLSTMLayer`` on the packed stream ``x`` [1, T, D] (no state): (output [1, T, D], None).
+
+    The layer's projections, gate soft-caps, multi-head norm and output gate; the mLSTM becomes :func:`mlstm`,
+    whose (C, n, m) restart at zero for every document.
+    """
+    config, heads = layer.config, layer.config.num_heads
+    if config.weight_mode == "single":
+        q, k, v, o_preact = layer.q(x), layer.k(x), layer.v(x), layer.ogate_preact(x)
+        i_preact = soft_cap(layer.igate_preact(x), cap_value=config.gate_soft_cap)
+        f_preact = soft_cap(layer.fgate_preact(x), cap_value=config.gate_soft_cap)
+    else:
+        splits = (layer.qk_dim, 2 * layer.qk_dim, 2 * layer.qk_dim + layer.v_dim)
+        q, k, v, o_preact = torch.tensor_split(layer.qkv_opreact(x), splits, dim=-1)
+        if_preact = soft_cap(layer.ifgate_preact(x), cap_value=config.gate_soft_cap)
+        i_preact, f_preact = torch.tensor_split(if_preact, (heads,), dim=-1)
+    q_1THK, k_1THK, v_1THV = (t.reshape(1, t.shape[1], heads, -1) for t in (q, k, v))
+    h_1THV = mlstm(
+        q_1THK,
+        k_1THK,
+        v_1THV,
+        i_preact,
+        f_preact,
+        segments=bounds.segments,
+        eps=config.eps,
+        chunk_size=config.chunk_size,
+    )
+    h_1TV = layer.multihead_norm(h_1THV).reshape(1, h_1THV.shape[1], -1)
+    return layer.out_proj(layer.ogate_act_fn(o_preact) * h_1TV), None
+
+
+def _long_memory(model: nn.Module) -> None:
+    """Forget gates close to 1 (pre-activation bias in [3, 6]): long memory in every head."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(getattr(module, "fgate_preact", None), "bias", None)
+            if bias is not None:
+                bias.copy_(torch.empty(bias.shape).uniform_(3, 6, generator=gen))
+
+
+register_family(
+    Family(
+        name="mlstm",
+        model_types=("xlstm",),
+        layers=(
+            PackedLayer(
+                classes=("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",),
+                forward=packed_mlstm_layer,
+            ),
+        ),
+    )
+)
+
+# 2 blocks of 4 heads (query/key head dim 16, value head dim 32: transformers' cache rounds the qk and v widths up to
+# multiples of 64, so the widths are multiples of 64); 16-token chunks so its chunkwise kernel runs on tiny documents
+register_tiny(
+    "xlstm",
+    dict(
+        model_type="xlstm",
+        vocab_size=128,
+        hidden_size=128,
+        embedding_dim=128,
+        num_hidden_layers=2,
+        num_blocks=2,
+        num_heads=4,
+        chunk_size=16,
+        ffn_round_up_to_multiple_of=16,
+    ),
+    long_memory=_long_memory,
+)
