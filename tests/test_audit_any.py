@@ -44,7 +44,7 @@ def test_llama_leaks_when_the_cache_is_left_on_and_the_attention_is_to_blame() -
     ],
 )
 def test_each_mixer_kind_leaks_where_it_should(arch: str, module: str, kind: str) -> None:
-    report = audit(arch, formats=["position_ids"], gradient=False)
+    report = audit(arch, patched=False, formats=["position_ids"], gradient=False)  # the unpatched model's leaks
     assert report.verdict() == "leaks" and report.exit_code() == 1
     sources = _sources(report, "unpatched", "position_ids")
     assert module in sources, sources
