@@ -128,6 +128,20 @@ def test_packed_logits_equal_alone(rows, fmt, arch, attn, pad_left, extra_pad, s
     assert max_doc_diff(logits, packed, alone) <= EXACT
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_rows_are_exact(arch):
+    """One document per row, padded on the left: rwkv, xlstm and recurrent_gemma read the padding into their
+    recurrence unpatched (minimax masks it); patched, every row is exact."""
+    model = model_of(arch)
+    packed = build([[d] for d in random_docs([7, 2, 11], seed=8)], "padding_mask", pad_left=True)
+    alone = alone_logits(model, packed.docs)
+    with torch.no_grad():
+        leaky = max_doc_diff(model(**packed.kwargs, use_cache=False).logits, packed, alone)
+    assert (leaky > LEAK) == (arch != "minimax")
+    with patched(model), torch.no_grad():
+        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+
+
 def doc_loss_sum(logits, doc):
     return F.cross_entropy(logits[: len(doc) - 1], torch.tensor(doc[1:], dtype=torch.long), reduction="sum")
 

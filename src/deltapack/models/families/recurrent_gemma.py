@@ -74,6 +74,7 @@ register_family(
                 forward=packed_recurrent_block,
             ),
         ),
+        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
     )
 )
 

@@ -56,6 +56,7 @@ register_family(
             PackedLayer(classes=(f"{_MODELING}.RwkvSelfAttention",), forward=packed_time_mix),
             PackedLayer(classes=(f"{_MODELING}.RwkvFeedForward",), forward=packed_channel_mix),
         ),
+        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
     )
 )
 

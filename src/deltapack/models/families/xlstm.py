@@ -63,6 +63,7 @@ register_family(
                 forward=packed_mlstm_layer,
             ),
         ),
+        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
     )
 )
 
