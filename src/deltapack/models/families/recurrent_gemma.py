@@ -35,14 +35,7 @@ def packed_recurrent_block(
     block.conv1d_state = rg_lru.recurrent_states = None
     y_1TL = block.act_fn(block.linear_y(hidden_states))
     x_1TL = block.linear_x(hidden_states)
-    x_1TL = causal_conv1d(
-        x_1TL,
-        block.conv_1d.weight[:, 0],
-        block.conv_1d.bias,
-        cu_seqlens=segments.cu_seqlens,
-        seq_idx=segments.seq_idx,
-        cu_seqlens_host=segments.cu_seqlens_host,
-    )
+    x_1TL = causal_conv1d(x_1TL, block.conv_1d.weight[:, 0], block.conv_1d.bias, segments=segments)
     input_gate = _gate(x_1TL, rg_lru.input_gate_weight, rg_lru.input_gate_bias)
     recurrent_gate = _gate(x_1TL, rg_lru.recurrent_gate_weight, rg_lru.recurrent_gate_bias)
     log_a_1TL = -8.0 * recurrent_gate * F.softplus(rg_lru.recurrent_param)
