@@ -140,6 +140,10 @@ def bench_layer(name: str, entry: dict, lengths: list[int], device: str, dtype: 
         entry["call"](layer, x).backward(dy)
 
     out: dict = {"tokens": total, "documents": len(lengths), "dims": entry["dry" if dry else "full"]}
+    if entry["model_type"] == "rwkv":  # transformers' own CUDA WKV kernel (built with ninja) or its per-token loop
+        from transformers.models.rwkv import modeling_rwkv
+
+        out["unpatched_wkv"] = "cuda kernel" if modeling_rwkv.rwkv_cuda_kernel is not None else "per-token loop"
     clock = time.perf_counter()
     for label, fn in (("unpatched", unpatched), ("patched", patched)):  # first calls: compile, autotune, caches
         fn()

@@ -200,3 +200,18 @@ def test_audit_is_exact_after_patching(arch):
         assert result.raised is None, (name, result.raised)
         assert result.worst() <= EXACT and result.grad_rel is not None and result.grad_rel <= 1e-4, name
     assert report.verdict() == "exact" and report.exit_code() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_with_gradient_checkpointing_is_exact(arch):
+    """Train mode, activation checkpointing (layers replayed in the backward): packed gradients = sum over alone."""
+    model = tiny_model(arch, attn_implementation="sdpa" if arch in WITH_ATTENTION else "eager").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = build([random_docs([6, 1, 9], seed=9), random_docs([4, 8], seed=10)], "indexed_mask", extra_pad=2)
+    reference = grads_of(
+        model, sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
+    )
+    with patched(model):
+        logits = model(**packed.kwargs).logits
+        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
+        assert rel(grads_of(model, loss), reference) <= 1e-4
