@@ -1,0 +1,119 @@
+"""Kimi delta attention layers (kimi_linear, bailing_hybrid; glm5_next's text layer has the same shape).
+
+The packed forward computes what the transformers layer computes (q/k/v projections, one depthwise conv over
+[q | k | v] with silu, the per-channel forget gate, beta, KDA, the sigmoid-gated RMSNorm, the output projection) on
+the unpadded stream, with the conv cut and the state restarted at every document start. The layer's own
+projection, gate and norm modules run as they are; only the conv and the recurrence read the boundaries.
+
+Legend: T = real tokens of the batch (one packed stream), H = KDA heads, K = head dim, D = hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltapack import ops
+from deltapack.boundaries import Boundaries
+from deltapack.ops.kda import kda
+
+
+def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
+    """One KDA layer over a packed stream.
+
+    Args:
+        layer: a transformers ``KimiLinearDeltaAttention``, ``BailingHybridDeltaAttention`` or
+            ``Glm5NextTextLinearAttention``.
+        hidden_states: [1, T, D] the unpadded stream ``bounds`` describes.
+        bounds: the batch's boundaries.
+
+    Returns:
+        [1, T, D], each document's rows equal to what the layer gives for that document alone.
+    """
+    x_1TD = hidden_states
+    if x_1TD.shape[:2] != (1, bounds.total_tokens):
+        raise ValueError(
+            f"deltapack: the KDA layer got hidden states of shape {tuple(x_1TD.shape)}; expected the unpadded stream "
+            f"[1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
+        )
+    tokens = x_1TD.shape[1]
+    heads_1THK = (1, tokens, -1, layer.head_dim)
+    qkv_1TC = torch.cat([layer.q_proj(x_1TD), layer.k_proj(x_1TD), layer.v_proj(x_1TD)], dim=-1)
+    qkv_1TC = ops.causal_conv1d(
+        qkv_1TC,
+        layer.conv1d.weight.squeeze(1),
+        layer.conv1d.bias,
+        layer.activation,
+        cu_seqlens=bounds.cu_seqlens,
+        seq_idx=bounds.seq_idx,
+        cu_seqlens_host=bounds.cu_seqlens_host,
+        cache=bounds.cache,
+    )
+    q_1THK, k_1THK, v_1THK = (t.reshape(heads_1THK) for t in torch.split(qkv_1TC, [layer.qkv_dim] * 3, dim=-1))
+    g_1THK = layer.forget_gate(x_1TD)  # per-channel log decay, as the layer forms it (fp32 or its own dtype)
+    beta_1TH = torch.sigmoid(layer.b_proj(x_1TD))
+    o_1THK, _ = kda(q_1THK, k_1THK, v_1THK, g_1THK, beta_1TH, segments=bounds, use_qk_l2norm=True)
+    # the output gate: one projection (bailing_hybrid) or a low-rank pair (kimi_linear, glm5_next)
+    gate = layer.g_proj(x_1TD) if hasattr(layer, "g_proj") else layer.g_b_proj(layer.g_a_proj(x_1TD))
+    out_1THK = layer.o_norm(o_1THK, gate.reshape(heads_1THK))
+    return layer.o_proj(out_1THK.reshape(1, tokens, -1))
+
+
+def set_long_memory(model: nn.Module, seed: int = 0) -> None:
+    """Forget gates with long memory (as in trained models), in place: random init forgets within a few tokens.
+
+    softplus gates (-exp(A_log) * softplus(x + dt_bias)): A drawn from [1e-3, 2e-2]. Bounded "safe" gates
+    (lower_bound * sigmoid(exp(A_log) * (x + dt_bias)), bailing_hybrid): A = 1 and dt_bias in [-9, -6], so the
+    per-step log decay is about lower_bound * 1e-3.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not (hasattr(module, "A_log") and hasattr(module, "dt_bias")):
+                continue
+            if getattr(module, "safe_gate", False) or getattr(module, "safe_gate_lower_bound", None) is not None:
+                module.A_log.zero_()
+                module.dt_bias.copy_(torch.empty(module.dt_bias.shape).uniform_(-9.0, -6.0, generator=gen))
+            else:
+                module.A_log.copy_(torch.empty(module.A_log.shape).uniform_(1e-3, 2e-2, generator=gen).log())
+
+
+_IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_MLA = dict(num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
+_MOE = dict(num_experts=4, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1)
+_KDA = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, v_head_dim=16)
+# hand-made: transformers' default configs of these two are too big to shrink field by field (MLA, grouped MoE)
+TINY = {
+    "kimi_linear": dict(
+        model_type="kimi_linear",
+        **_IDS,
+        **_KDA,
+        **_MLA,
+        **_MOE,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        linear_num_heads=2,
+        linear_head_dim=16,
+        linear_conv_kernel_dim=4,
+    ),
+    "bailing_hybrid": dict(
+        model_type="bailing_hybrid",
+        **_IDS,
+        **_KDA,
+        **_MLA,
+        **_MOE,
+        head_dim=8,
+        first_k_dense_replace=1,
+        layer_group_size=3,  # layers 0, 1, 3 KDA, layer 2 full attention
+        linear_num_heads=2,
+        linear_head_dim=16,
+        short_conv_kernel_size=4,
+        num_mtp_layers=0,
+    ),
+}
+
+KDA_LAYERS = (
+    "transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention",
+    "transformers.models.bailing_hybrid.modeling_bailing_hybrid.BailingHybridDeltaAttention",
+    "transformers.models.glm5_next.modeling_glm5_next.Glm5NextTextLinearAttention",
+)

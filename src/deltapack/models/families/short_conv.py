@@ -1,0 +1,77 @@
+"""Gated short-conv layers (lfm2, lfm2_moe, lfm3): y = out_proj(C * conv(B * x)), [B | C | x] = in_proj(h).
+
+The conv is depthwise and causal with the model's width (``conv_L_cache``: 3 for LFM2, 7 for LFM3), no activation;
+under packing it must not read the last tokens of the previous document. The packed forward runs the layer's own
+projections and the varlen conv cut at every document start.
+
+Legend: T = real tokens of the batch (one packed stream), D = hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltapack import ops
+from deltapack.boundaries import Boundaries
+
+
+def packed_short_conv_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
+    """One gated short-conv layer over a packed stream.
+
+    Args:
+        layer: a transformers ``Lfm2ShortConv`` / ``Lfm2MoeShortConv`` / ``Lfm3ShortConv``.
+        hidden_states: [1, T, D] the unpadded stream ``bounds`` describes.
+        bounds: the batch's boundaries.
+
+    Returns:
+        [1, T, D], each document's rows equal to what the layer gives for that document alone.
+    """
+    h_1TD = hidden_states
+    if h_1TD.shape[:2] != (1, bounds.total_tokens):
+        raise ValueError(
+            f"deltapack: the short-conv layer got hidden states of shape {tuple(h_1TD.shape)}; expected the unpadded "
+            f"stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
+        )
+    b_1TD, c_1TD, x_1TD = layer.in_proj(h_1TD).chunk(3, dim=-1)
+    y_1TD = ops.causal_conv1d(
+        b_1TD * x_1TD,
+        layer.conv.weight.squeeze(1),
+        layer.conv.bias,
+        None,
+        cu_seqlens=bounds.cu_seqlens,
+        seq_idx=bounds.seq_idx,
+        cu_seqlens_host=bounds.cu_seqlens_host,
+        cache=bounds.cache,
+    )
+    return layer.out_proj(c_1TD * y_1TD)
+
+
+SHORT_CONV_LAYERS = (
+    "transformers.models.lfm2.modeling_lfm2.Lfm2ShortConv",
+    "transformers.models.lfm2_moe.modeling_lfm2_moe.Lfm2MoeShortConv",
+    "transformers.models.lfm3.modeling_lfm3.Lfm3ShortConv",
+)
+
+_IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_BLOCKS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+_LAYERS = ["conv", "conv", "full_attention", "conv"]
+TINY = {
+    "lfm2": dict(
+        model_type="lfm2", **_IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=3, block_auto_adjust_ff_dim=False
+    ),
+    "lfm2_moe": dict(
+        model_type="lfm2_moe",
+        **_IDS,
+        **_BLOCKS,
+        layer_types=_LAYERS,
+        conv_L_cache=3,
+        moe_intermediate_size=32,
+        num_dense_layers=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "lfm3": dict(
+        model_type="lfm3", **_IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=7, head_dim=16, sliding_window=6
+    ),
+}
