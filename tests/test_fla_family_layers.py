@@ -12,20 +12,21 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltapack import Boundaries
-from deltapack.models.families import gdn_variants, kda, short_conv
+from deltapack.models.families import gated_deltanet, kda, short_conv
+from deltapack.models.gated_deltanet import packed_gdn_forward
 from deltapack.tiny import set_long_memory
 
 CASES = {  # arch: (tiny config, packed forward, long-memory setter)
     **{a: (c, kda.packed_kda_forward, kda.set_long_memory) for a, c in kda.TINY.items()},
     **{a: (c, short_conv.packed_short_conv_forward, None) for a, c in short_conv.TINY.items()},
-    **{a: (c, gdn_variants.packed_gdn_forward, set_long_memory) for a, c in gdn_variants.TINY.items()},
+    **{a: (c, packed_gdn_forward, set_long_memory) for a, c in gated_deltanet.TINY.items()},
 }
 # model types transformers does not register as causal LMs (multimodal only): their layer alone, from a text config
 LAYER_ONLY = {
     "qwen4_exp": (
         "transformers.models.qwen4_exp.configuration_qwen4_exp.Qwen4ExpTextConfig",
-        dict(gdn_variants.TINY["olmo_hybrid"], layer_types=["linear_attention"]),
-        gdn_variants.packed_gdn_forward,
+        dict(gated_deltanet.TINY["olmo_hybrid"], layer_types=["linear_attention"]),
+        packed_gdn_forward,
         set_long_memory,
     ),
     "glm5_next": (
@@ -36,7 +37,7 @@ LAYER_ONLY = {
     ),
 }
 CASES.update({a: (None, forward, setter) for a, (_, _, forward, setter) in LAYER_ONLY.items()})
-LAYERS = kda.KDA_LAYERS + short_conv.SHORT_CONV_LAYERS + gdn_variants.GDN_LAYERS
+LAYERS = kda.KDA_LAYERS + short_conv.SHORT_CONV_LAYERS + gated_deltanet.GATED_DELTANET.layers[0].classes
 LENGTHS = [5, 1, 9, 4, 1, 12]
 
 

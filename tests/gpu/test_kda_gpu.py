@@ -3,26 +3,32 @@ fp32 on the whole stream and against each document run alone (awkward lengths 1,
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
 from gpu_helpers import TOL, assert_close, cu_of, random_lengths, rel_err, requires_cuda
 
-from deltapack import Boundaries
-from deltapack.ops import fla
-from deltapack.ops.kda import kda, kda_ref, runs_fla
+from deltapack.ops import Segments
+from deltapack.ops.kda import KDA, kda, kda_ref
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 BACKENDS = [
-    pytest.param("fla", torch.bfloat16, id="fast", marks=pytest.mark.skipif(not fla.AVAILABLE, reason="needs FLA")),
+    pytest.param(
+        "fla",
+        torch.bfloat16,
+        id="fast",
+        marks=pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs FLA (deltapack[gpu])"),
+    ),
     pytest.param("reference", torch.float32, id="reference"),
 ]
 
 
 def segments(lengths):
-    cu, host = cu_of(lengths)
-    return Boundaries.from_cu_seqlens(cu.cpu(), (1, host[-1])).to("cuda")
+    _, host = cu_of(lengths)
+    return Segments.from_cu_seqlens(host, device="cuda")
 
 
 def kda_inputs(lengths, dtype, heads=4, dk=128, dv=128, decay=1.0, seed=0):
@@ -54,7 +60,8 @@ def test_kda_matches_fp32_reference(backend, dtype, decay):
     seg = segments(lengths)
     inputs = kda_inputs(lengths, dtype, decay=decay)
     if backend == "fla":
-        assert runs_fla(inputs[0], inputs[2])
+        name, _ = KDA.choose(*inputs, segments=seg)
+        assert name == "fla", "FLA's chunk_kda should run bf16 inputs on CUDA (is FLA installed?)"
     out, _ = kda(*inputs, segments=seg, backend=backend)
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
     ref, _ = kda_ref(*ref_inputs, segments=seg)

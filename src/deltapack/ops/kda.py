@@ -16,30 +16,25 @@ C = chunks, L = chunk length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
+from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.reference import _chunk_layout, l2norm
+from deltapack.ops.segments import Segments
+from deltapack.ops.varlen import check_stream
 
-__all__ = ["kda", "kda_recurrent_ref", "kda_ref"]
+__all__ = ["KDA", "kda", "kda_recurrent_ref", "kda_ref"]
 
 _FAST_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256  # FLA's KDA kernels take K <= 256
 
 
-def _offsets(segments: Any, total: int) -> list[int]:
-    host = getattr(segments, "cu_seqlens_host", None)
-    bounds = [int(c) for c in host] if host is not None else segments.cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"segments.cu_seqlens must start at 0, increase strictly and end at T = {total}, got {bounds}")
-    return bounds
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
-    if q.dim() != 4 or q.shape[0] != 1:
-        raise ValueError(f"q must be one packed stream [1, T, H, K], got shape {tuple(q.shape)}")
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, segments: Segments
+) -> None:
+    check_stream("q", q, segments, 4)
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     _, total, heads, head_k = q.shape
@@ -63,7 +58,7 @@ def kda_ref(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     output_final_state: bool = False,
@@ -80,8 +75,8 @@ def kda_ref(
     Args:
         q, k: [1, T, H, K]. v: [1, T, Hv, V] (value head h reads key head h // (Hv / H)).
         g: [1, T, Hv, K] log-decay per channel (<= 0). beta: [1, T, Hv] write strength.
-        segments: the documents of the stream (``cu_seqlens`` [N + 1] int32 and ``cu_seqlens_host``), e.g. a
-            ``deltapack.Boundaries``.
+        segments: the documents of the stream (a :class:`deltapack.ops.Segments`; a batch's ``Boundaries``
+            carries one as ``.segments``).
         scale: query scale, default K ** -0.5. use_qk_l2norm: L2-normalise q and k first (in fp32).
         output_final_state: also return each document's final state. initial_state: [N, Hv, K, V] or None (zeros).
         chunk_size: tokens per chunk (any positive int: the result does not depend on it beyond rounding).
@@ -89,13 +84,13 @@ def kda_ref(
     Returns:
         (o [1, T, Hv, V] in the dtype of q, final states [N, Hv, K, V] fp32 or None).
     """
-    _check(q, k, v, g, beta)
+    _check(q, k, v, g, beta, segments)
     total, heads, head_k = q.shape[1:]
     num_v_heads, head_v = v.shape[2:]
-    bounds = _offsets(segments, total)
-    if initial_state is not None and tuple(initial_state.shape) != (len(bounds) - 1, num_v_heads, head_k, head_v):
+    bounds = segments.cu_seqlens_host
+    if initial_state is not None and tuple(initial_state.shape) != (segments.num_docs, num_v_heads, head_k, head_v):
         raise ValueError(
-            f"initial_state must be [N, Hv, K, V] = {(len(bounds) - 1, num_v_heads, head_k, head_v)}, "
+            f"initial_state must be [N, Hv, K, V] = {(segments.num_docs, num_v_heads, head_k, head_v)}, "
             f"got {tuple(initial_state.shape)}"
         )
     out_dtype = q.dtype
@@ -156,14 +151,14 @@ def kda_recurrent_ref(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
 ) -> torch.Tensor:
     """Token-by-token form of :func:`kda_ref` (same arguments, in the dtype of the inputs): slow, an oracle."""
-    _check(q, k, v, g, beta)
+    _check(q, k, v, g, beta, segments)
     total, heads, head_k = q.shape[1:]
-    starts = set(_offsets(segments, total)[:-1])
+    starts = set(segments.cu_seqlens_host[:-1])
     scale = head_k**-0.5 if scale is None else scale
     group = v.shape[2] // heads
     if use_qk_l2norm:
@@ -181,65 +176,64 @@ def kda_recurrent_ref(
     return torch.stack(outs).unsqueeze(0)
 
 
-def runs_fla(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether FLA's ``chunk_kda`` takes these inputs (bf16 / fp16 on CUDA, head dims <= 256); else the reference.
-
-    fp32 takes the reference, as for the gated delta rule: FLA's Triton dots default to tf32."""
-    from deltapack.ops import fla
-
-    return (
-        fla.AVAILABLE
-        and _fla_chunk_kda is not None
-        and q.is_cuda
-        and q.dtype in _FAST_DTYPES
-        and max(q.shape[-1], v.shape[-1]) <= _MAX_HEAD_DIM
-    )
+_MAX_CHUNKS = 65535  # CUDA's grid-axis-y limit; FLA puts the chunk index there
 
 
-try:  # FLA is an optional extra (deltapack[gpu])
-    from fla.ops.kda import chunk_kda as _fla_chunk_kda
-except Exception:  # noqa: BLE001 - any import failure means: not available, use the reference
-    _fla_chunk_kda = None
+def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    from fla.ops.kda import chunk_kda
 
-
-def _kda_fla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Any,
-    scale: float | None,
-    use_qk_l2norm: bool,
-    output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """FLA's ``chunk_kda`` with ``cu_seqlens`` (the decay computed by the caller, as the models do), split at
-    document boundaries where the stream has more chunks than one launch takes."""
-    from deltapack.ops import fla
-
-    host: Sequence[int] = _offsets(segments, q.shape[1])
-    plan = fla.prepare(segments.cu_seqlens, host, getattr(segments, "cache", None))
-    outs, finals = [], []
-    for part in plan.parts:
-        sl = slice(part.start, part.end)
-        o, final = _fla_chunk_kda(
-            q[:, sl],
-            k[:, sl],
-            v[:, sl],
-            g[:, sl],
-            beta[:, sl],
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        *,
+        segments: Segments,
+        scale: float | None = None,
+        use_qk_l2norm: bool = True,
+        output_final_state: bool = False,
+        initial_state: torch.Tensor | None = None,
+        chunk_size: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # the decay and beta come in as the model forms them; the L2 norm runs in the kernel, as transformers calls it
+        return chunk_kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
             scale=scale,
+            initial_state=initial_state,
             output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
-            cu_seqlens=part.cu_seqlens,
-            cu_seqlens_cpu=part.cu_seqlens_cpu,
+            cu_seqlens=segments.cu_seqlens,
+            cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
         )
-        outs.append(o)
-        finals.append(final)
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    final = None if not output_final_state else (finals[0] if len(finals) == 1 else torch.cat(finals, dim=0))
-    return o, final
+
+    return run
+
+
+def _verify_fla(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, segments: Segments, **_
+) -> tuple[bool, str]:
+    if not q.is_cuda:
+        return False, f"q is on {q.device.type}; FLA runs on CUDA"
+    if q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        # fp32 takes the reference, as for the gated delta rule: FLA's Triton dots default to tf32
+        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; FLA's chunk_kda is within bounds for bf16 / fp16"
+    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
+        return False, f"head dims {q.shape[-1]}, {v.shape[-1]}; FLA's KDA kernels take at most {_MAX_HEAD_DIM}"
+    chunks = sum(-(-n // 64) for n in segments.doc_lengths)
+    if chunks > _MAX_CHUNKS:
+        return False, f"{chunks} chunks of 64 tokens; FLA launches at most {_MAX_CHUNKS} per call"
+    return True, ""
+
+
+KDA = register_op("kda", kda_ref)
+KDA.add_backend(
+    Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
+)
 
 
 def kda(
@@ -249,7 +243,7 @@ def kda(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    segments: Any,
+    segments: Segments,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     output_final_state: bool = False,
@@ -257,33 +251,11 @@ def kda(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA over a packed stream, state reset per document (arguments and results as in :func:`kda_ref`).
 
-    backend: "reference", "fla" or None (automatic: ``fla`` for bf16 / fp16 CUDA tensors when FLA imports, else the
-    reference; also the ``DELTAPACK_BACKEND`` environment variable). "fla" where it cannot run raises.
+    Backends: "fla" (CUDA, bf16 / fp16, head dims <= 256: FLA's ``chunk_kda`` with ``cu_seqlens`` and the host
+    offsets) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
     """
-    from deltapack.ops.dispatch import resolve_backend
-
-    _check(q, k, v, g, beta)
-    if getattr(segments, "context_parallel", None) is not None:
-        raise NotImplementedError("deltapack: KDA under context parallelism is not supported yet; expected one rank")
-    chosen = resolve_backend(backend, q.device, "kda")
-    if chosen == "fla" and runs_fla(q, v):
-        return _kda_fla(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            segments=segments,
-            scale=scale,
-            use_qk_l2norm=use_qk_l2norm,
-            output_final_state=output_final_state,
-        )
-    if chosen == "fla" and backend == "fla":
-        raise RuntimeError(
-            f"deltapack: backend 'fla' was requested for kda but FLA's chunk_kda takes bf16 / fp16 CUDA tensors with "
-            f"head dims <= {_MAX_HEAD_DIM} (got {q.dtype} on {q.device.type}, K = {q.shape[-1]}, V = {v.shape[-1]})"
-        )
-    return kda_ref(
+    _check(q, k, v, g, beta, segments)
+    return KDA(
         q,
         k,
         v,
@@ -293,4 +265,5 @@ def kda(
         scale=scale,
         use_qk_l2norm=use_qk_l2norm,
         output_final_state=output_final_state,
+        backend=backend,
     )

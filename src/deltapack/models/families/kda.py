@@ -15,7 +15,9 @@ from torch import nn
 
 from deltapack import ops
 from deltapack.boundaries import Boundaries
+from deltapack.models.layers import Family, PackedLayer, register_family
 from deltapack.ops.kda import kda
+from deltapack.tiny import register_tiny
 
 
 def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -52,7 +54,7 @@ def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
     q_1THK, k_1THK, v_1THK = (t.reshape(heads_1THK) for t in torch.split(qkv_1TC, [layer.qkv_dim] * 3, dim=-1))
     g_1THK = layer.forget_gate(x_1TD)  # per-channel log decay, as the layer forms it (fp32 or its own dtype)
     beta_1TH = torch.sigmoid(layer.b_proj(x_1TD))
-    o_1THK, _ = kda(q_1THK, k_1THK, v_1THK, g_1THK, beta_1TH, segments=bounds, use_qk_l2norm=True)
+    o_1THK, _ = kda(q_1THK, k_1THK, v_1THK, g_1THK, beta_1TH, segments=bounds.segments, use_qk_l2norm=True)
     # the output gate: one projection (bailing_hybrid) or a low-rank pair (kimi_linear, glm5_next)
     gate = layer.g_proj(x_1TD) if hasattr(layer, "g_proj") else layer.g_b_proj(layer.g_a_proj(x_1TD))
     out_1THK = layer.o_norm(o_1THK, gate.reshape(heads_1THK))
@@ -117,3 +119,15 @@ KDA_LAYERS = (
     "transformers.models.bailing_hybrid.modeling_bailing_hybrid.BailingHybridDeltaAttention",
     "transformers.models.glm5_next.modeling_glm5_next.Glm5NextTextLinearAttention",
 )
+
+# glm5_next's layer is registered, its model type is not: transformers 5.24 has no causal LM for it (multimodal
+# Glm5NextForConditionalGeneration only, with hyper-connections and a sparse-attention indexer of its own)
+KDA_FAMILY = register_family(
+    Family(
+        name="kda",
+        model_types=("kimi_linear", "bailing_hybrid"),
+        layers=(PackedLayer(classes=KDA_LAYERS, forward=packed_kda_forward, cache_kwargs=("cache", "cache_params")),),
+    )
+)
+for _arch, _fields in TINY.items():
+    register_tiny(_arch, _fields, long_memory=set_long_memory)
