@@ -46,10 +46,7 @@ def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
         layer.conv1d.weight.squeeze(1),
         layer.conv1d.bias,
         layer.activation,
-        cu_seqlens=bounds.cu_seqlens,
-        seq_idx=bounds.seq_idx,
-        cu_seqlens_host=bounds.cu_seqlens_host,
-        cache=bounds.cache,
+        segments=bounds.segments,
     )
     q_1THK, k_1THK, v_1THK = (t.reshape(heads_1THK) for t in torch.split(qkv_1TC, [layer.qkv_dim] * 3, dim=-1))
     g_1THK = layer.forget_gate(x_1TD)  # per-channel log decay, as the layer forms it (fp32 or its own dtype)

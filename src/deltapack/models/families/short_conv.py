@@ -41,10 +41,7 @@ def packed_short_conv_forward(layer: nn.Module, hidden_states: torch.Tensor, bou
         layer.conv.weight.squeeze(1),
         layer.conv.bias,
         None,
-        cu_seqlens=bounds.cu_seqlens,
-        seq_idx=bounds.seq_idx,
-        cu_seqlens_host=bounds.cu_seqlens_host,
-        cache=bounds.cache,
+        segments=bounds.segments,
     )
     return layer.out_proj(c_1TD * y_1TD)
 
