@@ -27,6 +27,26 @@ settings.register_profile("deep", max_examples=400, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
 
 
+# transformers renamed gradient checkpointing to activation checkpointing; CI also runs the oldest supported
+# transformers (see .ci/run), so the tests use whichever name the installed version has
+def enable_checkpointing(model: nn.Module, **kwargs) -> None:
+    """Activation (gradient) checkpointing on, under either transformers name; ``kwargs`` for torch's checkpoint."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_arg() -> str:
+    """The TrainingArguments field that turns checkpointing on, in the installed transformers."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 @functools.lru_cache(maxsize=64)
 def cached_model(
     arch: str = "qwen3_5", attn: str = "sdpa", conv_width: int = 4, value_head_ratio: int = 2, seed: int = 0

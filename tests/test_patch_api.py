@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 import deltapack
-from conftest import cached_model
+from conftest import cached_model, enable_checkpointing
 from deltapack import Boundaries
 from deltapack.tiny import set_long_memory, tiny_config, tiny_model
 from packing import build, max_doc_diff
@@ -184,7 +184,7 @@ def test_gradient_checkpointing_keeps_packing():
 
     deltapack.patch(model)
     plain = grads()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, use_reentrant=False)
     checkpointed = grads()
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
     deltapack.unpatch(model)

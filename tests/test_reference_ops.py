@@ -52,8 +52,10 @@ def test_gated_delta_rule_matches_each_document_alone(name, ratio):
 
     for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         piece = [x.detach()[:, a:b].clone().requires_grad_() for x in inputs]
+        # key heads repeated for their value heads by hand (transformers before 5.18 takes equal head counts)
+        q_alone, k_alone = (x.repeat_interleave(ratio, dim=2) for x in piece[:2])
         o_alone, s_alone = torch_chunk_gated_delta_rule(
-            *piece[:3], g=piece[3], beta=piece[4], output_final_state=True, use_qk_l2norm_in_kernel=True
+            q_alone, k_alone, piece[2], g=piece[3], beta=piece[4], output_final_state=True, use_qk_l2norm_in_kernel=True
         )
         torch.testing.assert_close(out[:, a:b], o_alone, rtol=0, atol=1e-5)
         torch.testing.assert_close(final[n], s_alone[0], rtol=0, atol=1e-5)
