@@ -10,17 +10,20 @@ the documents of the first 4096 tokens: the patched bf16 layer (automatic backen
 on each document alone, both against the patched fp32 layer on the exact reference (relative error of the output
 and of dx), so the fast path's error is judged against bf16's own.
 
-Usage: python benchmarks/bench_recurrences.py [--out recurrences.json] [--reps 5] [--only rwkv_time_mix,...]
+Usage: python benchmarks/bench_recurrences.py [--out recurrences.json] [--reps 3] [--only rwkv_time_mix,...]
        python benchmarks/bench_recurrences.py --dry   (tiny dims, 512 tokens, CPU, fp32: checks the script runs)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from common import cuda_time_ms, document_lengths, environment, write
@@ -118,7 +121,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def bench_layer(name: str, entry: dict, lengths: list[int], device: str, dtype: torch.dtype, reps: int) -> dict:
+def fast_backends() -> dict:
+    """Per recurrence op with a fast backend: "fla" when its kernels loaded and passed their first-use check, else
+    why not (the exception), or "not used" when no call reached it."""
+    from deltapack.ops import OPS
+
+    out = {}
+    for name in ("lightning_attention", "rg_lru_scan", "causal_conv1d"):
+        loaded = OPS[name]._loaded.get("fla")
+        out[name] = "not used" if loaded is None else "fla" if callable(loaded) else f"refused: {loaded!r}"[:300]
+    return out
+
+
+def bench_layer(entry: dict, lengths: list[int], device: str, dtype: torch.dtype, reps: int, out: dict, save) -> None:
+    """Fills ``out`` stage by stage (first calls, host syncs, exactness, timing), calling ``save()`` after each; a
+    stage that fails records its error and the next one runs."""
     dry = device == "cpu"
     layer = make_layer(entry, dry, device, dtype)
     packed = packed_layer_of(layer).forward
@@ -139,67 +156,85 @@ def bench_layer(name: str, entry: dict, lengths: list[int], device: str, dtype: 
         x.grad = None
         entry["call"](layer, x).backward(dy)
 
-    out: dict = {"tokens": total, "documents": len(lengths), "dims": entry["dry" if dry else "full"]}
+    def sync():
+        if not dry:
+            torch.cuda.synchronize()
+
+    def first_calls():  # compile, autotune, first-use checks
+        for label, fn in (("patched", patched), ("unpatched", unpatched)):
+            clock = time.perf_counter()
+            fn()
+            sync()
+            out[f"{label}_first_call_s"] = round(time.perf_counter() - clock, 2)
+        out["fast_backends"] = fast_backends()
+
+    def host_syncs():
+        prebuilt = Boundaries.from_cu_seqlens(cu, (1, total)).to(device)  # built ahead, as a collator would
+        out["host_syncs"] = count_syncs(lambda: packed(layer, x, prebuilt)[0].backward(dy))
+
+    def exactness():  # on the documents of the first 4096 tokens (all of them in --dry)
+        n_docs = max(1, sum(1 for c in cu[1:] if c <= 4096))
+        n = cu[n_docs]
+        small = Boundaries.from_cu_seqlens(cu[: n_docs + 1], (1, n)).to(device)
+        xs = x[:, :n].detach().requires_grad_()
+        fast = packed(layer, xs, small)[0]
+        (dx_fast,) = torch.autograd.grad(fast, xs, dy[:, :n])
+        alone_out = torch.cat([entry["call"](layer, xs[:, a:b]) for a, b in zip(cu[:n_docs], cu[1 : n_docs + 1])], 1)
+        (dx_alone,) = torch.autograd.grad(alone_out, xs, dy[:, :n])
+        layer32 = make_layer(entry, dry, device, torch.float32)
+        layer32.load_state_dict(layer.state_dict())
+        x32 = xs.detach().float().requires_grad_()
+        os.environ["DELTAPACK_BACKEND"] = "reference"
+        try:
+            ref = packed(layer32, x32, small)[0]
+            (dx_ref,) = torch.autograd.grad(ref, x32, dy[:, :n].float())
+        finally:
+            del os.environ["DELTAPACK_BACKEND"]
+        with torch.no_grad():
+            one_row = entry["call"](layer, xs)  # the unpatched layer on the same documents as one sequence: it leaks
+        out["exactness"] = {
+            "tokens": n,
+            "documents": n_docs,
+            "patched_vs_fp32_reference": {"output": rel(fast, ref), "dx": rel(dx_fast, dx_ref)},
+            "unpatched_alone_vs_fp32_reference": {"output": rel(alone_out, ref), "dx": rel(dx_alone, dx_ref)},
+            "unpatched_one_row_vs_fp32_reference": {"output": rel(one_row, ref)},
+        }
+
+    def timing():
+        timer = wall_ms if dry else (lambda fn, reps: cuda_time_ms(fn, warmup=0, reps=reps))
+        t_pa = timer(patched, reps)
+        out["patched_ms"] = t_pa["median_ms"]
+        save()
+        # the per-token Python loops of some unpatched layers take seconds per call: time them once more only
+        t_un = timer(unpatched, 1 if out.get("unpatched_first_call_s", 0) > 5 else reps)
+        out.update(unpatched_ms=t_un["median_ms"], ratio=t_pa["median_ms"] / t_un["median_ms"])
+
+    out.update(tokens=total, documents=len(lengths), dims=entry["dry" if dry else "full"])
     if entry["model_type"] == "rwkv":  # transformers' own CUDA WKV kernel (built with ninja) or its per-token loop
         from transformers.models.rwkv import modeling_rwkv
 
         out["unpatched_wkv"] = "cuda kernel" if modeling_rwkv.rwkv_cuda_kernel is not None else "per-token loop"
-    clock = time.perf_counter()
-    for label, fn in (("unpatched", unpatched), ("patched", patched)):  # first calls: compile, autotune, caches
-        fn()
-        if not dry:
-            torch.cuda.synchronize()
-        out[f"{label}_first_call_s"] = round(time.perf_counter() - clock, 2)
-        clock = time.perf_counter()
-    timer = wall_ms if dry else (lambda fn, reps: cuda_time_ms(fn, warmup=1, reps=reps))
-    # the per-token Python loops of some unpatched layers take seconds per call: time them fewer times
-    slow = out["unpatched_first_call_s"] > 5
-    t_un = timer(unpatched, 2 if slow else reps)
-    t_pa = timer(patched, reps)
-    out.update(
-        patched_ms=t_pa["median_ms"], unpatched_ms=t_un["median_ms"], ratio=t_pa["median_ms"] / t_un["median_ms"]
-    )
-    if not dry:
-        prebuilt = Boundaries.from_cu_seqlens(cu, (1, total)).to(device)  # built ahead, as a collator would
-        out["host_syncs"] = count_syncs(lambda: packed(layer, x, prebuilt)[0].backward(dy))
-
-    # exactness on the documents of the first 4096 tokens (all of them in --dry)
-    n_docs = max(1, sum(1 for c in cu[1:] if c <= 4096))
-    n = cu[n_docs]
-    small = Boundaries.from_cu_seqlens(cu[: n_docs + 1], (1, n)).to(device)
-    xs = x[:, :n].detach().requires_grad_()
-    fast = packed(layer, xs, small)[0]
-    (dx_fast,) = torch.autograd.grad(fast, xs, dy[:, :n])
-    alone = [entry["call"](layer, xs[:, a:b]) for a, b in zip(cu[:n_docs], cu[1 : n_docs + 1])]
-    alone_out = torch.cat(alone, dim=1)
-    (dx_alone,) = torch.autograd.grad(alone_out, xs, dy[:, :n])
-    layer32 = make_layer(entry, dry, device, torch.float32)
-    layer32.load_state_dict(layer.state_dict())
-    x32 = xs.detach().float().requires_grad_()
-    os.environ["DELTAPACK_BACKEND"] = "reference"
-    try:
-        ref = packed(layer32, x32, small)[0]
-        (dx_ref,) = torch.autograd.grad(ref, x32, dy[:, :n].float())
-    finally:
-        del os.environ["DELTAPACK_BACKEND"]
-    out["exactness"] = {
-        "tokens": n,
-        "documents": n_docs,
-        "patched_vs_fp32_reference": {"output": rel(fast, ref), "dx": rel(dx_fast, dx_ref)},
-        "unpatched_alone_vs_fp32_reference": {"output": rel(alone_out, ref), "dx": rel(dx_alone, dx_ref)},
-    }
-    one_row = entry["call"](layer, xs)  # the unpatched layer on the same documents as one sequence: the leak
-    out["exactness"]["unpatched_one_row_vs_fp32_reference"] = {"output": rel(one_row, ref)}
-    return out
+    stages = [first_calls, exactness, timing] if dry else [first_calls, host_syncs, exactness, timing]
+    for stage in stages:
+        try:
+            stage()
+        except Exception as exc:  # noqa: BLE001 - record and go on: one GPU sitting, every stage counts
+            out.setdefault("errors", {})[stage.__name__] = f"{type(exc).__name__}: {exc}"[:2000]
+            traceback.print_exc()
+        save()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", help="comma-separated layer names", default=",".join(LAYERS))
     parser.add_argument("--dry", action="store_true", help="tiny dims, 512 tokens, CPU, fp32")
     args = parser.parse_args()
+
+    def save(result: dict) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
 
     device, dtype = ("cpu", torch.float32) if args.dry else ("cuda", torch.bfloat16)
     lengths = document_lengths(512) if args.dry else document_lengths(32768)
@@ -208,7 +243,14 @@ def main() -> None:
     result: dict = {"env": {"device": "cpu (dry)"} if args.dry else environment(), "layers": {}}
     for name in args.only.split(","):
         start = time.perf_counter()
-        result["layers"][name] = bench_layer(name, LAYERS[name], lengths, device, dtype, 1 if args.dry else args.reps)
+        out = result["layers"][name] = {}
+        try:
+            bench_layer(LAYERS[name], lengths, device, dtype, 1 if args.dry else args.reps, out, lambda: save(result))
+        except Exception as exc:  # noqa: BLE001 - building the layer failed: record it, go on with the next
+            out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            traceback.print_exc()
+        if not args.dry:
+            torch.cuda.empty_cache()
         print(f"{name} done in {time.perf_counter() - start:.1f} s", flush=True)
         write(args.out, result)
 

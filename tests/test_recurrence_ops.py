@@ -14,6 +14,7 @@ from deltapack.ops.lightning import lightning_attention, lightning_attention_ref
 from deltapack.ops.mlstm import mlstm, mlstm_ref
 from deltapack.ops.rg_lru import rg_lru_scan, rg_lru_scan_ref
 from deltapack.ops.token_shift import token_shift
+from deltapack.ops.varlen import check_fast_backend
 from deltapack.ops.wkv import wkv, wkv_ref
 
 # length 1, shorter than a chunk, chunk-aligned, ragged, longer than two chunks (chunks of 8 in the chunked ops)
@@ -208,3 +209,21 @@ def test_malformed_inputs_raise():
         wkv(torch.zeros(4), torch.zeros(4), torch.zeros(1, 5, 4), torch.zeros(1, 5, 4), segments=seg, backend="fla")
     with pytest.raises(ValueError, match="i must be"):
         mlstm(*(torch.zeros(1, 5, 2, 4) for _ in range(3)), torch.zeros(1, 5, 3), torch.zeros(1, 5, 2), segments=seg)
+
+
+def test_a_fast_backend_that_raises_or_is_off_is_refused():
+    """The first-use check of the FLA backends: a kernel that raises (forward or backward) or returns the wrong
+    numbers is refused with RuntimeError (the op then runs the reference and logs why); a right one passes."""
+    seg = segments_of([1, 5, 30])
+    x = torch.randn(1, 36, 4)
+    log_a = -torch.rand(1, 36, 4) * 0.1
+
+    def ref(x, log_a):
+        return rg_lru_scan_ref(x, log_a, segments=seg)
+
+    check_fast_backend("right", ref, ref, [x, log_a])
+    with pytest.raises(RuntimeError, match="broken raised"):
+        check_fast_backend("broken", lambda x, a: (_ for _ in ()).throw(ValueError("no")), ref, [x, log_a])
+    with pytest.raises(RuntimeError, match="leaky is off"):
+        leaky = segments_of([36])
+        check_fast_backend("leaky", lambda x, a: rg_lru_scan_ref(x, a, segments=leaky), ref, [x, log_a])

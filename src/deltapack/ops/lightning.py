@@ -19,7 +19,7 @@ import torch
 
 from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
+from deltapack.ops.varlen import acc_dtype, check_fast_backend, check_stream, chunk_layout
 
 __all__ = ["lightning_attention", "lightning_attention_ref"]
 
@@ -81,17 +81,30 @@ def _load_fla() -> Callable[..., torch.Tensor]:
     from fla.ops.simple_gla import chunk_simple_gla
 
     def run(q, k, v, slope, *, segments: Segments, chunk_size: int = 64) -> torch.Tensor:
+        # fp32 q, k, v and a per-token gate: the combination whose backward runs on Hopper (bf16 inputs with a gate
+        # are refused there by FLA 0.6 with Triton < 3.7.1); its TF32 dots stay well inside bf16's own error
+        g = (-slope.reshape(1, 1, -1).float()).expand(1, q.shape[1], q.shape[2]).contiguous()
         o, _ = chunk_simple_gla(
-            q,
-            k,
-            v,
-            g_gamma=-slope.reshape(-1).float(),
+            q.float(),
+            k.float(),
+            v.float(),
+            g=g,
             scale=1.0,
             cu_seqlens=segments.cu_seqlens,
             cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
         )
         return o.to(q.dtype)
 
+    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")  # a 1-token document, one inside a chunk, one across
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [(torch.randn(1, 76, 2, 32, device="cuda", generator=gen) * 0.3).bfloat16() for _ in range(3)]
+    slope = torch.tensor([0.1, 0.01], device="cuda")
+    check_fast_backend(
+        "FLA's chunk_simple_gla",
+        lambda q, k, v: run(q, k, v, slope, segments=probe),
+        lambda q, k, v: lightning_attention_ref(q, k, v, slope, segments=probe),
+        qkv,
+    )
     return run
 
 
@@ -124,8 +137,10 @@ def lightning_attention(
 ) -> torch.Tensor:
     """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
 
-    Backends: "fla" (CUDA, bf16 / fp16: FLA's ``chunk_simple_gla(g_gamma=-slope, scale=1, cu_seqlens=...)`` with the
-    host offsets, so it does not sync) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
+    Backends: "fla" (CUDA, bf16 / fp16 inputs: FLA's ``chunk_simple_gla`` on fp32 q, k, v with the gate -slope per
+    token, ``scale=1`` and ``cu_seqlens``, host offsets given so it does not sync; checked forward and backward
+    against the reference once per process on first use, refused with a warning if it fails) or "reference"; None
+    chooses (see :mod:`deltapack.ops.dispatch`).
     """
     _check(q, k, v, slope, segments)
     return LIGHTNING_ATTENTION(q, k, v, slope, segments=segments, chunk_size=chunk_size, backend=backend)

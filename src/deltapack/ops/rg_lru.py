@@ -24,7 +24,7 @@ import torch
 
 from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, starts
+from deltapack.ops.varlen import acc_dtype, check_fast_backend, check_stream, log_steps, starts
 
 __all__ = ["rg_lru_scan", "rg_lru_scan_ref"]
 
@@ -65,6 +65,16 @@ def _load_fla() -> Callable[..., torch.Tensor]:
         h, _ = fused_recurrent_hgrn(x, log_a.to(x.dtype), cu_seqlens=segments.cu_seqlens)
         return h
 
+    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 76, 64, device="cuda", generator=gen).bfloat16()
+    log_a = (-torch.rand(1, 76, 64, device="cuda", generator=gen) * 0.1).bfloat16()
+    check_fast_backend(
+        "FLA's fused_recurrent_hgrn",
+        lambda x, log_a: run(x, log_a, segments=probe),
+        lambda x, log_a: rg_lru_scan_ref(x, log_a, segments=probe),
+        [x, log_a],
+    )
     return run
 
 
@@ -85,8 +95,9 @@ def rg_lru_scan(
 ) -> torch.Tensor:
     """The RG-LRU scan over a packed stream (arguments as :func:`rg_lru_scan_ref`).
 
-    Backends: "fla" (CUDA, bf16 / fp16: FLA's ``fused_recurrent_hgrn(x, g=log_a, cu_seqlens=...)``, fp32 state) or
-    "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
+    Backends: "fla" (CUDA, bf16 / fp16: FLA's ``fused_recurrent_hgrn(x, g=log_a, cu_seqlens=...)``, fp32 state;
+    checked forward and backward against the reference once per process on first use, refused with a warning if it
+    fails) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
     """
     _check(x, log_a, segments)
     return RG_LRU_SCAN(x, log_a, segments=segments, backend=backend)
