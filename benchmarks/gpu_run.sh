@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One sitting on a GPU machine: GPU tests, then the layer, attention and end-to-end benchmarks.
-# Usage (project root, GPU packages on the path): OUT=<dir> bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
+# Usage (project root, GPU packages on the path): [OUT=<dir>] bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
@@ -9,7 +9,9 @@
 # CP2_665M_ROWS / CP2_9B_ROWS=<n,n>: the rows CP=2 tries (default: from the CP=1 stage of the same call);
 # CP_9B_FIRST: the first row of the 9B config's CP=1 ladder (default 32768).
 set -u
-out="${OUT:-benchmarks/results/run}"
+# default: benchmarks/results/<date>_<N>x<card>/, the layout RESULTS.md indexes (one folder per date and card)
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | sed 's/^NVIDIA //; s/ .*//')
+out="${OUT:-benchmarks/results/$(date -u +%F)_$(nvidia-smi -L | wc -l)x${card}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cache="${KERNEL_CACHE_DIR:-$PWD/.kernel-cache}"  # Triton's and TileLang's compiled kernels
