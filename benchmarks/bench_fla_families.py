@@ -10,17 +10,20 @@ the first 4096 tokens (outputs and input gradients), and the host syncs of the p
 Layer sizes: transformers' default configs, which are the released models' (KimiLinearConfig: hidden 2304, 32 KDA
 heads of 128, conv 4; Lfm2Config: hidden 2560, conv width 3).
 
-Usage: python benchmarks/bench_fla_families.py [--out results/fla_families.json] [--reps 10]
+Usage: python benchmarks/bench_fla_families.py [--out results/fla_families.json] [--reps 5]
        python benchmarks/bench_fla_families.py --dry   (tiny layers on the CPU: checks the script, times nothing real)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from common import cuda_time_ms, document_lengths, environment, write
@@ -76,6 +79,28 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def stage(result: dict, key: str, fn: Callable[[], object], out: str | None) -> object:
+    """Run one stage; its value (or the error it raised) goes into ``result[key]``, and the JSON is written."""
+    try:
+        value = fn()
+    except Exception as exc:  # noqa: BLE001 - record and go on: the other stages still measure something
+        value = None
+        result[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(f"{key} FAILED: {result[key]['error']}", flush=True)
+    else:
+        result[key] = value
+    save(out)
+    return value
+
+
+ROOT: dict = {}  # everything measured so far: written after every stage
+
+
+def save(path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(ROOT, indent=1))
+
+
 def bench_layer(name: str, layer: torch.nn.Module, forward, lengths: list[int], args, device: str, dtype) -> dict:
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -88,6 +113,8 @@ def bench_layer(name: str, layer: torch.nn.Module, forward, lengths: list[int], 
         return Boundaries.from_cu_seqlens(cu, (1, total)).to(device)
 
     bounds = fresh_bounds()
+    result: dict = {"tokens": total, "documents": len(lengths)}
+    ROOT[name] = result
 
     def patched():
         layer.zero_grad(set_to_none=True)
@@ -100,47 +127,62 @@ def bench_layer(name: str, layer: torch.nn.Module, forward, lengths: list[int], 
         layer(x).backward(dy)
 
     clock = time.perf_counter()
-    for label, fn in (("unpatched", unpatched), ("patched", patched)):  # first calls: compile and autotune
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"{name} {label}: first forward+backward done at {time.perf_counter() - clock:.1f} s", flush=True)
-    runs = {"unpatched": [], "patched": []}
-    for _ in range(2):  # interleaved, so drift on the card hits both alike
-        runs["unpatched"].append(time_ms(unpatched, device, args.reps))
-        runs["patched"].append(time_ms(patched, device, args.reps))
-    un = min(r["median_ms"] for r in runs["unpatched"])
-    pa = min(r["median_ms"] for r in runs["patched"])
-    prebuilt = fresh_bounds()
-    result = {
-        "tokens": total,
-        "documents": len(lengths),
-        "patched_ms": pa,
-        "unpatched_ms": un,
-        "ratio": pa / un,
-        "runs": runs,
-        "host_syncs": count_syncs(lambda: forward(layer, x, prebuilt).backward(dy)),
-    }
+
+    def first(fn):
+        def run():  # first calls: compile and autotune
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return round(time.perf_counter() - clock, 1)
+
+        return run
+
+    ok = {}
+    for label, fn in (("unpatched", unpatched), ("patched", patched)):
+        ok[label] = stage(result, f"{label}_first_call_done_at_s", first(fn), args.out) is not None
+
+    def timing():
+        runs = {label: [] for label, good in ok.items() if good}
+        for _ in range(2):  # interleaved, so drift on the card hits both alike
+            for label in runs:
+                runs[label].append(time_ms(unpatched if label == "unpatched" else patched, device, args.reps))
+        best = {label: min(r["median_ms"] for r in rs) for label, rs in runs.items()}
+        out = {f"{label}_ms": ms for label, ms in best.items()}
+        if len(best) == 2:
+            out["ratio"] = best["patched"] / best["unpatched"]
+        return {**out, "runs": runs}
+
+    if any(ok.values()):
+        stage(result, "timing", timing, args.out)
+    stage(result, "host_syncs", lambda: count_syncs(lambda: forward(layer, x, fresh_bounds()).backward(dy)), args.out)
 
     # the kernel path against the exact reference on the documents of the first 4096 tokens (each document whole)
     n_docs = max(1, sum(1 for c in bounds.cu_seqlens_host[1:] if c <= min(4096, total)))
     n = bounds.cu_seqlens_host[n_docs]
     xs = x[:, :n].detach().requires_grad_()
     small = Boundaries.from_cu_seqlens(list(bounds.cu_seqlens_host[: n_docs + 1]), (1, n)).to(device)
-    fast = forward(layer, xs, small)
-    (dx_fast,) = torch.autograd.grad(fast, xs, dy[:, :n])
-    os.environ["DELTAPACK_BACKEND"] = "reference"
-    try:
-        ref = forward(layer, xs, small)
-        (dx_ref,) = torch.autograd.grad(ref, xs, dy[:, :n])
-    finally:
-        del os.environ["DELTAPACK_BACKEND"]
-    errors = {"output": rel(fast, ref), "dx": rel(dx_fast, dx_ref)}
-    result["rel_err_vs_reference"] = {"tokens": n, "documents": n_docs, **errors}
-    # and the same documents one at a time through the kernel path: boundaries alone change nothing
-    alone = torch.cat(list(_alone(forward, layer, xs.detach(), small, device)), dim=1)
-    result["rel_err_packed_vs_alone"] = rel(fast.detach(), alone)
-    print(f"{name}: {result['ratio']:.3f}x, syncs {result['host_syncs']}, {result['rel_err_vs_reference']}", flush=True)
+
+    def vs_reference():
+        fast = forward(layer, xs, small)
+        (dx_fast,) = torch.autograd.grad(fast, xs, dy[:, :n])
+        os.environ["DELTAPACK_BACKEND"] = "reference"
+        try:
+            ref = forward(layer, xs, small)
+            (dx_ref,) = torch.autograd.grad(ref, xs, dy[:, :n])
+        finally:
+            del os.environ["DELTAPACK_BACKEND"]
+        # and the same documents one at a time through the kernel path: boundaries alone change nothing
+        alone = torch.cat(list(_alone(forward, layer, xs.detach(), small, device)), dim=1)
+        return {
+            "tokens": n,
+            "documents": n_docs,
+            "output": rel(fast, ref),
+            "dx": rel(dx_fast, dx_ref),
+            "packed_vs_alone_output": rel(fast.detach(), alone),
+        }
+
+    stage(result, "rel_err_vs_reference", vs_reference, args.out)
+    print(f"{name}: {result.get('timing')}, syncs {result.get('host_syncs')}", flush=True)
     return result
 
 
@@ -154,7 +196,7 @@ def _alone(forward, layer, xs: torch.Tensor, bounds: Boundaries, device: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dry", action="store_true", help="tiny layers on the CPU, 2048 tokens")
     args = parser.parse_args()
     device = "cpu" if args.dry else "cuda"
@@ -163,16 +205,29 @@ def main() -> None:
         args.reps = min(args.reps, 2)
     lengths = document_lengths(2048 if args.dry else 32768)
 
-    result = {"env": environment() if not args.dry else {"dry": True}, "dtype": str(dtype)}
-    kda_layer = layer_of("kimi_linear", DRY_KDA if args.dry else {}, device, dtype)
-    result["kda_kimi_linear"] = bench_layer("kda", kda_layer, packed_kda_forward, lengths, args, device, dtype)
-    write(args.out, result)
-    del kda_layer
-    conv_layer = layer_of("lfm2", DRY_CONV if args.dry else {}, device, dtype)
-    result["short_conv_lfm2"] = bench_layer(
-        "short_conv", conv_layer, packed_short_conv_forward, lengths, args, device, dtype
-    )
-    write(args.out, result)
+    ROOT.update({"env": environment() if not args.dry else {"dry": True}, "dtype": str(dtype), "deltapack_log": []})
+    handler = logging.Handler()  # which backend each op chose, and why (logged once per choice)
+    handler.emit = lambda record: ROOT["deltapack_log"].append(record.getMessage())
+    logging.getLogger("deltapack").addHandler(handler)
+    logging.getLogger("deltapack").setLevel(logging.INFO)
+    for name, model_type, fields, forward in (
+        ("kda_kimi_linear", "kimi_linear", DRY_KDA, packed_kda_forward),
+        ("short_conv_lfm2", "lfm2", DRY_CONV, packed_short_conv_forward),
+    ):
+        layer = None
+        try:
+            layer = layer_of(model_type, fields if args.dry else {}, device, dtype)
+            bench_layer(name, layer, forward, lengths, args, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - record and go on to the next layer
+            ROOT[name] = {**ROOT.get(name, {}), "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        del layer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        save(args.out)
+    from deltapack.ops import kda as kda_module
+
+    ROOT["kda_fla_failure"] = list(kda_module._fla_failure)  # a kernel failure the reference covered, if any
+    write(args.out, ROOT)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,44 @@ def test_public_op_on_cpu_runs_the_reference_and_validates():
         kda(*inputs, segments=segments([4, 1, 5]))
     with pytest.raises(RuntimeError, match="fla"):
         kda(*inputs, segments=seg, backend="fla")
+
+
+class _RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a kernel refused its backward")
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+def test_a_kernel_that_raises_falls_back_to_the_reference_once(stage, monkeypatch):
+    """The FLA path's net, run on the CPU with a stand-in kernel: the exact reference computes the failed call, the
+    failure is remembered, and the verifier refuses the kernel from then on (never a crash, never a leak)."""
+    from deltapack.ops import kda as kda_module
+
+    monkeypatch.setattr(kda_module, "_fla_failure", [])
+    lengths = [4, 1, 6]
+    seg = segments(lengths)
+    inputs = kda_inputs(sum(lengths), seed=5)
+
+    def ref(*xs):
+        return kda_ref(*xs, segments=seg)[0]
+
+    def fast(*xs):
+        if stage == "forward":
+            raise RuntimeError("a kernel refused its forward")
+        return _RaisesInBackward.apply(ref(*xs) / 2)
+
+    out = kda_module._WithReference.apply(fast, ref, *inputs)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    expected = ref(*inputs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert kda_module._fla_failure and stage in kda_module._fla_failure[0]
+    ok, reason = kda_module._verify_fla(*[t.detach() for t in inputs], segments=seg)
+    assert not ok and reason == kda_module._fla_failure[0]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gpu_helpers import TOL, assert_close, cu_of, random_lengths, rel_err, requires_cuda
 
 from deltapack.ops import Segments
+from deltapack.ops import kda as kda_module
 from deltapack.ops.kda import KDA, kda, kda_ref
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -69,6 +70,7 @@ def test_kda_matches_fp32_reference(backend, dtype, decay):
     assert_close(out, ref, TOL[dtype])
     for name, got, want in zip(("q", "k", "v", "g", "beta"), grads(out, inputs), grads(ref, ref_inputs)):
         assert_close(got, want, TOL[dtype], f"d{name}")
+    assert not kda_module._fla_failure, kda_module._fla_failure  # the kernels ran: no fallback hid a failure
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)

@@ -16,6 +16,7 @@ C = chunks, L = chunk length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,8 @@ from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import check_stream
 
 __all__ = ["KDA", "kda", "kda_recurrent_ref", "kda_ref"]
+
+logger = logging.getLogger("deltapack")
 
 _FAST_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256  # FLA's KDA kernels take K <= 256
@@ -179,6 +182,45 @@ def kda_recurrent_ref(
 _MAX_CHUNKS = 65535  # CUDA's grid-axis-y limit; FLA puts the chunk index there
 
 
+_fla_failure: list[str] = []  # the first run-time failure of FLA's chunk_kda in this process, if any
+
+
+def _fall_back(stage: str, exc: BaseException) -> None:
+    if not _fla_failure:
+        _fla_failure.append(f"FLA's chunk_kda raised in its {stage} ({type(exc).__name__}: {exc})")
+        logger.warning("deltapack: %s; kda runs on the exact reference from now on", _fla_failure[0])
+
+
+class _WithReference(torch.autograd.Function):
+    """A fast kernel with the exact reference as its net: a kernel that raises, in the forward or in the backward,
+    is caught (once per process: the verifier refuses FLA afterwards) and the reference computes that call."""
+
+    @staticmethod
+    def forward(ctx, fast: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], *inputs: torch.Tensor):
+        ctx.ref = ref
+        ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        with torch.enable_grad():
+            try:
+                ctx.out = fast(*ctx.leaves)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
+                _fall_back("forward", exc)
+                ctx.out = ref(*ctx.leaves)
+        return ctx.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        wanted = [t for t in ctx.leaves if t.requires_grad]
+        try:
+            grads = torch.autograd.grad(ctx.out, wanted, grad_out, allow_unused=True)
+        except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
+            _fall_back("backward", exc)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(ctx.ref(*ctx.leaves), wanted, grad_out, allow_unused=True)
+        ctx.out = None
+        it = iter(grads)
+        return (None, None, *(next(it) if t.requires_grad else None for t in ctx.leaves))
+
+
 def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     from fla.ops.kda import chunk_kda
 
@@ -197,19 +239,34 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
         chunk_size: int = 16,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the decay and beta come in as the model forms them; the L2 norm runs in the kernel, as transformers calls it
-        return chunk_kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-            cu_seqlens=segments.cu_seqlens,
-            cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
-        )
+        def fast(*inputs: torch.Tensor) -> torch.Tensor:
+            o, _ = chunk_kda(
+                *inputs,
+                scale=scale,
+                use_qk_l2norm_in_kernel=use_qk_l2norm,
+                cu_seqlens=segments.cu_seqlens,
+                cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+            )
+            return o
+
+        def ref(*inputs: torch.Tensor) -> torch.Tensor:
+            return kda_ref(*inputs, segments=segments, scale=scale, use_qk_l2norm=use_qk_l2norm)[0]
+
+        if output_final_state or initial_state is not None:  # not what the layers ask for: FLA as it is
+            return chunk_kda(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=use_qk_l2norm,
+                cu_seqlens=segments.cu_seqlens,
+                cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+            )
+        return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
     return run
 
@@ -217,6 +274,8 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
 def _verify_fla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, segments: Segments, **_
 ) -> tuple[bool, str]:
+    if _fla_failure:
+        return False, _fla_failure[0]
     if not q.is_cuda:
         return False, f"q is on {q.device.type}; FLA runs on CUDA"
     if q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
