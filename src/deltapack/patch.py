@@ -519,6 +519,8 @@ def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         call["boundaries"] = bounds
     else:
         call.pop("boundaries", None)
+    if "use_cache" in _parameter_names(inner):  # an entry without use_cache in its signature (granitemoehybrid)
+        call["use_cache"] = False  # would leave the stack to create a cache from config.use_cache
     with packing_scope(bounds):
         return _text_model_packed(self, inner, call)
 

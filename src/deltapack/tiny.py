@@ -84,7 +84,14 @@ def set_long_memory(model: nn.Module, low: float = 1e-3, high: float = 2e-2, see
 def tiny_model(arch: str = "qwen3_5", seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> nn.Module:
     """A tiny random-init *ForCausalLM of ``arch`` in fp32 on the CPU, eval mode, long-memory decay."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn_implementation)
+    config = tiny_config(arch, **overrides)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except ValueError as exc:  # attention-free models (mamba) accept only "eager"
+        if "attention implementation" not in str(exc):
+            raise
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.float().eval()
     custom = LONG_MEMORY.get(arch)
     if custom is not None:

@@ -1,0 +1,145 @@
+"""The Mamba families (SSD: mamba2, nemotron_h, bamba, falcon_h1, granitemoehybrid, zamba2; selective scan: mamba,
+falcon_mamba, jamba, zamba): packed documents give each document's logits and gradients alone, for every input
+format; the unpatched model leaks on the same input; the unpacked path, generate() included, is untouched.
+
+Layer level: each packed mixer equals the transformers mixer's own torch path on one document, and on a packed
+stream equals that mixer run on each document alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+import deltapack
+from deltapack.boundaries import Boundaries
+from deltapack.models.layers import packed_layer_of
+from deltapack.tiny import tiny_model
+from packing import build, max_doc_diff
+from test_patch_exact import (
+    EXACT,
+    LEAK,
+    alone_logits,
+    doc_loss_sum,
+    grads_of,
+    patched,
+    random_docs,
+    rel,
+    unpatched_result,
+)
+
+SSD = ("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2")
+SCAN = ("mamba", "falcon_mamba", "jamba", "zamba")
+ARCHS = SSD + SCAN
+ATTENTION_FREE = ("mamba2", "mamba", "falcon_mamba")
+MOE = ("jamba", "granitemoehybrid", "nemotron_h")
+
+
+@functools.lru_cache(maxsize=32)
+def model_of(arch: str, attn: str = "sdpa"):
+    return tiny_model(arch, attn_implementation=attn)
+
+
+def cases():
+    """(arch, attention, format, padding side, rows of document lengths) with length-1 documents and B > 1."""
+    rng = random.Random(0)
+    out = []
+    for arch in ARCHS:
+        attns = ("sdpa",) if arch in ATTENTION_FREE else ("sdpa", "eager")
+        for i, fmt in enumerate(("position_ids", "indexed_mask", "cu_seqlens")):
+            rows = [[rng.randint(1, 12) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 3))]
+            rows[0] = [1, *rows[0], rng.randint(2, 20)]  # a length-1 document and a row with several
+            out.append(pytest.param(arch, attns[i % len(attns)], fmt, i % 2 == 1, rows, id=f"{arch}-{fmt}"))
+    return out
+
+
+@pytest.mark.parametrize(("arch", "attn", "fmt", "pad_left", "rows"), cases())
+def test_packed_logits_equal_alone(arch, attn, fmt, pad_left, rows):
+    model = model_of(arch, attn)
+    flat = iter(random_docs([n for r in rows for n in r], seed=len(rows)))
+    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=1)
+    alone = alone_logits(model, packed.docs)
+
+    assert unpatched_result(model, packed.kwargs, packed, alone) > LEAK
+    with patched(model), torch.no_grad():
+        logits = model(**packed.kwargs).logits
+    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
+    assert max_doc_diff(logits, packed, alone) <= EXACT
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_gradient_equals_sum_of_alone(arch):
+    model = model_of(arch)
+    rows = [random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)]
+    packed = build(rows, "indexed_mask", pad_left=arch in SCAN, extra_pad=2)
+    alone_total = sum(doc_loss_sum(model(torch.tensor([d])).logits[0], d) for d in packed.docs)
+    reference = grads_of(model, alone_total)
+
+    def packed_grads():
+        logits = model(**packed.kwargs, use_cache=False).logits
+        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
+        return grads_of(model, loss)
+
+    try:
+        assert rel(packed_grads(), reference) > LEAK  # unpatched: the gradient leaks
+        with patched(model):
+            assert rel(packed_grads(), reference) <= 1e-4
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpacked_path_is_bit_identical_with_generate(arch):
+    model = model_of(arch)
+    ids = torch.tensor([random_docs([9], seed=7)[0], random_docs([9], seed=8)[0]])
+    with torch.no_grad():
+        before = model(ids).logits
+        gen_before = model.generate(ids, max_new_tokens=4, do_sample=False)
+        with patched(model):
+            after = model(ids).logits
+            gen_after = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(before, after)
+    assert torch.equal(gen_before, gen_after)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_routing_is_each_document_alone(arch):
+    """Every real token is routed as in its document alone (router logits equal token by token)."""
+    model = model_of(arch)
+    docs = random_docs([5, 1, 11, 4], seed=9)
+    packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), output_router_logits=True).router_logits for d in docs]
+        with patched(model):
+            out = model(**packed.kwargs, output_router_logits=True)
+    real = sum(len(d) for d in docs)
+    for layer, logits in enumerate(out.router_logits):
+        expected = torch.cat([a[layer].reshape(len(d), -1) for a, d in zip(alone, docs)])
+        assert logits.shape[0] == real  # each real token once, none of the padding
+        assert (logits - expected).abs().max() <= EXACT
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_mixer_equals_the_transformers_mixer(arch):
+    """One document: the packed mixer equals the mixer's own torch path; several: each document alone."""
+    model = model_of(arch)
+    layer = next(m for m in model.modules() if packed_layer_of(m) is not None)
+    lengths = [13, 1, 30, 7]
+    hidden = torch.randn(1, sum(lengths), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    with torch.no_grad():
+        one = Boundaries.from_cu_seqlens(cu[[0, -1]], batch_shape=(1, sum(lengths)))
+        own = layer(hidden)
+        assert (packed_layer_of(layer).forward(layer, hidden, one) - own).abs().max() <= EXACT
+        many = Boundaries.from_cu_seqlens(cu, batch_shape=(1, sum(lengths)))
+        packed = packed_layer_of(layer).forward(layer, hidden, many)
+        alone = torch.cat([layer(hidden[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert (packed - alone).abs().max() <= EXACT
+    assert (own - alone).abs().max() > 1e-6  # the stream as one document differs: the comparison can tell
+
+
+def test_every_listed_type_is_supported():
+    assert set(ARCHS) <= set(deltapack.patch.__globals__["supported_model_types"]())
