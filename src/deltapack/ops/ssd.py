@@ -19,6 +19,7 @@ scale 1 and the batch's ``cu_seqlens``, CUDA only; asked for by name, see :func:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
 
 __all__ = ["ssd", "ssd_recurrent_ref", "ssd_ref"]
+
+logger = logging.getLogger("deltapack")
 
 
 def _check(
@@ -250,7 +253,26 @@ def _reversed_segments(segments: Segments) -> Segments:
     return Segments.from_cu_seqlens([host[-1] - c for c in reversed(host)], device=segments.device)
 
 
+_KERNEL_FAILED: list[str] = []  # the first run-time failure of FLA's kernel in this process, if any
+
+
 def _fla_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, segments: Segments
+) -> torch.Tensor:
+    """FLA's ``chunk_simple_gla`` forward (scale 1, the batch's offsets). Should the kernel raise at run time (a
+    Triton build it does not support), that is logged once and the exact reference computes this and every later
+    call in the process: never a crash mid-training, never a leak."""
+    if not _KERNEL_FAILED:
+        try:
+            return _chunk_simple_gla(q, k, v, g, segments)
+        except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
+            _KERNEL_FAILED.append(f"{type(exc).__name__}: {exc}")
+            logger.warning("deltapack: FLA's chunk_simple_gla failed (%s); the SSD scan runs on the reference", exc)
+    out = gated_linear_attention_ref(q[0].float(), k[0].float(), v[0].float(), g[0].float(), segments, 64)
+    return out.unsqueeze(0).to(v.dtype)
+
+
+def _chunk_simple_gla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, segments: Segments
 ) -> torch.Tensor:
     from fla.ops.simple_gla import chunk_simple_gla
