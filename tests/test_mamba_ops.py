@@ -147,6 +147,25 @@ def test_selective_scan_ref_matches_each_document_alone(name, groups):
     check_against_each_document(chunked, oracle, tokens, params, LENGTHS[name])
 
 
+def test_selective_scan_in_channel_blocks_equals_one_block():
+    """A wide layer runs in checkpointed blocks of channels: same outputs and gradients as one block."""
+    lengths = LENGTHS["ragged"]
+    total, channels, state, groups = sum(lengths), 6, 4, 2
+    gen = torch.Generator().manual_seed(3)
+    u, delta, z = (_rnd(gen, 1, total, channels) for _ in range(3))
+    A, B, C = _decay(gen, channels, state), _rnd(gen, 1, total, groups, state), _rnd(gen, 1, total, groups, state)
+    leaves = [u, delta, A, B, C, z]
+    kw = dict(segments=segments_of(lengths), z=z, delta_softplus=True, chunk_size=CHUNK)
+    whole = selective_scan_ref(u, delta, A, B, C, **kw)
+    blocked = selective_scan_ref(u, delta, A, B, C, max_elements=total * state * 4, **kw)  # blocks of 4, then 2
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-12)
+    weights = torch.randn_like(whole)
+    for g_b, g_w in zip(
+        torch.autograd.grad((blocked * weights).sum(), leaves), torch.autograd.grad((whole * weights).sum(), leaves)
+    ):
+        torch.testing.assert_close(g_b, g_w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["short", "ragged"])
 def test_ssd_backward_built_from_forward_calls(name):
     """The CUDA backend's backward (three more forward calls, gates reversed in time) equals autograd's, with the

@@ -13,7 +13,7 @@ Legend: T = tokens of the packed stream, Dc = channels, N = state size, G = grou
 The reference is a two-level parallel scan of the pairs (a_t, b_t) = (exp(delta_t A), delta_t B_t u_t) under
 (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): inside chunks of L tokens, then across chunks. A document start sets
 its a_t to exactly 0, so the state restarts there with no loop over documents and no host sync. It materialises
-[T, Dc, N] tensors (as transformers' own torch path does), so it suits the CPU and checking kernels on samples.
+[T, Dc, N] tensors (as transformers' own torch path does), a block of channels at a time when they are large.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def selective_scan_ref(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int = 64,
+    max_elements: int = 2**27,
 ) -> torch.Tensor:
     """Exact selective scan over a packed stream (pure PyTorch, autograd, any device), in fp32 (fp64 input: fp64).
 
@@ -94,21 +95,52 @@ def selective_scan_ref(
         D: [Dc] skip weight or None. z: [1, T, Dc] gate (y * silu(z)) or None.
         delta_bias: [Dc] or None. delta_softplus: apply softplus to delta + delta_bias.
         chunk_size: L, tokens per chunk of the inner scan (the result does not depend on it, up to rounding).
+        max_elements: the largest [T, channels, N] block computed at once; wider layers run in blocks of
+            channels, each recomputed in the backward pass (activation checkpointing), so memory stays bounded.
 
     Returns:
         y: [1, T, Dc] in the dtype of u.
     """
     _check(u, delta, A, B, C, segments)
     _, total, channels = u.shape
-    groups, state = B.shape[2], B.shape[3]
-    pad = (-total) % chunk_size
     delta_TD = _process_delta(delta[0], delta_bias, delta_softplus)
     u_TD = u[0].to(delta_TD.dtype)
-    B_TDN = B[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
-    C_TDN = C[0].to(u_TD.dtype).repeat_interleave(channels // groups, dim=1, output_size=channels)
-
+    group_D = torch.arange(channels, device=u.device) // (channels // B.shape[2])
     starts_T = starts(segments)
-    a_TDN = torch.exp(delta_TD[:, :, None] * A.to(u_TD.dtype)).masked_fill(starts_T[:, None, None], 0.0)
+    block = max(1, max_elements // (total * A.shape[1]))
+    pieces = []
+    for first in range(0, channels, block):
+        part = slice(first, first + block)
+        args = (u_TD[:, part], delta_TD[:, part], A[part], B[0], C[0], group_D[part], starts_T, chunk_size)
+        if block < channels and torch.is_grad_enabled():  # keep one block's [T, block, N] tensors alive at a time
+            pieces.append(torch.utils.checkpoint.checkpoint(_scan_block, *args, use_reentrant=False))
+        else:
+            pieces.append(_scan_block(*args))
+    y_TD = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+    if D is not None:
+        y_TD = y_TD + D.to(u_TD.dtype) * u_TD
+    if z is not None:
+        y_TD = y_TD * F.silu(z[0].to(u_TD.dtype))
+    return y_TD.unsqueeze(0).to(u.dtype)
+
+
+def _scan_block(
+    u_TD: torch.Tensor,
+    delta_TD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_TGN: torch.Tensor,
+    C_TGN: torch.Tensor,
+    group_D: torch.Tensor,
+    starts_T: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """sum_n C h over a block of channels (D and the gate are applied by the caller): [T, Dc_block]."""
+    total, channels = u_TD.shape
+    state = A_DN.shape[1]
+    pad = (-total) % chunk_size
+    B_TDN = B_TGN.to(u_TD.dtype).index_select(1, group_D)
+    C_TDN = C_TGN.to(u_TD.dtype).index_select(1, group_D)
+    a_TDN = torch.exp(delta_TD[:, :, None] * A_DN.to(u_TD.dtype)).masked_fill(starts_T[:, None, None], 0.0)
     b_TDN = (delta_TD * u_TD)[:, :, None] * B_TDN
     if pad:  # padded tail: a = 1, b = 0 (carries the state on, adds nothing; cut off below)
         a_TDN = torch.cat([a_TDN, a_TDN.new_ones(pad, channels, state)])
@@ -123,14 +155,8 @@ def selective_scan_ref(
     start_cDN = torch.cat([torch.zeros_like(end_cDN[:1]), end_cDN[:-1]])
     # 3. each token adds the incoming state, decayed (a zero at a document start cuts it off)
     h_cLDN = h_cLDN + decay_cLDN * start_cDN[:, None]
-
     h_TDN = h_cLDN.reshape(-1, channels, state)[:total]
-    y_TD = (h_TDN * C_TDN).sum(-1)
-    if D is not None:
-        y_TD = y_TD + D.to(u_TD.dtype) * u_TD
-    if z is not None:
-        y_TD = y_TD * F.silu(z[0].to(u_TD.dtype))
-    return y_TD.unsqueeze(0).to(u.dtype)
+    return (h_TDN * C_TDN).sum(-1)
 
 
 def selective_scan_recurrent_ref(
