@@ -41,16 +41,7 @@ def _conv(layer: nn.Module, x_1TD: torch.Tensor, bounds: Boundaries) -> torch.Te
         raise ValueError(
             f"deltapack: {type(layer).__name__} uses the conv activation {layer.activation!r}; expected 'silu'"
         )
-    return ops.causal_conv1d(
-        x_1TD,
-        layer.conv1d.weight.squeeze(1),
-        layer.conv1d.bias,
-        "silu",
-        cu_seqlens=bounds.cu_seqlens,
-        seq_idx=bounds.seq_idx,
-        cu_seqlens_host=bounds.cu_seqlens_host,
-        cache=bounds.cache,
-    )
+    return ops.causal_conv1d(x_1TD, layer.conv1d.weight.squeeze(1), layer.conv1d.bias, "silu", segments=bounds.segments)
 
 
 # ---------------------------------------------------------------------------------------------- Mamba2 (SSD)
