@@ -11,7 +11,7 @@ For each layer:
 - host syncs of the patched forward+backward with boundaries built beforehand (as a collator builds them).
 Every stage is in try/except; the JSON is written after each one.
 
-    python benchmarks/bench_mamba.py --out benchmarks/results/mamba_h200.json      # an H200
+    python benchmarks/bench_mamba.py --out mamba_layers.json                       # an H200
     python benchmarks/bench_mamba.py --dry                                          # CPU, tiny dims, a check
 """
 

@@ -18,10 +18,12 @@ its a_t to exactly 0, so the state restarts there with no loop over documents an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from deltapack.ops.dispatch import register_op
+from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, starts
 
@@ -196,7 +198,62 @@ def selective_scan_recurrent_ref(
     return y.unsqueeze(0).to(u.dtype)
 
 
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    segments: Segments,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    **_: object,
+) -> torch.Tensor:
+    """:func:`selective_scan_ref`'s arguments on the Triton kernel (:mod:`deltapack.ops.selective_scan_triton`):
+    the scan in fp32 token by token per block of channels, the D skip and the gate in PyTorch."""
+    from deltapack.ops.selective_scan_triton import SelectiveScanTriton
+
+    delta_TD = _process_delta(delta[0], delta_bias, delta_softplus).float().contiguous()
+    u_TD = u[0].float().contiguous()
+    y_TD = SelectiveScanTriton.apply(
+        u_TD,
+        delta_TD,
+        A.float().contiguous(),
+        B[0].float().contiguous(),
+        C[0].float().contiguous(),
+        starts(segments).to(torch.int32),
+    )
+    if D is not None:
+        y_TD = y_TD + D.float() * u_TD
+    if z is not None:
+        y_TD = y_TD * F.silu(z[0].float())
+    return y_TD.unsqueeze(0).to(u.dtype)
+
+
+def _load_triton() -> Callable[..., torch.Tensor]:
+    import deltapack.ops.selective_scan_triton  # noqa: F401 - fails here when Triton is missing
+
+    return selective_scan_triton
+
+
+def _verify_triton(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, **_: object
+) -> tuple[bool, str]:
+    if not u.is_cuda:
+        return False, f"u is on {u.device.type}; the Triton scan runs on CUDA"
+    state = A.shape[1]
+    if state & (state - 1) or state > 64:
+        return False, f"state size {state} is not a power of two up to 64"
+    return True, ""
+
+
 SELECTIVE_SCAN = register_op("selective_scan", selective_scan_ref)
+SELECTIVE_SCAN.add_backend(
+    Backend("triton", load=_load_triton, verify=_verify_triton, package="triton", hint="install triton (CUDA)")
+)
 
 
 def selective_scan(
@@ -215,8 +272,9 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba1's selective scan over a packed stream; the state starts at zero for each document.
 
-    Arguments as in :func:`selective_scan_ref`. Backends: "reference" only today (exact, any device; see
-    docs/gpu.md); ``backend`` and DELTAPACK_BACKEND as in :mod:`deltapack.ops.dispatch`.
+    Arguments as in :func:`selective_scan_ref`. Backends: "triton" (CUDA: :mod:`deltapack.ops.selective_scan_triton`,
+    a kernel that fails to build is logged once and the reference runs) or "reference" (exact, any device); None
+    chooses (see :mod:`deltapack.ops.dispatch`).
 
     Returns:
         y: [1, T, Dc] in the dtype of u.
