@@ -19,7 +19,7 @@ from deltapack.audit import audit
 from deltapack.tiny import tiny_model
 from packing import build, max_doc_diff
 
-ARCHS = ("kimi_linear", "bailing_hybrid", "olmo_hybrid", "lara_mini", "lfm2", "lfm2_moe", "lfm3")
+ARCHS = ("kimi_linear", "bailing_hybrid", "olmo_hybrid", "lara_mini", "qwen4_exp", "lfm2", "lfm2_moe", "lfm3")
 EXACT = 1e-5  # max |logit diff| in fp32 on the CPU (the contract)
 LEAK = 1e-3  # what the unpatched model must at least show on the same input
 
@@ -148,3 +148,18 @@ def test_audit_is_exact_after_patching(arch):
     assert report.audited == "patched", report.patch_error
     assert report.verdict() == "exact" and report.exit_code() == 0
     assert report.states["unpatched"].formats  # and the unpatched model was audited on the same inputs
+
+
+def test_qwen4_exp_ngram_layers_refuse_packed_inputs():
+    """qwen4_exp with per-layer n-gram embeddings (ple_layer_ids): packed inputs raise, unpacked ones run as before."""
+    fields = dict(ple_layer_ids=[2], ple_embed_dim=64, ngram_vocab_size_base=1000, heads_per_ngram=2)
+    fields["make_ngram_vocab_size_divisible_by"] = 8
+    model = tiny_model("qwen4_exp", **fields)
+    packed = build([random_docs([5, 3], seed=7)], "indexed_mask")
+    ids = packed.kwargs["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+        with patched(model):
+            with pytest.raises(ValueError, match="ple_layer_ids"):
+                model(**packed.kwargs)
+            assert torch.equal(model(ids).logits, logits)

@@ -23,12 +23,6 @@ CASES = {  # arch: (tiny config, packed forward, long-memory setter)
 }
 # model types transformers does not register as causal LMs (multimodal only): their layer alone, from a text config
 LAYER_ONLY = {
-    "qwen4_exp": (
-        "transformers.models.qwen4_exp.configuration_qwen4_exp.Qwen4ExpTextConfig",
-        dict(gated_deltanet.TINY["olmo_hybrid"], layer_types=["linear_attention"]),
-        packed_gdn_forward,
-        set_long_memory,
-    ),
     "glm5_next": (
         "transformers.models.glm5_next.configuration_glm5_next.Glm5NextTextConfig",
         dict(hidden_size=64, layer_types=["linear_attention"], linear_num_heads=2, linear_head_dim=16),
