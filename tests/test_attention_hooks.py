@@ -1,0 +1,123 @@
+"""The mask-registry hooks keep attention inside documents for any attention model, and change nothing outside
+a packing scope.
+
+Each model runs the packed stream [1, total] with per-document positions, as a patched model does, inside a
+packing scope made here from the batch's boundaries; each document's logits must equal the document run alone.
+Without the scope the same stream leaks (with row positions for every model; gpt_oss, whose mask builder never
+sees positions, even with per-document positions).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from deltapack.audit import shrink
+from deltapack.boundaries import Boundaries
+from deltapack.models import attention_hooks
+from deltapack.models.scope import packing_scope
+
+LENGTHS = (7, 10, 5, 1, 8)
+ATOL = 1e-5
+
+# (model type, attention implementation, config overrides): windows and chunks shorter than the documents
+CASES = (
+    ("llama", "sdpa", {}),
+    ("mistral", "sdpa", {"sliding_window": 3}),
+    ("gemma3_text", "eager", {"sliding_window": 3}),
+    ("gemma2", "eager", {"sliding_window": 3}),
+    ("llama4_text", "sdpa", {"attention_chunk_size": 3}),
+    ("gpt_oss", "eager", {"sliding_window": 3}),
+    ("bloom", "eager", {}),
+    ("opt", "sdpa", {}),
+)
+
+
+@functools.cache
+def _model(arch: str, impl: str, overrides: tuple[tuple[str, int], ...]) -> torch.nn.Module:
+    config, _ = shrink.shrink_config(AutoConfig.for_model(arch), arch)
+    for key, value in overrides:
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+
+
+def _stream(model: torch.nn.Module) -> tuple[list[torch.Tensor], torch.Tensor, Boundaries]:
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, min(vocab, 1000), (n,), generator=gen) for n in LENGTHS]
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    return docs, torch.cat(docs)[None], Boundaries.from_position_ids(positions)
+
+
+def _worst(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:
+    offsets = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    return max((logits[0, offsets[i] : offsets[i + 1]] - a).abs().max().item() for i, a in enumerate(alone))
+
+
+@pytest.fixture(autouse=True)
+def _hooks():
+    attention_hooks.install()
+    yield
+
+
+@pytest.mark.parametrize("arch,impl,overrides", CASES, ids=[c[0] for c in CASES])
+def test_scope_keeps_documents_apart(arch: str, impl: str, overrides: dict[str, int]):
+    model = _model(arch, impl, tuple(sorted(overrides.items())))
+    docs, ids, bounds = _stream(model)
+    with torch.no_grad():
+        alone = [model(d[None], use_cache=False).logits[0] for d in docs]
+        with packing_scope(bounds):
+            packed = model(ids, position_ids=bounds.position_ids, use_cache=False).logits
+        leaked_rows = model(ids, use_cache=False).logits  # no scope, row positions
+        leaked_docs = model(ids, position_ids=bounds.position_ids, use_cache=False).logits
+    assert _worst(packed, alone) <= ATOL
+    assert _worst(leaked_rows, alone) > 100 * ATOL
+    if arch == "gpt_oss":  # its masks are built without positions: nothing but the scope separates documents
+        assert _worst(leaked_docs, alone) > 100 * ATOL
+
+
+def test_gradients_inside_the_scope():
+    model = _model("mistral", "sdpa", (("sliding_window", 3),))
+    docs, ids, bounds = _stream(model)
+    model.zero_grad()
+    for d in docs:
+        model(d[None], use_cache=False).logits.square().sum().backward()
+    alone = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with packing_scope(bounds):
+        model(ids, position_ids=bounds.position_ids, use_cache=False).logits.square().sum().backward()
+    packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    num = sum((a - b).square().sum() for a, b in zip(alone, packed)).sqrt()
+    assert float(num / sum(a.square().sum() for a in alone).sqrt()) <= 1e-4
+
+
+@pytest.mark.parametrize("arch,impl,overrides", CASES[:3] + CASES[5:6], ids=["llama", "mistral", "gemma3", "gpt_oss"])
+def test_outside_a_scope_bit_identical(arch: str, impl: str, overrides: dict[str, int]):
+    model = _model(arch, impl, tuple(sorted(overrides.items())))
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        hooked = model(ids, attention_mask=mask).logits
+        gen_hooked = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        attention_hooks.uninstall()
+        try:
+            plain = model(ids, attention_mask=mask).logits
+            gen_plain = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        finally:
+            attention_hooks.install()
+    assert torch.equal(hooked, plain)
+    assert torch.equal(gen_hooked, gen_plain)
+
+
+def test_mask_for_another_shape_inside_a_scope_raises():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    _, _, bounds = _stream(_model("llama", "sdpa", ()))
+    with packing_scope(bounds), pytest.raises(ValueError, match="packed stream"):
+        ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size=2, q_length=4, kv_length=4)
