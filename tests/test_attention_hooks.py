@@ -121,3 +121,72 @@ def test_mask_for_another_shape_inside_a_scope_raises():
     _, _, bounds = _stream(_model("llama", "sdpa", ()))
     with packing_scope(bounds), pytest.raises(ValueError, match="packed stream"):
         ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size=2, q_length=4, kv_length=4)
+
+
+# ------------------------------------------------------------------------------------------------ the GPU plan
+def test_mask_kind_reads_the_model_mask_function():
+    from transformers.masking_utils import (
+        causal_mask_function,
+        chunked_causal_mask_function,
+        sliding_window_causal_mask_function,
+    )
+
+    from deltapack.models.attention_plan import mask_kind
+
+    assert mask_kind(causal_mask_function, None, 40, "cpu") == ("causal", None)
+    assert mask_kind(sliding_window_causal_mask_function(5), 5, 40, "cpu") == ("window", 5)
+    assert mask_kind(sliding_window_causal_mask_function(50), 50, 40, "cpu") == ("causal", None)  # never binds
+    assert mask_kind(chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), 4, 40, "cpu")[0] == "general"
+
+
+@pytest.mark.parametrize("arch,impl,overrides", CASES[:2], ids=["llama", "mistral"])
+def test_packed_mask_plan_exact(monkeypatch, arch: str, impl: str, overrides: dict[str, int]):
+    """The GPU plan's mask object and its dense fallback, exercised on the CPU."""
+    from deltapack.models import attention_plan
+
+    model = _model(arch, impl, tuple(sorted(overrides.items())))
+    monkeypatch.setattr(attention_plan, "PLAN_DEVICES", ("cuda", "cpu"))
+    seen: list[str] = []
+    real = attention_plan.run_packed_attention
+
+    def spy(original, module, query, key, value, mask, **kw):
+        seen.append(mask.kind)
+        return real(original, module, query, key, value, mask, **kw)
+
+    monkeypatch.setattr(attention_plan, "run_packed_attention", spy)
+    assert attention_plan.register_model(model)
+    try:
+        docs, ids, bounds = _stream(model)
+        with torch.no_grad():
+            alone = [model(d[None], use_cache=False).logits[0] for d in docs]
+            with packing_scope(bounds):
+                packed = model(ids, position_ids=bounds.position_ids, use_cache=False).logits
+    finally:
+        attention_plan.unregister_model(model)
+    assert _worst(packed, alone) <= ATOL
+    assert seen and set(seen) == {"window" if overrides else "causal"}
+
+
+@pytest.mark.parametrize("dims", [(16, 16), (24, 16), (16, 24)], ids=["same", "mla", "wide_v"])
+def test_varlen_plan_head_sizes(dims: tuple[int, int]):
+    """The varlen plan (reference kernel on the CPU) with value heads of their own size, as in MLA."""
+    from transformers.masking_utils import causal_mask_function
+
+    from deltapack.models.attention_plan import PackedMask, _varlen
+
+    dq, dv = dims
+    bounds = Boundaries.from_position_ids(torch.cat([torch.arange(n) for n in LENGTHS])[None])
+    gen = torch.Generator().manual_seed(0)
+    total = bounds.total_tokens
+    q, k = torch.randn(1, 4, total, dq, generator=gen), torch.randn(1, 2, total, dq, generator=gen)
+    v = torch.randn(1, 2, total, dv, generator=gen)
+    mask = PackedMask(bounds, causal_mask_function, "causal", None, lambda: None)
+    out = _varlen(q, k, v, mask, 0.3)
+    assert out.shape == (1, total, 4, dv)
+    offsets = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        qq, kk, vv = (t[0, :, a:b].transpose(0, 1).repeat_interleave(2 if t is not q else 1, 1) for t in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            qq.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True, scale=0.3
+        ).transpose(0, 1)
+        assert (out[0, a:b] - want).abs().max() <= 1e-5

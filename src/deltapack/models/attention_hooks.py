@@ -10,11 +10,11 @@ function with the original arguments: unpatched models and unpacked calls are bi
 
 Inside a packing scope (the decoder runs on the unpadded stream [1, total], no cache):
 
-- the mask builders get ``mask_function AND same_document``, where ``same_document(q, k)`` reads the scope's
-  ``seq_idx`` (never positions), and may not skip the mask for ``is_causal`` (a packed stream is not one causal
-  sequence). A sliding window, a chunk or an overlay of the model keeps its own definition; the document mask only
-  removes the other documents. Chunked attention counts its chunks from each document's start because the stream's
-  per-document ``position_ids`` reach transformers' mask builders, which then index the mask function by position.
+- the mask builders get ``per_document(mask_function) AND same_document``: the model's mask function evaluated at
+  each token's position inside its document (so a window or a chunk counts from the document's start, exactly as
+  for the document alone) and ``same_document(q, k)`` read from the scope's ``seq_idx``; the mask may not be skipped
+  for ``is_causal`` (a packed stream is not one causal sequence). transformers' own guess of documents from
+  ``position_ids`` (``find_packed_sequence_indices``) is off inside the scope: nothing re-derives the documents.
 - on a GPU (see :mod:`deltapack.models.attention_plan`), the mask of an implementation whose attention runs through
   ``ALL_ATTENTION_FUNCTIONS`` is a :class:`PackedMask` (no [T, T] tensor) and the attention wrapper runs a varlen
   kernel with the batch's ``cu_seqlens``, or flex attention where the layer needs a window, a chunk, soft-capping or
@@ -86,17 +86,45 @@ def _masked(impl: str, original: Callable[..., Any]) -> Callable[..., Any]:
             return None  # the flash wrappers pass cu_seq_lens from the same boundaries
         from deltapack.models import attention_plan
 
-        planned = attention_plan.packed_mask(impl, bounds, call)
-        if planned is not None:
-            return planned
         base = call.get("mask_function") or causal_mask_function
-        call["mask_function"] = and_masks(base, same_document(bounds.seq_idx))
-        call["allow_is_causal_skip"] = False
-        call["allow_is_bidirectional_skip"] = False
-        return original(**call)
+        masked = and_masks(per_document(base, bounds.position_ids), same_document(bounds.seq_idx))
+        call.update(mask_function=masked, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+        planned = attention_plan.packed_mask(
+            impl, bounds, {**call, "base_mask_function": base}, masked, lambda: original(**call)
+        )
+        return planned if planned is not None else original(**call)
 
     setattr(mask, _WRAPPED, original)
     return mask
+
+
+def per_document(mask_function: Callable[..., Any], position_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``mask_function`` evaluated at the in-document positions of query and key (so a chunk or a window is
+    counted from each document's start, as for the document alone).
+
+    Args:
+        position_ids: [1, T] int64, each token's position inside its document (from the batch's boundaries).
+    """
+    pos = position_ids.reshape(-1)
+
+    def inner(batch_idx: Any, head_idx: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return mask_function(batch_idx, head_idx, pos[q_idx], pos[kv_idx])
+
+    return inner
+
+
+def _no_packed_detection(original: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``find_packed_sequence_indices`` (documents guessed from position_ids), off in a packing
+    scope: the scope's boundaries say where documents are, and the mask builders apply them."""
+
+    @functools.wraps(original)
+    def find(*args: Any, **kwargs: Any) -> Any:
+        if active_boundaries() is not None:
+            return None
+        return original(*args, **kwargs)
+
+    setattr(find, _WRAPPED, original)
+    return find
 
 
 def _attention(impl: str, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,7 +147,7 @@ def _attention(impl: str, original: Callable[..., Any]) -> Callable[..., Any]:
 
         mask = args[0] if args else kw.get("attention_mask")
         if isinstance(mask, PackedMask):
-            return run_packed_attention(module, query, key, value, mask, **{k: v for k, v in kw.items()})
+            return run_packed_attention(original, module, query, key, value, mask, **kw)
         return original(module, query, key, value, *args, **kw)
 
     setattr(attention, _WRAPPED, original)
@@ -133,9 +161,12 @@ def install() -> None:
     already wrapped is left alone, so calling it again is harmless.
     """
     global _installed
+    from transformers import masking_utils
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
+    if not hasattr(masking_utils.find_packed_sequence_indices, _WRAPPED):
+        masking_utils.find_packed_sequence_indices = _no_packed_detection(masking_utils.find_packed_sequence_indices)
     for impl, fn in list(AttentionMaskInterface._global_mapping.items()):
         if not hasattr(fn, _WRAPPED):
             AttentionMaskInterface._global_mapping[impl] = _masked(impl, fn)
@@ -154,9 +185,12 @@ def installed() -> bool:
 def uninstall() -> None:
     """Put the original functions back into both registries (tests; patched models keep working unpacked)."""
     global _installed
+    from transformers import masking_utils
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
+    find = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = getattr(find, _WRAPPED, find)
     for mapping in (AttentionMaskInterface._global_mapping, AttentionInterface._global_mapping):
         for impl, fn in list(mapping.items()):
             if hasattr(fn, _WRAPPED):

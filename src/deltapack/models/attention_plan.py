@@ -1,17 +1,230 @@
-"""GPU attention plan: placeholder (filled in below)."""
+"""Which kernel runs a layer's attention over a packed stream on a GPU: decided here, per layer, logged once.
+
+On a GPU no [T, T] mask is built for an attention implementation that runs through transformers'
+``ALL_ATTENTION_FUNCTIONS`` (``sdpa``, ``flex_attention``): the mask builder returns a :class:`PackedMask`, which
+describes the layer's mask (the model's own mask function over per-document positions, and the documents), and
+the wrapped attention function runs, for that layer:
+
+- ``varlen``: :func:`deltapack.ops.attention.varlen_attention` with the batch's ``cu_seqlens`` (flash attention
+  inside torch), when the layer's mask is plain causal within documents and it has no score modifier;
+- ``flex``: transformers' own flex-attention forward with a ``BlockMask`` of (mask function AND same document)
+  built once per mask per batch; it applies soft-capping in its score modifier and sinks through the log-sum-exp.
+  Used for sliding windows, chunks, overlays, soft-capping and sinks;
+- ``dense``: the original attention function with the exact dense mask (no varlen kernel or no flex here, attention
+  dropout in training, or a head size the kernels do not take). Exact, quadratic in memory.
+
+The layer's mask kind is read off its mask function by evaluating it on the positions [0, n) x [0, n) that occur
+inside documents (n covers the window and a margin), against plain causal and causal-with-window; anything else is
+``general`` and goes to flex. ``eager`` attention is each model's own function and keeps the dense mask
+(a warning says so once on a GPU); models that add biases to the mask themselves (ALiBi) are never given a
+:class:`PackedMask` (:func:`register_model` decides per model at patch time).
+
+Legend: T = tokens of the packed stream; H / Hkv = query / key-value heads; D = head dim.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
 
+logger = logging.getLogger("deltapack")
+
+__all__ = ["PackedMask", "mask_kind", "packed_mask", "register_model", "run_packed_attention", "unregister_model"]
+
+PLANS = ("varlen", "flex", "dense")
+PLAN_DEVICES = ("cuda",)  # devices where masks become PackedMask (tests add "cpu" to run the plan's dense path)
+_HOOKED = ("sdpa", "flex_attention")  # implementations whose attention function deltapack wraps
+_MAX_PROBE = 8192  # positions the mask-kind probe evaluates at most (per side)
+_configs: dict[int, weakref.ref] = {}  # id(config) -> config of models whose attention runs through the registry
+_logged: set[tuple[str, str]] = set()
+
+
+def register_model(model: nn.Module) -> bool:
+    """Let ``model``'s attention take the GPU plan when its modeling module runs attention through
+    ``ALL_ATTENTION_FUNCTIONS``; models with their own attention code (ALiBi added to the mask, ...) keep the
+    dense mask. Returns whether it was registered."""
+    uses_registry = any(
+        hasattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS")
+        for m in model.modules()
+        if type(m).__module__.startswith("transformers.models.")
+    )
+    if not uses_registry:
+        return False
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            _configs[id(config)] = weakref.ref(config)
+    return True
+
+
+def unregister_model(model: nn.Module) -> None:
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None:
+            _configs.pop(id(config), None)
+
+
+def _registered(config: Any) -> bool:
+    ref = _configs.get(id(config))
+    return ref is not None and ref() is config
+
+
+@dataclass(eq=False)
 class PackedMask:
-    pass
+    """Stands in for a layer type's [1, 1, T, T] mask on a GPU; the wrapped attention function reads it.
+
+    Attributes:
+        bounds: the batch's boundaries. mask_function: the model's mask function over per-document positions,
+            AND same document (a transformers mask function). kind: ``causal``, ``window`` or ``general``.
+        window: for ``window``, w: a query sees the keys of its document at distance < w.
+        materialize: () -> the exact dense mask the original mask builder makes (the ``dense`` plan).
+    """
+
+    bounds: Any
+    mask_function: Callable[..., torch.Tensor]
+    kind: str
+    window: int | None
+    materialize: Callable[[], Any]
+    _block_mask: Any = field(default=None, repr=False)
+
+    def block_mask(self) -> Any:
+        """The flex-attention BlockMask of this mask (built once, shared by every layer that uses the mask)."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            total = self.bounds.total_tokens
+            self._block_mask = create_block_mask(
+                self.mask_function, B=None, H=None, Q_LEN=total, KV_LEN=total, device=self.bounds.device, _compile=True
+            )
+        return self._block_mask
 
 
-def packed_mask(impl: str, bounds: Any, call: dict[str, Any]) -> PackedMask | None:
-    return None
+def mask_kind(base: Callable[..., torch.Tensor], local_size: int | None, max_seqlen: int, device: Any):
+    """(kind, window) of the model's mask function ``base`` over the in-document positions [0, max_seqlen).
+
+    Evaluated on [0, n)^2 with n = the window plus a margin (or max_seqlen when smaller).
+    """
+    window = local_size if local_size is not None and local_size < max_seqlen else None
+    n = min(max_seqlen, (window or 0) + 256, _MAX_PROBE)
+    pos = torch.arange(n, device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    got = base(zero[:, None, None, None], zero[None, :, None, None], pos[None, None, :, None], pos[None, None, None, :])
+    got = got.expand(1, 1, n, n)[0, 0]
+    causal = pos[None, :] <= pos[:, None]
+    if torch.equal(got, causal):
+        return "causal", None
+    if window is not None and torch.equal(got, causal & (pos[:, None] - pos[None, :] < window)):
+        return "window", window
+    return "general", None
 
 
-def run_packed_attention(*args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError
+def packed_mask(impl: str, bounds: Any, call: dict[str, Any], mask_function: Callable[..., Any], materialize):
+    """A :class:`PackedMask` for this mask builder call, or None to build the dense mask.
+
+    ``call``: the mask builder's keyword arguments; ``mask_function``: the model's function over per-document
+    positions AND same document; ``materialize``: () -> the dense mask.
+    """
+    if bounds.device.type not in PLAN_DEVICES or impl not in _HOOKED or not _registered(call.get("config")):
+        if bounds.device.type == "cuda" and impl == "eager" and ("eager", "dense") not in _logged:
+            _logged.add(("eager", "dense"))
+            logger.warning(
+                "deltapack: eager attention on a GPU keeps an exact dense [T, T] mask per layer type; use "
+                "attn_implementation='sdpa' or 'flex_attention' for varlen kernels"
+            )
+        return None
+    base = call["base_mask_function"]
+    kind, window = mask_kind(base, call.get("local_size"), bounds.max_seqlen, bounds.device)
+    return PackedMask(bounds, mask_function, kind, window, materialize)
+
+
+def _flex_available() -> bool:
+    if os.environ.get("DELTAPACK_NO_FLEX"):
+        return False
+    try:
+        from transformers.integrations.flex_attention import flex_attention_forward  # noqa: F401
+    except Exception:  # noqa: BLE001 - no flex in this torch / transformers
+        return False
+    return True
+
+
+def choose_plan(module: nn.Module, query: torch.Tensor, value: torch.Tensor, mask: PackedMask, kw: dict) -> str:
+    """The kernel of one layer's attention: varlen, flex or dense (see the module docstring)."""
+    from deltapack.ops.attention import resolve_attention_backend
+
+    if module.training and float(kw.get("dropout") or 0.0) > 0:
+        return "dense"
+    modifiers = kw.get("softcap") is not None or kw.get("s_aux") is not None
+    if mask.kind == "causal" and not modifiers:
+        probe = query.new_empty(0, 1, max(query.shape[-1], value.shape[-1]))
+        if resolve_attention_backend(None, probe) != "reference":
+            return "varlen"
+    if _flex_available() and query.is_cuda:
+        return "flex"
+    return "dense"
+
+
+def run_packed_attention(
+    original: Callable[..., Any],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: PackedMask,
+    **kw: Any,
+) -> tuple[torch.Tensor, None]:
+    """One layer's attention over the packed stream, on the kernel :func:`choose_plan` picks.
+
+    Args:
+        original: the registry's attention function (for the dense plan). query: [1, H, T, D].
+        key, value: [1, Hkv, T, D] (value may have its own head dim). mask: the layer type's :class:`PackedMask`.
+        kw: the attention function's keyword arguments (scaling, dropout, sliding_window, softcap, s_aux, ...).
+
+    Returns:
+        ([1, T, H, Dv] in the dtype of query, None), as transformers' attention functions return.
+    """
+    plan = choose_plan(module, query, value, mask, kw)
+    name = type(module).__name__
+    if (name, plan) not in _logged:
+        _logged.add((name, plan))
+        logger.info("deltapack: %s runs packed attention on the %s plan (%s mask)", name, plan, mask.kind)
+    if plan == "varlen":
+        return _varlen(query, key, value, mask, kw.get("scaling")), None
+    if plan == "flex":
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        kw.pop("attention_mask", None)
+        kw.pop("sliding_window", None)  # the block mask holds the window
+        return flex_attention_forward(module, query, key, value, mask.block_mask(), **kw)
+    kw.pop("attention_mask", None)
+    return original(module, query, key, value, mask.materialize(), **kw)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask, scale: float | None) -> torch.Tensor:
+    from deltapack.ops.attention import varlen_attention
+
+    dv, dq = v.shape[-1], q.shape[-1]
+    scale = scale if scale is not None else dq**-0.5
+    # multi-head latent attention has its own value head size: zero columns change no dot product and no output
+    if dv < dq:
+        v = torch.nn.functional.pad(v, (0, dq - dv))
+    elif dv > dq:
+        q, k = (torch.nn.functional.pad(t, (0, dv - dq)) for t in (q, k))
+    bounds = mask.bounds
+    out_THD = varlen_attention(
+        q[0].transpose(0, 1),
+        k[0].transpose(0, 1),
+        v[0].transpose(0, 1),
+        cu_seqlens=bounds.cu_seqlens,
+        max_seqlen=bounds.max_seqlen,
+        scale=scale,
+        seq_idx=bounds.seq_idx,
+    )
+    return out_THD[..., :dv].unsqueeze(0)
