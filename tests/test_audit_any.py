@@ -21,8 +21,8 @@ def _sources(report, state: str, fmt: str) -> dict[str, dict]:
 
 
 def test_llama_is_exact_with_restarting_positions_and_padding() -> None:
-    report = audit("llama", formats=["position_ids", "padding_left", "padding_right"])
-    assert report.audited == "unpatched" and "does not support" in report.patch_error
+    report = audit("llama", patched=False, formats=["position_ids", "padding_left", "padding_right"])
+    assert report.audited == "unpatched"
     assert report.verdict() == "exact" and report.exit_code() == 0
     for result in report.states["unpatched"].formats.values():
         assert result.worst() <= 1e-5 and result.grad_rel <= 1e-4

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltapack.boundaries import Boundaries
+from deltapack.models import attention_hooks
 from deltapack.models.attention import (
     ATTENTION_MODULES,
     WRAPPED_ATTR,
@@ -45,6 +46,7 @@ from deltapack.models.attention import (
     packed_attention_forward,
     varlen_backend_of,
 )
+from deltapack.models.families.attention import why_unsupported
 from deltapack.models.layers import family_of, packed_layer_of, supported_model_types
 from deltapack.models.registry import ARCHITECTURES, Architecture, architecture_of
 from deltapack.models.scope import active_boundaries, packing_scope
@@ -121,6 +123,7 @@ def patch(model: ModelT) -> ModelT:
         target.__dict__[_ENTRY_TEXT_MODELS] = stacks
         target.__dict__[_THREAD_BOUNDARIES] = arch is not None
         target.__dict__[_PADS_EXACTLY] = pads_exactly
+    attention_hooks.attach(target)
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
 
@@ -132,6 +135,9 @@ def _decoder_stacks(target: nn.Module) -> tuple[Architecture | None, tuple[nn.Mo
     """
     config = getattr(target, "config", None)
     model_type = str(getattr(config, "model_type", None))
+    reason = why_unsupported(config)
+    if reason is not None:
+        raise ValueError(f"deltapack cannot pack model_type {model_type!r} ({type(target).__name__}): {reason}")
     if family_of(model_type) is None:
         raise ValueError(
             f"deltapack does not support model_type {model_type!r} ({type(target).__name__}); supported model "
@@ -162,6 +168,7 @@ def unpatch(model: ModelT) -> ModelT:
     if state is None:
         return model
     target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
+    attention_hooks.detach(target)
     for module, attr in reversed(state.wrapped):
         module.__dict__.pop(ATTENTION_MODULES, None)
         module.__dict__.pop(_THREAD_BOUNDARIES, None)
@@ -445,7 +452,7 @@ def _packed_call(
             new[name] = bounds.unpad(new[name])
     named = _parameter_names(inner)
     for name, value in (("attention_mask", None), ("position_ids", bounds.position_ids), ("use_cache", False)):
-        if thread or name in named:
+        if thread or name in named or name in new:  # ``inner`` may hide its signature (a lambda, **kwargs)
             new[name] = value
     for name in CACHE_KWARGS:
         new.pop(name, None)

@@ -32,10 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from deltapack.models.scope import active_boundaries
 
-__all__ = ["install", "installed", "same_document", "uninstall"]
+__all__ = ["attach", "detach", "install", "installed", "same_document", "uninstall"]
 
 logger = logging.getLogger("deltapack")
 
@@ -176,6 +177,25 @@ def install() -> None:
     if not _installed:
         _installed = True
         logger.debug("deltapack: attention mask and attention function registries wrapped")
+
+
+def attach(model: nn.Module) -> None:
+    """What :func:`deltapack.patch` adds for attention, on any model it patches: the registry hooks (process-wide,
+    once), the GPU plan for ``model``'s attention (:mod:`deltapack.models.attention_plan`) and its per-document
+    positional biases where a model computes them its own way (:mod:`deltapack.models.positions`)."""
+    from deltapack.models import attention_plan, positions
+
+    install()
+    attention_plan.register_model(model)
+    positions.attach(model)
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach` for ``model`` (the process-wide hooks stay: they delegate outside packing scopes)."""
+    from deltapack.models import attention_plan, positions
+
+    attention_plan.unregister_model(model)
+    positions.detach(model)
 
 
 def installed() -> bool:

@@ -1,0 +1,118 @@
+"""Attention-only causal LMs after ``deltapack.patch``: each packed document equals the document alone in every
+input format, forward and gradient, while the unpatched model leaks; the unpacked path is bit-identical; the model
+types that cannot be packed are refused with the reason.
+
+A representative subset (rotary, MLA, sliding windows and chunks shorter than the documents, soft-capping, sinks,
+learned absolute positions, ALiBi, MoE); ``deltapack audit --all`` runs every registered type.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import deltapack
+from deltapack.audit import audit_model
+from deltapack.audit import shrink as shrinking
+from deltapack.audit.core import ATOL, GRAD_RTOL
+
+# model type -> config overrides (windows and chunks of 3 tokens, so they act inside the audit's documents)
+SUBSET: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": 3},
+    "gemma3_text": {"sliding_window": 3},
+    "gemma2": {"sliding_window": 3},  # soft-capping, eager
+    "llama4_text": {"attention_chunk_size": 3},
+    "gpt2": {},
+    "opt": {},
+    "bloom": {},
+    "falcon": {},
+    "mpt": {},
+    "gpt_oss": {"sliding_window": 3},  # sinks
+    "deepseek_v3": {},  # multi-head latent attention
+    "phi3": {"sliding_window": 3},
+    "qwen3_moe": {},
+}
+
+
+@functools.cache
+def _model(arch: str) -> torch.nn.Module:
+    config, _ = shrinking.shrink_config(AutoConfig.for_model(arch), arch)
+    for key, value in SUBSET[arch].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError:  # no sdpa for this architecture (gemma2, gpt_oss, ...)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("arch", list(SUBSET))
+def test_packed_equals_alone_in_every_format(arch: str):
+    report = audit_model(_model(arch), arch, localise=False)
+    assert report.patch_supported, report.patch_error
+    patched, unpatched = report.states["patched"], report.states["unpatched"]
+    for name, result in patched.formats.items():
+        assert result.raised is None, (name, result.raised)
+        assert result.worst() <= ATOL, (name, result.worst())
+        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
+    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
+    assert not deltapack.is_patched(_model(arch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_oss", "bloom", "mpt", "opt"])
+def test_unpacked_path_bit_identical_with_generate(arch: str):
+    model = _model(arch)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
+    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        plain_gen = model.generate(ids, **kwargs)
+        deltapack.patch(model)
+        try:
+            patched = model(ids).logits
+            patched_gen = model.generate(ids, **kwargs)
+        finally:
+            deltapack.unpatch(model)
+    assert torch.equal(plain, patched)
+    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+
+
+def _tiny(arch: str, **overrides) -> torch.nn.Module:
+    config, _ = shrinking.shrink_config(AutoConfig.for_model(arch), arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,reason",
+    [
+        ("bart", {}, "encoder-decoder architecture whose learned positions"),
+        ("roberta", {"is_decoder": True}, "offset by the padding index"),
+        ("xlnet", {}, "permutation language model"),
+        ("falcon", {"alibi": True}, "ALiBi"),
+        ("llama", {"is_causal": False}, "is_causal=False"),
+    ],
+)
+def test_refused_types_raise_with_the_reason(arch: str, overrides: dict, reason: str):
+    with pytest.raises(ValueError, match=reason):
+        deltapack.patch(_tiny(arch, **overrides))
+
+
+def test_encoder_decoder_is_refused():
+    from transformers import AutoModelForSeq2SeqLM
+
+    config, _ = shrinking.shrink_config(AutoConfig.for_model("t5"), "t5")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        deltapack.patch(AutoModelForSeq2SeqLM.from_config(config))
