@@ -64,7 +64,8 @@ def test_unsupported_model_names_the_supported_architectures():
     llama = AutoModelForCausalLM.from_config(
         LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     )
-    with pytest.raises(ValueError, match="qwen3_5, qwen3_5_moe, qwen3_next"):
+    llama.config.model_type = "toy_lm"  # a model type no family registers
+    with pytest.raises(ValueError, match="does not support model_type 'toy_lm'.*qwen3_5, qwen3_5_moe"):
         deltapack.patch(llama)
 
 
