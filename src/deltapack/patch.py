@@ -293,7 +293,9 @@ def _route(
         bounds = _boundaries_from_call(call, batch_shape)
         padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
         pads_exactly = getattr(getattr(inner, "__self__", None), "__dict__", {}).get(_PADS_EXACTLY, True)
-        if bounds is None or (padding_only and (pads_exactly or call.get("use_cache") is True)):
+        # a generation step asks for a cache or for the last logits only (logits_to_keep)
+        generating = call.get("use_cache") is True or call.get("logits_to_keep") not in (None, 0)
+        if bounds is None or (padding_only and (pads_exactly or generating)):
             return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
         if router_rows and indexed and _wants_router_logits(inner, call):
             raise ValueError(

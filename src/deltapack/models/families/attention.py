@@ -68,7 +68,9 @@ REFUSED: dict[str, str] = {
     "openai-gpt": "its attention applies a fixed causal buffer over the row and ignores attention masks per document",
 }  # fmt: skip
 
-ATTENTION = register_family(Family(name="attention", model_types=ATTENTION_TYPES))
+# pads_exactly=False: plainly padded batches are unpadded too (gpt2-style models number positions along the row, so
+# left padding shifts them; unpadding also skips the padding's compute); generation keeps transformers' path
+ATTENTION = register_family(Family(name="attention", model_types=ATTENTION_TYPES, pads_exactly=False))
 
 
 def why_unsupported(config: object) -> str | None:
