@@ -294,7 +294,8 @@ def _route(
         padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
         pads_exactly = getattr(getattr(inner, "__self__", None), "__dict__", {}).get(_PADS_EXACTLY, True)
         # a generation step asks for a cache or for the last logits only (logits_to_keep)
-        generating = call.get("use_cache") is True or call.get("logits_to_keep") not in (None, 0)
+        keep = call.get("logits_to_keep")
+        generating = call.get("use_cache") is True or (isinstance(keep, int) and keep != 0)
         if bounds is None or (padding_only and (pads_exactly or generating)):
             return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
         if router_rows and indexed and _wants_router_logits(inner, call):
