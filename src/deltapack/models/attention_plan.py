@@ -217,14 +217,7 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask,
         v = torch.nn.functional.pad(v, (0, dq - dv))
     elif dv > dq:
         q, k = (torch.nn.functional.pad(t, (0, dv - dq)) for t in (q, k))
-    bounds = mask.bounds
     out_THD = varlen_attention(
-        q[0].transpose(0, 1),
-        k[0].transpose(0, 1),
-        v[0].transpose(0, 1),
-        cu_seqlens=bounds.cu_seqlens,
-        max_seqlen=bounds.max_seqlen,
-        scale=scale,
-        seq_idx=bounds.seq_idx,
+        q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), segments=mask.bounds.segments, scale=scale
     )
     return out_THD[..., :dv].unsqueeze(0)
