@@ -116,3 +116,13 @@ def test_encoder_decoder_is_refused():
     config, _ = shrinking.shrink_config(AutoConfig.for_model("t5"), "t5")
     with pytest.raises(ValueError, match="encoder-decoder"):
         deltapack.patch(AutoModelForSeq2SeqLM.from_config(config))
+
+
+def test_scoreboard_has_an_after_patching_verdict():
+    from deltapack.audit.scoreboard import audit_one, summary_line, to_markdown
+
+    llama, bart = audit_one("llama"), audit_one("bart")
+    assert llama["patched"]["verdict"] == "exact" and "fixes it (exact)" in summary_line(llama)
+    assert bart["patch"] == "refused" and "learned positions" in summary_line(bart)
+    page = to_markdown([llama, bart], 1.0, "versions")
+    assert "After deltapack.patch: 1 model types exact after patching" in page and "1 refused" in page

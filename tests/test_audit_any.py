@@ -29,7 +29,7 @@ def test_llama_is_exact_with_restarting_positions_and_padding() -> None:
 
 
 def test_llama_leaks_when_the_cache_is_left_on_and_the_attention_is_to_blame() -> None:
-    report = audit("llama", formats=["position_ids_cache"], gradient=False)
+    report = audit("llama", patched=False, formats=["position_ids_cache"], gradient=False)
     assert report.verdict() == "leaks" and report.exit_code() == 1
     assert report.states["unpatched"].formats["position_ids_cache"].worst() > 1e-2
     assert set(_sources(report, "unpatched", "position_ids_cache")) == {"self_attn"}

@@ -61,6 +61,9 @@ def audit_one(arch: str, timeout_note: str | None = None) -> dict[str, Any]:
         }
         line[name] = entry
     line["patch"] = "supported" if report.patch_supported else "not supported"
+    if report.patch_error and "cannot pack" in report.patch_error:
+        line["patch"] = "refused"
+        line["refused_because"] = report.patch_error.split(": ", 1)[-1]
     line["verdict"] = report.verdict("unpatched") if "unpatched" in report.states else "fails"
     line["seconds"] = _since(start)
     return line
@@ -91,6 +94,9 @@ def _state_text(entry: dict[str, Any]) -> str:
 
 
 def _patch_text(s: dict[str, Any]) -> str:
+    """The "after patching" verdict: exact, NOT exact (with where), refused (with why) or not supported yet."""
+    if s.get("patch") == "refused":
+        return f"refused: {s.get('refused_because', '')}"
     if s.get("patch") != "supported":
         return "not supported yet"
     patched = s.get("patched", {})
@@ -117,14 +123,16 @@ def to_markdown(summaries: list[dict[str, Any]], seconds: float, versions: str) 
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + ". "
         + _format_totals(summaries, "position_ids", "With restarting position_ids and use_cache=False alone")
-        + " Every architecture deltapack supports: "
+        + " After deltapack.patch: "
         + _patched_totals(summaries)
         + ".",
         "",
         "Columns per input format: `ok` exact, a number = the worst max |diff| (a leak), `raises` = the model "
         "refuses the input. Formats: " + "; ".join(f"`{f.name}` {f.title}" for f in FORMATS) + ".",
         "",
-        "| model_type | " + " | ".join(_SHORT[f.name] for f in FORMATS) + " | leaks by itself | deltapack patch |",
+        "| model_type | "
+        + " | ".join(_SHORT[f.name] for f in FORMATS)
+        + " | leaks by itself | after deltapack.patch |",
         "|---|" + "---|" * len(FORMATS) + "---|---|",
     ]
     for s in sorted(summaries, key=lambda s: s["arch"]):
@@ -166,8 +174,10 @@ def _patched_totals(summaries: list[dict[str, Any]]) -> str:
     supported = [s for s in summaries if s.get("patch") == "supported"]
     exact = [s["arch"] for s in supported if s.get("patched", {}).get("verdict") == "exact"]
     others = [s["arch"] for s in supported if s["arch"] not in exact]
-    text = f"{', '.join(exact) or 'none'} exact after patching (every format, forward and gradient)"
-    return text + (f"; NOT exact after patching: {', '.join(others)}" if others else "")
+    refused = sum(s.get("patch") == "refused" for s in summaries)
+    text = f"{len(exact)} model types exact after patching (every format, forward and gradient)"
+    text += f"; NOT exact after patching: {', '.join(others)}" if others else ", none supported and not exact"
+    return text + f"; {refused} refused with the reason"
 
 
 def _cell(value: Any) -> str:
