@@ -126,3 +126,34 @@ def test_scoreboard_has_an_after_patching_verdict():
     assert bart["patch"] == "refused" and "learned positions" in summary_line(bart)
     page = to_markdown([llama, bart], 1.0, "versions")
     assert "After deltapack.patch: 1 model types exact after patching" in page and "1 refused" in page
+
+
+@pytest.mark.parametrize("arch,layer,kwarg", [("bloom", "BloomBlock", "alibi"), ("mpt", "MptBlock", "position_bias")])
+def test_alibi_bias_is_each_documents_own(arch: str, layer: str, kwarg: str):
+    """The ALiBi bias a decoder layer receives for the packed stream is, document by document, bit for bit the bias
+    it receives for the document alone (over the stream it would count positions along the whole row)."""
+    model = _model(arch)
+    block = next(m for m in model.modules() if type(m).__name__ == layer)
+    seen: list[torch.Tensor] = []
+    capture = lambda m, a, kw: seen.append(kw[kwarg])  # noqa: E731
+    lengths = [5, 1, 7]
+    docs = [torch.arange(3, 3 + n) for n in lengths]
+    with torch.no_grad():
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for d in docs:
+                model(d[None], use_cache=False)
+        finally:
+            handle.remove()
+        deltapack.patch(model)
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)  # after deltapack's: sees its bias
+        try:
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            model(torch.cat(docs)[None], position_ids=positions, use_cache=False)
+        finally:
+            handle.remove()
+            deltapack.unpatch(model)
+    alone, packed = seen[:3], seen[3]
+    parts = packed[..., -sum(lengths) :].split(lengths, dim=-1)
+    for want, got in zip(alone, parts):
+        assert torch.equal(want[..., -got.shape[-1] :], got)

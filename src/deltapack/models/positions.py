@@ -47,7 +47,9 @@ class PositionRule:
 
 def _bloom_alibi(layer: nn.Module, bounds: Any, given: torch.Tensor) -> torch.Tensor:
     """bloom: [H, 1, T] = slope_h * in-document position (alone: slope_h * arange(L), row-position based)."""
-    slopes = sys.modules[type(layer).__module__]._get_alibi_slopes(layer.num_heads, given.device)
+    build = sys.modules[type(layer).__module__].build_alibi_tensor
+    # the slopes exactly as the model makes them: its tensor for two real tokens is (0, slope) per head
+    slopes = build(torch.ones(1, 2, dtype=torch.long, device=given.device), layer.num_heads, torch.float32)[:, 0, 1]
     pos = bounds.position_ids.reshape(-1).to(given.device)
     return (slopes[:, None, None] * pos[None, None, :]).to(given.dtype)
 
