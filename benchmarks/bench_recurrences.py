@@ -230,7 +230,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", help="comma-separated layer names", default=",".join(LAYERS))
     parser.add_argument("--dry", action="store_true", help="tiny dims, 512 tokens, CPU, fp32")
+    parser.add_argument(
+        "--rwkv-cuda-kernel",
+        action="store_true",
+        help="let transformers compile its RWKV-4 CUDA kernel (ninja + nvcc, minutes) for the unpatched rwkv layer; "
+        "by default it runs transformers' per-token loop",
+    )
     args = parser.parse_args()
+    if not args.rwkv_cuda_kernel:
+        from transformers.models.rwkv import modeling_rwkv
+
+        modeling_rwkv.is_ninja_available = lambda: False  # transformers then never tries to build the kernel
 
     def save(result: dict) -> None:
         if args.out:
