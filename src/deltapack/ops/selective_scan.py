@@ -19,6 +19,7 @@ its a_t to exactly 0, so the state restarts there with no loop over documents an
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,9 +235,35 @@ def selective_scan_triton(
 
 
 def _load_triton() -> Callable[..., torch.Tensor]:
-    import deltapack.ops.selective_scan_triton  # noqa: F401 - fails here when Triton is missing
+    from deltapack.ops import selective_scan_triton as kernels  # fails here when Triton is missing
 
+    if torch.cuda.is_available():
+        _check_on_this_gpu(kernels)
     return selective_scan_triton
+
+
+def _check_on_this_gpu(kernels: Any, tol: float = 1e-4) -> None:
+    """Once per process: the Triton scan vs the reference (outputs and input gradients, relative L2, fp32) on a
+    small packed stream; raises (so the reference runs) when it is off or its kernels failed."""
+    gen = torch.Generator().manual_seed(0)
+    segments = Segments.from_cu_seqlens([0, 1, 65, 200], device="cuda")
+    total, channels, state = 200, 32, 16
+    inputs = [torch.randn(1, total, channels, generator=gen), torch.randn(1, total, channels, generator=gen),
+              -torch.rand(channels, state, generator=gen) * 0.1, torch.randn(1, total, 1, state, generator=gen),
+              torch.randn(1, total, 1, state, generator=gen)]  # fmt: skip
+    inputs = [t.cuda().requires_grad_() for t in inputs]
+    kw = dict(segments=segments, D=torch.ones(channels, device="cuda"), delta_softplus=True)
+    fast, ref = selective_scan_triton(*inputs, **kw), selective_scan_ref(*inputs, **kw)
+    weights = torch.randn_like(ref)
+    pairs = [(fast, ref)] + list(
+        zip(torch.autograd.grad((fast * weights).sum(), inputs), torch.autograd.grad((ref * weights).sum(), inputs))
+    )
+    errors = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs]
+    if kernels._FAILED or not all(e <= tol for e in errors):  # NaN fails too
+        raise RuntimeError(
+            f"the Triton selective scan does not reproduce the reference on this GPU (relative errors {errors}, "
+            f"kernel failure: {kernels._FAILED or None})"
+        )
 
 
 def _verify_triton(

@@ -349,7 +349,36 @@ def _verify_fla(
 def _load_fla() -> Callable[..., torch.Tensor]:
     import fla.ops.simple_gla  # noqa: F401 - fails here, not mid-forward, when FLA is missing
 
+    if torch.cuda.is_available():
+        _check_on_this_gpu()
     return ssd_via_forward_kernel
+
+
+def _check_on_this_gpu(tol: float = 1e-2) -> None:
+    """Once per process: the kernel path vs the reference (outputs and input gradients, relative L2, fp32 with TF32
+    matmuls) on a small packed stream with the Mamba2 dims; raises (so the reference runs) when it is off."""
+    gen = torch.Generator().manual_seed(0)
+    segments = Segments.from_cu_seqlens([0, 1, 65, 200], device="cuda")
+    total, heads, head_dim, groups, state = 200, 4, 64, 2, 128
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).cuda().requires_grad_()
+
+    inputs = [rnd(1, total, heads, head_dim), rnd(1, total, heads), (-torch.rand(heads, generator=gen) * 0.1).cuda(),
+              rnd(1, total, groups, state, scale=0.1), rnd(1, total, groups, state, scale=0.1)]  # fmt: skip
+    inputs[2].requires_grad_()
+    kw = dict(segments=segments, D=torch.ones(heads, device="cuda"), dt_softplus=True)
+    fast, ref = ssd_via_forward_kernel(*inputs, **kw), ssd_ref(*inputs, **kw)
+    weights = torch.randn_like(ref)
+    pairs = [(fast, ref)] + list(
+        zip(torch.autograd.grad((fast * weights).sum(), inputs), torch.autograd.grad((ref * weights).sum(), inputs))
+    )
+    errors = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs]
+    if _KERNEL_FAILED or not all(e <= tol for e in errors):  # NaN fails too
+        raise RuntimeError(
+            f"FLA's chunk_simple_gla does not reproduce the SSD reference on this GPU (relative errors {errors}, "
+            f"kernel failure: {_KERNEL_FAILED or None})"
+        )
 
 
 SSD = register_op("ssd", ssd_ref)
