@@ -215,3 +215,12 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
         logits = model(**packed.kwargs).logits
         loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
         assert rel(grads_of(model, loss), reference) <= 1e-4
+
+
+def test_xlstm_chunked_inference_over_a_packed_stream_raises():
+    """xLSTMModel feeds long inputs in eval mode in pieces with a carried state: packed, that would be wrong."""
+    model = tiny_model("xlstm", attn_implementation="eager")
+    model.config.max_inference_chunksize = 8
+    packed = build([random_docs([6, 9], seed=11)], "indexed_mask")
+    with patched(model), torch.no_grad(), pytest.raises(ValueError, match="max_inference_chunksize"):
+        model(**packed.kwargs)

@@ -19,6 +19,12 @@ def packed_mlstm_layer(layer: nn.Module, x: torch.Tensor, bounds: Boundaries) ->
     whose (C, n, m) restart at zero for every document.
     """
     config, heads = layer.config, layer.config.num_heads
+    if x.shape[1] != bounds.total_tokens:  # xLSTMModel's chunked inference feeds the stream in pieces
+        raise ValueError(
+            f"deltapack: the xLSTM layer got {x.shape[1]} of the packed stream's {bounds.total_tokens} tokens (the "
+            f"model's chunked inference, max_inference_chunksize={config.max_inference_chunksize}, splits it); "
+            "expected the whole stream: set config.max_inference_chunksize to at least the packed tokens, or train mode"
+        )
     if config.weight_mode == "single":
         q, k, v, o_preact = layer.q(x), layer.k(x), layer.v(x), layer.ogate_preact(x)
         i_preact = soft_cap(layer.igate_preact(x), cap_value=config.gate_soft_cap)
