@@ -248,9 +248,15 @@ class _GatedLinearAttention(torch.autograd.Function):
 
 
 def _reversed_segments(segments: Segments) -> Segments:
-    """The segments of the stream flipped in time (documents in reverse order)."""
+    """The segments of the stream flipped in time (documents in reverse order), built on the device (no copy from
+    the host, so no sync)."""
     host = segments.cu_seqlens_host
-    return Segments.from_cu_seqlens([host[-1] - c for c in reversed(host)], device=segments.device)
+    return Segments(
+        cu_seqlens=host[-1] - segments.cu_seqlens.flip(0),
+        cu_seqlens_host=tuple(host[-1] - c for c in reversed(host)),
+        seq_idx=(len(host) - 2) - segments.seq_idx.flip(1),
+        max_seqlen=segments.max_seqlen,
+    )
 
 
 _KERNEL_FAILED: list[str] = []  # the first run-time failure of FLA's kernel in this process, if any
@@ -290,7 +296,7 @@ def _chunk_simple_gla(
 
 
 def _host_offsets(segments: Segments) -> torch.Tensor:
-    return torch.tensor(segments.cu_seqlens_host, dtype=torch.int32)
+    return torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
 
 
 def ssd_via_forward_kernel(
