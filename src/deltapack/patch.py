@@ -25,10 +25,11 @@ unpatched model, ``generate()``, ``logits_to_keep`` and the cache included.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -65,11 +66,14 @@ _ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder 
 # the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
 _CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
 # the cache keyword of the model forwards (transformers 5.24 renames it to ``cache``)
-CACHE_KWARGS = ("past_key_values", "cache")
+CACHE_KWARGS = ("past_key_values", "cache", "cache_params", "state")  # state: rwkv's
 # where patch() keeps the original forward of a decoder stack, a registered packed layer, a decoder layer
 _TEXT_INNER = "_deltapack_text_inner"
 _LAYER_INNER = "_deltapack_layer_inner"
 _SCOPE_INNER = "_deltapack_scope_inner"
+# on a decoder stack: its decoder layers; on a decoder layer: True while deltapack checkpoints it (see below)
+_STACK_LAYERS = "_deltapack_stack_layers"
+_CHECKPOINT_HERE = "_deltapack_checkpoint_here"
 # on an entry model / decoder stack: True when the boundaries also travel down as the ``boundaries`` keyword (the
 # GDN architectures, whose layers forward keyword arguments); the other families read the packing scope only
 _THREAD_BOUNDARIES = "_deltapack_thread_boundaries"
@@ -108,6 +112,7 @@ def patch(model: ModelT) -> ModelT:
     for module in target.modules():
         if any(module is s for s in stacks):
             wrapped.append(_wrap(module, _TEXT_INNER, _text_model_forward))
+            module.__dict__[_STACK_LAYERS] = tuple(m for m in layers if any(m is x for x in module.modules()))
             module.__dict__[_THREAD_BOUNDARIES] = arch is not None
             module.__dict__[_PADS_EXACTLY] = pads_exactly
         elif packed_layer_of(module) is not None:
@@ -173,6 +178,7 @@ def unpatch(model: ModelT) -> ModelT:
         module.__dict__.pop(ATTENTION_MODULES, None)
         module.__dict__.pop(_THREAD_BOUNDARIES, None)
         module.__dict__.pop(_PADS_EXACTLY, None)
+        module.__dict__.pop(_STACK_LAYERS, None)
         module.__dict__.pop(_LAST_PACKED, None)
         current = module.__dict__.get("forward")
         if getattr(getattr(current, "__func__", None), _WRAPPER_MARK, None) != attr:
@@ -540,14 +546,36 @@ def _text_model_packed(self: nn.Module, inner: Callable[..., Any], call: dict[st
     mask or varlen plan built here; the other families build their masks themselves from the per-document
     positions and no mask (the attention hooks keep documents apart)."""
     if not self.__dict__.get(_THREAD_BOUNDARIES, True):
-        return inner(**call)
+        with _checkpointing_by_deltapack(self.__dict__.get(_STACK_LAYERS, ())):
+            return inner(**call)
     bounds: Boundaries = call["boundaries"]
     embeds = call.get("inputs_embeds")
     dtype = embeds.dtype if embeds is not None else self.get_input_embeddings().weight.dtype
     mask, extra = attention_inputs(bounds, self.config._attn_implementation, dtype, text_model=self)
     call["attention_mask"] = {"full_attention": mask, "linear_attention": None}
     call.update(extra)
-    return inner(**call)
+    with _checkpointing_by_deltapack(self.__dict__.get(_STACK_LAYERS, ())):
+        return inner(**call)
+
+
+@contextlib.contextmanager
+def _checkpointing_by_deltapack(layers: tuple[nn.Module, ...]) -> Iterator[None]:
+    """For a packed call: the decoder layers that transformers would checkpoint are checkpointed by deltapack's
+    layer forward instead, so that the replay in the backward pass runs inside the packing scope. (transformers
+    checkpoints either around ``forward`` or around ``__call__``, depending on its version; around ``__call__``
+    the replay would run outside anything deltapack wraps.)"""
+    taken = [
+        m for m in layers if getattr(m, "gradient_checkpointing", False) and m.training and torch.is_grad_enabled()
+    ]
+    for m in taken:
+        m.gradient_checkpointing = False
+        m.__dict__[_CHECKPOINT_HERE] = True
+    try:
+        yield
+    finally:
+        for m in taken:
+            m.gradient_checkpointing = True
+            m.__dict__.pop(_CHECKPOINT_HERE, None)
 
 
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -561,26 +589,16 @@ def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _decoder_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A decoder layer: its body runs inside the packing scope of the call, and so does its recomputation when
-    gradient checkpointing replays it in the backward pass (outside the call's scope)."""
+    activation checkpointing replays it in the backward pass (outside the call's scope)."""
     inner = self.__dict__[_SCOPE_INNER]
     bounds = kwargs.get("boundaries") or active_boundaries()
     if bounds is None:
         return inner(*args, **kwargs)
-    checkpoint = self.__dict__.get("_gradient_checkpointing_func")
-    if checkpoint is None:
-        with packing_scope(bounds):
-            return inner(*args, **kwargs)
-    # transformers checkpoints the layer through this instance attribute: let the replay enter the scope too
-    self._gradient_checkpointing_func = functools.partial(_checkpoint_in_scope, checkpoint, bounds)
-    try:
-        with packing_scope(bounds):
-            return inner(*args, **kwargs)
-    finally:
-        self._gradient_checkpointing_func = checkpoint
-
-
-def _checkpoint_in_scope(checkpoint: Callable[..., Any], bounds: Boundaries, function: Any, *args: Any, **kw: Any):
-    return checkpoint(functools.partial(_run_in_scope, bounds, function), *args, **kw)
+    if self.__dict__.get(_CHECKPOINT_HERE) and self.training and torch.is_grad_enabled():
+        body = functools.partial(inspect.unwrap(type(self).forward), self)  # the layer's own forward, unwrapped
+        return self._gradient_checkpointing_func(functools.partial(_run_in_scope, bounds, body, **kwargs), *args)
+    with packing_scope(bounds):
+        return inner(*args, **kwargs)
 
 
 def _run_in_scope(bounds: Boundaries, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
