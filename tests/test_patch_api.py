@@ -111,6 +111,16 @@ def test_prebuilt_boundaries_and_inputs_embeds():
         ),
         ({"attention_mask": torch.tensor([[1, 1, 3, 3, 3, 3]])}, "document id 3"),
         ({"position_ids": torch.tensor([[0, 1, 0, 2, 3, 4]])}, "jumps from 0 to 2"),
+        ({"attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]), "labels": torch.ones(1, 7).long()}, "labels has shape"),
+        (
+            {
+                "attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]),
+                "labels": torch.ones(1, 6).long(),
+                "shift_labels": torch.ones(1, 6).long(),
+            },
+            "labels and shift_labels were both given",
+        ),
+        ({"cu_seq_lens_q": torch.tensor([0, 2, 5])}, "cu_seq_lens_q ends at 5"),
         (
             {
                 "attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]),

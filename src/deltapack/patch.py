@@ -456,6 +456,18 @@ def _packed_call(
     new = {k: v for k, v in call.items() if k not in PACKING_KWARGS}
     if not keep_all:
         new["logits_to_keep"] = 0  # every position of the stream; the kept [B, T] columns are taken afterwards
+    for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids", "labels"):
+        value = new.get(name)
+        if value is not None and tuple(value.shape[:2]) != bounds.batch_shape:
+            raise ValueError(
+                f"deltapack: {name} has shape {tuple(value.shape)}; expected [B, T, ...] = {bounds.batch_shape}, the "
+                "batch the packing inputs describe"
+            )
+    if new.get("labels") is not None and new.get("shift_labels") is not None:
+        raise ValueError(
+            "deltapack: labels and shift_labels were both given with packed inputs; expected labels [B, T] only "
+            "(deltapack shifts them inside each document)"
+        )
     for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
         if new.get(name) is not None:
             new[name] = bounds.unpad(new[name])
