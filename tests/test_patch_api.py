@@ -121,6 +121,7 @@ def test_prebuilt_boundaries_and_inputs_embeds():
             "labels and shift_labels were both given",
         ),
         ({"cu_seq_lens_q": torch.tensor([0, 2, 5])}, "cu_seq_lens_q ends at 5"),
+        ({"attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]), "use_cache": True}, "use_cache=True with packed"),
         (
             {
                 "attention_mask": torch.tensor([[1, 2, 2, 2, 2, 2]]),

@@ -317,6 +317,11 @@ def _route(
             f"deltapack: boundaries were built for a batch of shape {bounds.batch_shape}; expected {batch_shape}, "
             "the shape of input_ids"
         )
+    if call.get("use_cache") is True:  # asked for explicitly (the default, None, is turned off quietly)
+        raise ValueError(
+            "deltapack: use_cache=True with packed documents; expected use_cache=False or unset: packed documents "
+            "cannot share one cache, and deltapack does not drop a cache the caller asked for"
+        )
     device = _input_device(call)
     if bounds.device != device:
         raise ValueError(
