@@ -32,6 +32,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from deltapack import Boundaries
 from deltapack.models.layers import packed_layer_of
 
+
+def xlstm_call(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' native mLSTM kernels mix their fp32 initial states with bf16 inputs (a matmul dtype error);
+    under autocast to the input dtype they run."""
+    with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+        return layer(x)[0]
+
+
 # per layer kind: the model type, config fields at full size and in --dry (the model around the layer is built with a
 # tiny vocabulary and 2 layers, so that transformers initialises the layer's parameters as it does), the layer class,
 # and how the unpatched layer is called on [1, T, D]
@@ -77,7 +85,7 @@ LAYERS: dict[str, dict] = {
         dry=dict(hidden_size=128, embedding_dim=128, num_heads=4, chunk_size=16),
         common=dict(num_blocks=2, **_SMALL),
         cls="xLSTMLayer",
-        call=lambda layer, x: layer(x)[0],
+        call=lambda layer, x: xlstm_call(layer, x),
     ),
 }
 
@@ -118,7 +126,8 @@ def wall_ms(fn: Callable[[], object], reps: int) -> dict:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def fast_backends() -> dict:

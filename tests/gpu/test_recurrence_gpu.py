@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_helpers import TOL, assert_close, random_lengths, requires_cuda, segments_of
+from gpu_helpers import TOL, assert_close, random_lengths, rel_err, requires_cuda, segments_of
 
 import deltapack
 from deltapack import Boundaries
@@ -130,8 +130,11 @@ def test_packed_layers_make_no_host_sync(arch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_patched_model_on_cuda_is_exact_per_document(arch, dtype, monkeypatch):
+    """fp32: packed logits = each document alone (max |diff| <= 1e-5). bf16: each document's packed logits are at most
+    twice as far (relative L2, + 1e-3) from the fp32 model's logits alone as the bf16 model's own logits alone are."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the unpatched conv (recurrent_gemma) in fp32
-    model = model_on_cuda(arch, dtype)
+    model32 = model_on_cuda(arch, torch.float32)
+    model = model32 if dtype == torch.float32 else model_on_cuda(arch, dtype)
     gen = torch.Generator().manual_seed(4)
     rows = [[70, 5, 1, 130], [64, 33]]
     docs = [[torch.randint(0, 128, (n,), generator=gen) for n in r] for r in rows]
@@ -139,17 +142,26 @@ def test_patched_model_on_cuda_is_exact_per_document(arch, dtype, monkeypatch):
     doc_ids = torch.nn.utils.rnn.pad_sequence(
         [torch.cat([torch.full((len(d),), n + 1) for n, d in enumerate(r)]) for r in docs], batch_first=True
     ).cuda()
+
+    def alone(m):
+        # transformers' native mLSTM kernels mix fp32 states with bf16 inputs (a dtype error) unless under autocast
+        with torch.autocast("cuda", dtype=m.dtype, enabled=arch == "xlstm" and m.dtype != torch.float32):
+            return [[m(d[None].cuda(), use_cache=False).logits[0].float() for d in r] for r in docs]
+
     with torch.no_grad():
-        alone = [[model(d[None].cuda(), use_cache=False).logits[0].float() for d in r] for r in docs]
+        ref, own = alone(model32), alone(model)
         deltapack.patch(model)
         try:
             logits = model(ids, attention_mask=doc_ids).logits.float()
         finally:
             deltapack.unpatch(model)
-    for row, row_docs in enumerate(alone):
+    for row in range(len(rows)):
         col = 0
-        for a in row_docs:
-            got = logits[row, col : col + a.shape[0]]
-            err = (got - a).abs().max().item() if dtype == torch.float32 else ((got - a).norm() / a.norm()).item()
-            assert err <= (1e-5 if dtype == torch.float32 else 1e-2), (row, col, err)
-            col += a.shape[0]
+        for want, baseline in zip(ref[row], own[row]):
+            got = logits[row, col : col + want.shape[0]]
+            if dtype == torch.float32:
+                assert (got - want).abs().max().item() <= 1e-5, (row, col)
+            else:
+                bound = 2 * rel_err(baseline, want) + 1e-3
+                assert rel_err(got, want) <= bound, (row, col, rel_err(got, want), bound)
+            col += want.shape[0]
