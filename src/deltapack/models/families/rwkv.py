@@ -16,26 +16,28 @@ def _mix(x_1TD: torch.Tensor, shifted_1TD: torch.Tensor, ratio: torch.Tensor) ->
     return x_1TD * ratio + shifted_1TD * (1 - ratio)
 
 
-def packed_time_mix(layer: nn.Module, hidden: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
-    """``RwkvSelfAttention`` on the packed stream ``hidden`` [1, T, D] (no state): (output [1, T, D], None).
+def packed_time_mix(layer: nn.Module, hidden_1TD: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
+    """``RwkvSelfAttention`` on the packed stream ``hidden_1TD`` [1, T, D] (no state): (output [1, T, D], None).
 
     The token shift reads zeros at every document start; the WKV's numerator, denominator and max restart there.
+    A is the attention width (``attention_hidden_size``).
     """
     segments = bounds.segments
-    shifted = token_shift(hidden, segments=segments)
-    key = layer.key(_mix(hidden, shifted, layer.time_mix_key))
-    value = layer.value(_mix(hidden, shifted, layer.time_mix_value))
-    receptance = torch.sigmoid(layer.receptance(_mix(hidden, shifted, layer.time_mix_receptance)))
-    out = wkv(layer.time_decay, layer.time_first, key, value, segments=segments)
-    return layer.output(receptance * out), None
+    shifted_1TD = token_shift(hidden_1TD, segments=segments)
+    key_1TA = layer.key(_mix(hidden_1TD, shifted_1TD, layer.time_mix_key))
+    value_1TA = layer.value(_mix(hidden_1TD, shifted_1TD, layer.time_mix_value))
+    receptance_1TA = torch.sigmoid(layer.receptance(_mix(hidden_1TD, shifted_1TD, layer.time_mix_receptance)))
+    wkv_1TA = wkv(layer.time_decay, layer.time_first, key_1TA, value_1TA, segments=segments)
+    return layer.output(receptance_1TA * wkv_1TA), None
 
 
-def packed_channel_mix(layer: nn.Module, hidden: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
-    """``RwkvFeedForward`` on the packed stream ``hidden`` [1, T, D] (no state): (output [1, T, D], None)."""
-    shifted = token_shift(hidden, segments=bounds.segments)
-    key = torch.square(torch.relu(layer.key(_mix(hidden, shifted, layer.time_mix_key))))
-    receptance = torch.sigmoid(layer.receptance(_mix(hidden, shifted, layer.time_mix_receptance)))
-    return receptance * layer.value(key), None
+def packed_channel_mix(layer: nn.Module, hidden_1TD: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
+    """``RwkvFeedForward`` on the packed stream ``hidden_1TD`` [1, T, D] (no state): (output [1, T, D], None);
+    I is the intermediate width."""
+    shifted_1TD = token_shift(hidden_1TD, segments=bounds.segments)
+    key_1TI = torch.square(torch.relu(layer.key(_mix(hidden_1TD, shifted_1TD, layer.time_mix_key))))
+    receptance_1TD = torch.sigmoid(layer.receptance(_mix(hidden_1TD, shifted_1TD, layer.time_mix_receptance)))
+    return receptance_1TD * layer.value(key_1TI), None
 
 
 def _long_memory(model: nn.Module) -> None:
