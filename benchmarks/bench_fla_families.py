@@ -70,9 +70,9 @@ def count_syncs(fn: Callable[[], object]) -> int | None:
     """Host syncs CUDA reports while ``fn`` runs (None on the CPU)."""
     if not torch.cuda.is_available():
         return None
-    from bench_layer import count_syncs as count
+    from deltapack.diagnostics import count_host_syncs
 
-    return count(fn)
+    return count_host_syncs(fn)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +20,8 @@ from transformers import AutoConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
 from deltapack import Boundaries, ops
+from deltapack.diagnostics import count_host_syncs
 from deltapack.models.gated_deltanet import packed_gdn_forward
-
-
-def count_syncs(fn) -> int:
-    """Host syncs CUDA reports while ``fn`` runs (torch's sync debug mode, one warning per sync)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    # torch words each one "called a synchronizing CUDA operation" (setting the mode adds an unrelated notice)
-    return sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught)
 
 
 def main() -> None:
@@ -90,7 +76,7 @@ def main() -> None:
         "runs": {"unpatched": [t_un, t_un2], "patched": [t_pa, t_pa2]},
     }
     prebuilt = fresh_bounds()  # built as a collator would, before the model runs
-    result["layer"]["host_syncs"] = count_syncs(lambda: packed_gdn_forward(layer, x, prebuilt).backward(dy))
+    result["layer"]["host_syncs"] = count_host_syncs(lambda: packed_gdn_forward(layer, x, prebuilt).backward(dy))
 
     # the two kernels alone, each way, on the layer's real conv input size
     mixed = torch.randn(1, total, layer.conv_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()

@@ -21,7 +21,6 @@ import argparse
 import json
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from common import document_lengths
 
 from deltapack import Boundaries
+from deltapack.diagnostics import count_host_syncs
 from deltapack.models.families.selective_scan import NORMED
 from deltapack.models.mamba import packed_scan_mixer, packed_ssd_mixer
 from deltapack.ops.selective_scan import SELECTIVE_SCAN, selective_scan, selective_scan_ref
@@ -76,19 +76,6 @@ def scan_layer(dims: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.no_grad():
         layer.A_log.copy_(torch.empty(layer.A_log.shape).uniform_(1e-3, 2e-2).log())
     return layer.to(device, dtype)
-
-
-def count_syncs(fn: Callable[[], object]) -> int:
-    """Host syncs CUDA reports while ``fn`` runs (torch's sync debug mode, one warning per sync)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught)
 
 
 def timed(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> dict:
@@ -184,7 +171,7 @@ def layer_stages(name, layer, packed_fn, op, args, result, out_path, reps):
     save(out_path, result)
     if device == "cuda":
         try:
-            res["host_syncs"] = count_syncs(stages["patched"])
+            res["host_syncs"] = count_host_syncs(stages["patched"])
         except Exception as exc:  # noqa: BLE001
             res["host_syncs"] = f"error: {exc}"
         save(out_path, result)

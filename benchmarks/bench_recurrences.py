@@ -21,7 +21,6 @@ import json
 import os
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from common import cuda_time_ms, document_lengths, environment, write
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltapack import Boundaries
+from deltapack.diagnostics import count_host_syncs
 from deltapack.models.layers import packed_layer_of
 
 
@@ -102,19 +102,6 @@ def make_layer(entry: dict, dry: bool, device: str, dtype: torch.dtype) -> torch
     return layer.to(dtype)
 
 
-def count_syncs(fn: Callable[[], object]) -> int:
-    """Host syncs CUDA reports while ``fn`` runs (torch's sync debug mode, one warning per sync)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught)
-
-
 def wall_ms(fn: Callable[[], object], reps: int) -> dict:
     """--dry timing on the CPU."""
     times = []
@@ -179,7 +166,7 @@ def bench_layer(entry: dict, lengths: list[int], device: str, dtype: torch.dtype
 
     def host_syncs():
         prebuilt = Boundaries.from_cu_seqlens(cu, (1, total)).to(device)  # built ahead, as a collator would
-        out["host_syncs"] = count_syncs(lambda: packed(layer, x, prebuilt)[0].backward(dy))
+        out["host_syncs"] = count_host_syncs(lambda: packed(layer, x, prebuilt)[0].backward(dy))
 
     def exactness():  # on the documents of the first 4096 tokens (all of them in --dry)
         n_docs = max(1, sum(1 for c in cu[1:] if c <= 4096))

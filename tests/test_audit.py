@@ -7,17 +7,14 @@ import json
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 
 import deltapack
 from deltapack.audit import audit
 from deltapack.audit.formats import FORMATS, Layout, Placement, make_documents
 from deltapack.cli import main
+from helpers import REFUSES_CU_SEQ_LENS_ON_CPU
 
 GDN = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
-# transformers 5.23 and later refuse cu_seq_lens kwargs on the CPU for the GDN layers (no CUDA kernels); older ones
-# run them and leak. CI also runs the oldest supported transformers (.ci/run).
-REFUSES_CU_SEQ_LENS_ON_CPU = Version(transformers.__version__) >= Version("5.23")
 LEAKY_UNPATCHED = ("position_ids", "position_ids_cache", "indexed_mask", "indexed_mask_padded")
 
 

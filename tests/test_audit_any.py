@@ -13,7 +13,7 @@ from deltapack.audit import audit, audit_model
 from deltapack.audit.build import build_model
 from deltapack.audit.report import leak_sources
 from deltapack.cli import main
-from test_audit import REFUSES_CU_SEQ_LENS_ON_CPU
+from helpers import REFUSES_CU_SEQ_LENS_ON_CPU
 
 
 def _sources(report, state: str, fmt: str) -> dict[str, dict]:

@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from conftest import cached_model
-from test_patch_exact import EXACT, LEAK, patched, random_docs
+from helpers import EXACT, LEAK, cached_model, patched, random_docs
 
 DOCS = random_docs([5, 1, 9, 4], seed=21)
 

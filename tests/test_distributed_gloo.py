@@ -13,15 +13,12 @@ tokens, no state, no keys from the other rank), which must be far off: a no-op w
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import deltapack
 from deltapack.boundaries import Boundaries
@@ -35,9 +32,9 @@ from deltapack.distributed import (
 from deltapack.distributed import ops as cp_ops
 from deltapack.distributed.collectives import all_reduce_sum
 from deltapack.distributed.fsdp import apply_fsdp, plan_fsdp_groups
-from deltapack.distributed.launch import free_port
 from deltapack.ops import reference
 from deltapack.tiny import tiny_model
+from multirank import run_ranks
 
 WORLD = 2
 TOL = 1e-4  # fp32, relative
@@ -251,32 +248,16 @@ def _fsdp_context_parallel_checks() -> dict[str, float]:
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _checks(rank: int, results: dict[str, float], out_dir: str) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    options = dist.ProcessGroupGloo._Options()
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),
-        pg_options=options,
-    )
-    results: dict[str, float] = {}
-    try:
-        for stream, cu in STREAMS.items():
-            for layout in LAYOUTS:
-                results |= {f"ops.{stream}.{layout}.{k}": v for k, v in _ops_checks(cu, layout).items()}
-        for arch in MODEL_ARCHS:
-            results |= _model_checks(arch, LAYOUTS)
-        results |= _model_checks("qwen3_5", ("zigzag",), checkpointing=True)
-        results |= _fsdp_checks(rank, str(Path(out_dir, "checkpoint")))
-        results |= _fsdp_context_parallel_checks()
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+    for stream, cu in STREAMS.items():
+        for layout in LAYOUTS:
+            results |= {f"ops.{stream}.{layout}.{k}": v for k, v in _ops_checks(cu, layout).items()}
+    for arch in MODEL_ARCHS:
+        results |= _model_checks(arch, LAYOUTS)
+    results |= _model_checks("qwen3_5", ("zigzag",), checkpointing=True)
+    results |= _fsdp_checks(rank, str(Path(out_dir, "checkpoint")))
+    results |= _fsdp_context_parallel_checks()
 
 
 @pytest.fixture(scope="module")
@@ -284,9 +265,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     """Every rank's measurements, the worst over ranks for each key."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out_dir = tmp_path_factory.mktemp("gloo")
-    mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
-    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = run_ranks(_checks, WORLD, tmp_path_factory.mktemp("gloo"))
     return {k: max(r[k] for r in ranks) for k in ranks[0]} | {f"min.{k}": min(r[k] for r in ranks) for k in ranks[0]}
 
 

@@ -9,11 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 import deltapack
-from conftest import cached_model, enable_checkpointing
 from deltapack import Boundaries
 from deltapack.tiny import set_long_memory, tiny_config, tiny_model
+from helpers import EXACT, LEAK, alone_logits, cached_model, enable_checkpointing, patched, random_docs
 from packing import build, max_doc_diff
-from test_patch_exact import EXACT, LEAK, alone_logits, patched, random_docs
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])

@@ -7,50 +7,25 @@ exact there already, which ``test_padding_only_is_exact`` states and checks.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import deltapack
-from conftest import ARCHS, cached_model
+from helpers import (
+    ARCHS,
+    EXACT,
+    LEAK,
+    alone_logits,
+    cached_model,
+    doc_loss_sum,
+    grads_of,
+    norm_rel,
+    patched,
+    random_docs,
+    unpatched_result,
+)
 from packing import build, max_doc_diff
-
-EXACT = 1e-5  # max |logit diff| in fp32 on the CPU (the contract)
-LEAK = 1e-3  # what the unpatched model must at least show on the same input
-
-
-@contextlib.contextmanager
-def patched(model):
-    deltapack.patch(model)
-    try:
-        yield model
-    finally:
-        deltapack.unpatch(model)
-
-
-def alone_logits(model, docs):
-    with torch.no_grad():
-        return [model(torch.tensor([d])).logits[0] for d in docs]
-
-
-def unpatched_result(model, kwargs, packed, alone):
-    """max diff of the unpatched model on the packed input, or inf when it refuses the input."""
-    try:
-        with torch.no_grad():
-            logits = model(**kwargs, use_cache=False).logits
-    except (ValueError, RuntimeError, ImportError, NotImplementedError):
-        return float("inf")
-    return max_doc_diff(logits, packed, alone)
-
-
-def random_docs(lengths, vocab=128, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
-
 
 # rows of documents where at least one row holds two or more documents (where a leak can happen)
 row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=3).filter(
@@ -106,22 +81,6 @@ def test_padding_only_is_exact(pad_left):
         assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
 
 
-def doc_loss_sum(logits, doc):
-    """Summed next-token loss of one document: token i predicts token i + 1, inside the document only."""
-    target = torch.tensor(doc[1:], dtype=torch.long)
-    return F.cross_entropy(logits[: len(doc) - 1], target, reduction="sum")
-
-
-def grads_of(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fmt", ["indexed_mask", "position_ids"])
 def test_packed_gradient_equals_sum_of_alone(arch, fmt):
@@ -137,9 +96,9 @@ def test_packed_gradient_equals_sum_of_alone(arch, fmt):
         return grads_of(model, loss)
 
     try:
-        assert rel(packed_grads(), reference) > LEAK  # unpatched: the gradient leaks
+        assert norm_rel(packed_grads(), reference) > LEAK  # unpatched: the gradient leaks
         with patched(model):
-            assert rel(packed_grads(), reference) <= 1e-4
+            assert norm_rel(packed_grads(), reference) <= 1e-4
     finally:
         model.zero_grad(set_to_none=True)
 

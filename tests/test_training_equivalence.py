@@ -12,63 +12,14 @@ import copy
 import logging
 
 import pytest
-import torch
 from torch import nn
 
 import deltapack
 from deltapack.data import PackedCollator, pack_documents
 from deltapack.tiny import tiny_model
+from helpers import PAD, documents, padded_unpacked, rel, sgd_step, update_rel
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-
-PAD = 0
-LR = 0.05
-# lengths: a single token, shorter than the conv window, several long ones; packed into rows of 40
-LENGTHS = (1, 3, 7, 12, 19, 25, 33, 2, 16, 9)
-
-
-def documents(lengths: tuple[int, ...] = LENGTHS, vocab: int = 128, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
-
-
-def padded_unpacked(docs: list[list[int]]) -> dict[str, torch.Tensor]:
-    """One document per row, padded on the right: input_ids, 0/1 attention_mask, labels (-100 at padding)."""
-    width = max(len(d) for d in docs)
-    ids = torch.full((len(docs), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(docs), width), dtype=torch.long)
-    for r, doc in enumerate(docs):
-        ids[r, : len(doc)] = torch.tensor(doc)
-        mask[r, : len(doc)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def sgd_step(
-    model: nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model's loss on ``batch``, the parameters after one SGD step, and the update the step made."""
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    after = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return loss.item(), after, {n: after[n] - before[n] for n in after}
-
-
-def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def update_rel(step: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
-    """||step - ref|| / ||ref|| over all parameters together (float64)."""
-    diff = sum(((step[n].double() - ref[n].double()) ** 2).sum() for n in ref)
-    norm = sum((ref[n].double() ** 2).sum() for n in ref)
-    return (diff / norm).sqrt().item()
 
 
 def base_model(arch: str) -> nn.Module:

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 import deltapack
-from conftest import checkpointing_arg
 from deltapack.data import PackedCollator, pack_dataset, pack_documents
 from deltapack.data.demo import char_tokenizer
 from deltapack.tiny import tiny_model
-from test_training_equivalence import LR, PAD, documents, padded_unpacked, rel, sgd_step, update_rel
+from helpers import PAD, checkpointing_arg, documents, one_step_args, padded_unpacked, rel, sgd_step, update_rel
 
 datasets = pytest.importorskip("datasets")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -36,27 +35,6 @@ def reference() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Ten
 
 def packed_dataset() -> datasets.Dataset:
     return pack_dataset(datasets.Dataset.from_dict({"input_ids": documents()}), MAX_TOKENS)
-
-
-def one_step_args(cls, tmp_path, rows: int, **extra):
-    """Arguments for exactly one plain SGD step over all rows at once, in fp32 on the CPU."""
-    return cls(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=rows,
-        max_steps=1,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        **extra,
-    )
 
 
 def check_step(model: nn.Module, reference) -> None:

@@ -19,8 +19,7 @@ import deltapack
 from deltapack.data import PackedCollator, pack_dataset
 from deltapack.data.demo import char_tokenizer
 from deltapack.tiny import tiny_model
-from test_training_equivalence import PAD, documents
-from test_training_trainer import one_step_args
+from helpers import PAD, documents, one_step_args
 
 datasets = pytest.importorskip("datasets")
 logging.getLogger("transformers").setLevel(logging.ERROR)

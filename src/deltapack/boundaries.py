@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from deltapack.ops.segments import Segments
+from deltapack.ops.segments import IGNORE_INDEX, Segments
 
-__all__ = ["Boundaries"]
+__all__ = ["IGNORE_INDEX", "BatchChoices", "Boundaries"]
 
 
 def _fail(what: str, expected: str) -> None:
@@ -131,7 +131,7 @@ class Boundaries:
         out = out.index_copy(0, self.indices, x[0])
         return out.reshape(batch, seqlen, *x.shape[2:])
 
-    def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def shift_labels(self, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Next-token targets [1, total] for unpadded ``labels`` [1, total]: ``ignore_index`` at the last token
         of every document, so no document's first token is predicted from the previous document.
         Under context parallelism a document cut at this rank's end takes its next target from the next rank."""

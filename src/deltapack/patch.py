@@ -51,6 +51,7 @@ from deltapack.models.families.attention import why_unsupported
 from deltapack.models.layers import family_of, packed_layer_of, supported_model_types
 from deltapack.models.registry import ARCHITECTURES, Architecture, architecture_of
 from deltapack.models.scope import active_boundaries, packing_scope
+from deltapack.models.unwrap import base_model
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -84,10 +85,7 @@ _PADS_EXACTLY = "_deltapack_pads_exactly"
 _LAST_PACKED = "_deltapack_last_packed"
 
 
-def _target(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+_target = base_model  # the transformers model inside a PEFT wrapper (or the model itself)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -528,6 +528,7 @@ def _parallel_backward(
     """This rank's part of the global batch, forward and backward; gradients summed over ranks. Returns the global
     token-mean loss (the same on every rank)."""
     from deltapack.distributed import launch
+    from deltapack.distributed.collectives import all_reduce_sum
 
     try:
         local = launch.split_batch(batch, parallel, pad_id, layout=args.cp_layout)
@@ -539,7 +540,7 @@ def _parallel_backward(
     else:
         loss.backward()
         launch.sum_gradients(params)
-    return launch.global_sum(loss)
+    return all_reduce_sum(loss, None, parallel.world_size)
 
 
 def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Parallel | None) -> None:

@@ -16,29 +16,27 @@ Every check has its naive twin (each rank's tokens as independent documents), wh
 
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from gpu_helpers import rel_err
 
 import deltapack
 from deltapack import ops
 from deltapack.boundaries import Boundaries
+from deltapack.diagnostics import count_host_syncs
 from deltapack.distributed import ContextShard, disable_context_parallel, enable_context_parallel, token_mean_loss
 from deltapack.distributed import ops as cp_ops
 from deltapack.distributed.collectives import all_reduce_sum
-from deltapack.distributed.launch import free_port
 from deltapack.ops import fla, reference
 from deltapack.tiny import tiny_config, tiny_model
+from multirank import run_ranks, save
 
 pytestmark = pytest.mark.gpu
 
@@ -239,53 +237,32 @@ def _host_syncs(arch: str, layout: str) -> float:
         token_mean_loss(model(input_ids=ids, boundaries=shard.local).logits, labels, shard).backward()
 
     step()  # builds the per-batch plans
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    syncs = count_host_syncs(step)
     disable_context_parallel(model)
-    return float(sum("called a synchronizing cuda operation" in str(w.message).lower() for w in caught))
+    return float(syncs)
 
 
 def _progress(rank: int, what: str, results: dict[str, float], out_dir: str) -> None:
     """Report a finished block and keep what is measured so far (a run cut short still leaves it)."""
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    save(rank, results, out_dir)
     print(f"rank {rank}: {what} done", flush=True)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _checks(rank: int, results: dict[str, float], out_dir: str) -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("DELTAPACK_CP_STACKS_AFTER", "600")), exit=False)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=300),
-        device_id=torch.device("cuda", rank),
-    )
-    results: dict[str, float] = {}
-    try:
-        for stream, cu in STREAMS.items():
-            for layout in LAYOUTS:
-                checks = _ops_checks(cu or _many(), layout)
-                results |= {f"ops.{stream}.{layout}.{k}": v for k, v in checks.items()}
-                _progress(rank, f"ops {stream} {layout}", results, out_dir)
-        for arch in ARCHS:
-            results |= _model_checks(arch)
-            _progress(rank, f"model {arch}", results, out_dir)
-        for arch in ARCHS:
-            for layout in LAYOUTS:
-                results[f"{arch}.{layout}.host_syncs"] = _host_syncs(arch, layout)
-        _progress(rank, "host syncs", results, out_dir)
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+    for stream, cu in STREAMS.items():
+        for layout in LAYOUTS:
+            checks = _ops_checks(cu or _many(), layout)
+            results |= {f"ops.{stream}.{layout}.{k}": v for k, v in checks.items()}
+            _progress(rank, f"ops {stream} {layout}", results, out_dir)
+    for arch in ARCHS:
+        results |= _model_checks(arch)
+        _progress(rank, f"model {arch}", results, out_dir)
+    for arch in ARCHS:
+        for layout in LAYOUTS:
+            results[f"{arch}.{layout}.host_syncs"] = _host_syncs(arch, layout)
+    _progress(rank, "host syncs", results, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +273,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
         pytest.skip(f"needs {WORLD} CUDA GPUs and NCCL")
     if not fla.AVAILABLE:
         pytest.skip("needs FLA (deltapack[gpu])")
-    out_dir = tmp_path_factory.mktemp("nccl")
-    mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
-    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = run_ranks(_checks, WORLD, tmp_path_factory.mktemp("nccl"), backend="nccl", timeout_s=300)
     keys = ranks[0]
     worst = {k: (min if k.endswith("ran_fla") else max)(r[k] for r in ranks) for k in keys}
     if os.environ.get("DELTAPACK_CP_REPORT"):

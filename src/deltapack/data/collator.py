@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-from deltapack.boundaries import Boundaries
+from deltapack.boundaries import IGNORE_INDEX, Boundaries
+from deltapack.data.packer import check_labels
 
 __all__ = ["PackedCollator", "row_seq_lengths"]
-
-IGNORE_INDEX = -100
 
 
 def _ints(x: Any) -> list[int]:
@@ -111,11 +110,7 @@ class PackedCollator:
                 raise ValueError(f"deltapack: row {i} has keys {sorted(row)}; expected 'input_ids'")
             ids = _ints(row["input_ids"])
             labels = _ints(row["labels"]) if row.get("labels") is not None else ids
-            if len(labels) != len(ids):
-                raise ValueError(
-                    f"deltapack: row {i} has {len(ids)} input_ids and {len(labels)} labels; "
-                    "expected one label per token"
-                )
+            check_labels(len(ids), len(labels), f"row {i}")
             if self.max_tokens is not None and len(ids) > self.max_tokens:
                 raise ValueError(f"deltapack: row {i} has {len(ids)} tokens; expected at most {self.max_tokens}")
             ids_rows.append(ids)

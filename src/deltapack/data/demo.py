@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from deltapack.boundaries import IGNORE_INDEX
+
 __all__ = ["SPECIAL_TOKENS", "char_tokenizer", "demo_examples", "tokenize_examples"]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -59,7 +61,7 @@ def tokenize_examples(examples: list[dict[str, str]], tokenizer: Any) -> list[di
         elif "prompt" in ex and "completion" in ex:
             prompt = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
             completion = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
-            docs.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+            docs.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
         else:
             raise ValueError(f"deltapack: example {i} has keys {sorted(ex)}; expected 'text' or 'prompt'/'completion'")
     return docs

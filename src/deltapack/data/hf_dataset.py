@@ -6,12 +6,11 @@ a million documents costs about the planning time plus one copy of the tokens.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 
-from deltapack.data.packer import PackStats, _check_options, plan_rows, split_lengths
+from deltapack.data.packer import PackStats, _check_options, drop_overflow, plan_pieces
 
 __all__ = ["pack_dataset", "dataset_stats"]
 
@@ -83,19 +82,13 @@ def pack_dataset(
                 f"deltapack: example {bad} has {lengths[bad]} input_ids and {other[bad]} {name}; "
                 "expected the same length"
             )
-    too_long = lengths > max_tokens
-    if overflow == "drop" and bool(too_long.any()):
-        warnings.warn(
-            f"deltapack: dropped {int(too_long.sum())} documents longer than max_tokens={max_tokens} "
-            f"({int(lengths[too_long].sum())} tokens)",
-            stacklevel=2,
-        )
-        keep = pa.array(~too_long)
+    dropped = drop_overflow(lengths, max_tokens, overflow, stacklevel=3)
+    if bool(dropped.any()):
+        keep = pa.array(~dropped)
         cols = [pa.compute.filter(col, keep) for col in cols]
-        lengths = lengths[~too_long]
-    piece_doc, piece_start = split_lengths(lengths, max_tokens)
+        lengths = lengths[~dropped]
+    piece_doc, piece_start, plan = plan_pieces(lengths, max_tokens, strategy)
     piece_len = np.minimum(lengths[piece_doc] - piece_start, max_tokens)
-    plan = plan_rows(piece_len, max_tokens, strategy)
     order = pa.array(np.fromiter((p for row in plan for p in row), dtype=np.int64, count=len(piece_len)))
     docs_per_row = np.fromiter((len(row) for row in plan), dtype=np.int64, count=len(plan))
     ordered_len = piece_len[order.to_numpy()]

@@ -8,8 +8,8 @@ token is not trained on, e.g. an SFT prompt). A packed row is a dict of plain li
 - ``seq_lengths``: the length of each document in the row, in order (the column name TRL uses for the same thing).
 
 Strategies: ``"bfd"`` (best-fit decreasing: each document, longest first, goes into the row whose free space fits it
-most tightly) and ``"sequential"`` (documents in the given order, a new row whenever the next one does not fit).
-On 1,000,000 lognormal documents (median 600) into rows of 8192, BFD fills 99.997% of the rows. Documents longer
+most tightly) and ``"sequential"`` (documents in the given order, a new row whenever the next one does not fit);
+the fill BFD reaches is in ``benchmarks/RESULTS.md``. Documents longer
 than ``max_tokens`` are split into pieces of ``max_tokens`` (``overflow="split"``; each piece is then a document of
 its own) or dropped with a warning (``overflow="drop"``). Tokens are never lost, duplicated or reordered inside a
 document; documents may move between rows. Empty documents are skipped (and counted).
@@ -32,12 +32,14 @@ __all__ = [
     "pack_documents",
     "pack_stream",
     "plan_rows",
+    "check_labels",
+    "drop_overflow",
+    "plan_pieces",
     "split_lengths",
 ]
 
 STRATEGIES = ("bfd", "sequential")
 OVERFLOW = ("split", "drop")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -165,6 +167,42 @@ def split_lengths(lengths: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.
     return doc, start
 
 
+def drop_overflow(
+    lengths: np.ndarray, max_tokens: int, overflow: str, first_position: int = 0, stacklevel: int = 4
+) -> np.ndarray:
+    """[D] bool, True for the documents ``overflow="drop"`` drops (longer than ``max_tokens``), with one warning
+    naming how many (``stacklevel`` as for ``warnings.warn``, counted from here); all False for "split"."""
+    too_long = lengths > max_tokens
+    if overflow != "drop" or not bool(too_long.any()):
+        return np.zeros(len(lengths), dtype=bool)
+    warnings.warn(
+        f"deltapack: dropped {int(too_long.sum())} documents longer than max_tokens={max_tokens} "
+        f"({int(lengths[too_long].sum())} tokens; the first is document {first_position + int(too_long.argmax())})",
+        stacklevel=stacklevel,
+    )
+    return too_long
+
+
+def plan_pieces(lengths: np.ndarray, max_tokens: int, strategy: str) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Split documents longer than ``max_tokens`` into pieces and plan the rows of the pieces.
+
+    Returns:
+        (piece_doc [P] document of each piece, piece_start [P] its first token there, rows: the piece indices of
+        every row); the pieces' lengths are ``min(lengths[piece_doc] - piece_start, max_tokens)``.
+    """
+    piece_doc, piece_start = split_lengths(lengths, max_tokens)
+    piece_len = np.minimum(lengths[piece_doc] - piece_start, max_tokens)
+    return piece_doc, piece_start, plan_rows(piece_len, max_tokens, strategy)
+
+
+def check_labels(num_ids: int, num_labels: int, where: str) -> None:
+    """Raise ValueError unless there is one label per token; ``where`` names the document or row."""
+    if num_labels != num_ids:
+        raise ValueError(
+            f"deltapack: {where} has {num_ids} input_ids and {num_labels} labels; expected one label per token"
+        )
+
+
 @dataclass
 class _Doc:
     input_ids: list[int]
@@ -189,11 +227,7 @@ def _read_doc(doc: Any, position: int) -> _Doc:
         labels = doc.get("labels")
         if labels is not None:
             labels = _as_list(labels, f"document {position} labels")
-            if len(labels) != len(ids):
-                raise ValueError(
-                    f"deltapack: document {position} has {len(ids)} input_ids and {len(labels)} labels; "
-                    "expected one label per token"
-                )
+            check_labels(len(ids), len(labels), f"document {position}")
         return _Doc(ids, labels)
     if isinstance(doc, (str, bytes)):
         raise ValueError(f"deltapack: document {position} is text; expected token ids (tokenize first)")
@@ -223,21 +257,12 @@ def _pack_loaded(
     stats = PackStats(max_tokens=max_tokens)
     lengths = np.fromiter((len(d.input_ids) for d in docs), dtype=np.int64, count=len(docs))
     stats.empty = int((lengths == 0).sum())
-    too_long = lengths > max_tokens
-    if overflow == "drop" and bool(too_long.any()):
-        stats.dropped = int(too_long.sum())
-        stats.dropped_tokens = int(lengths[too_long].sum())
-        warnings.warn(
-            f"deltapack: dropped {stats.dropped} documents longer than max_tokens={max_tokens} "
-            f"({stats.dropped_tokens} tokens; the first is document {first_position + int(too_long.argmax())})",
-            stacklevel=3,
-        )
-        lengths = np.where(too_long, 0, lengths)
-    else:
-        stats.split = int(too_long.sum())
-    piece_doc, piece_start = split_lengths(lengths, max_tokens)
+    dropped = drop_overflow(lengths, max_tokens, overflow, first_position)
+    stats.dropped, stats.dropped_tokens = int(dropped.sum()), int(lengths[dropped].sum())
+    stats.split = 0 if overflow == "drop" else int((lengths > max_tokens).sum())
+    lengths = np.where(dropped, 0, lengths)
+    piece_doc, piece_start, plan = plan_pieces(lengths, max_tokens, strategy)
     piece_len = np.minimum(lengths[piece_doc] - piece_start, max_tokens)
-    plan = plan_rows(piece_len, max_tokens, strategy)
     rows = []
     pieces_per_row = []
     piece_doc_l, piece_start_l, piece_len_l = piece_doc.tolist(), piece_start.tolist(), piece_len.tolist()

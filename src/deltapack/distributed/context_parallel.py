@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltapack.boundaries import IGNORE_INDEX
 from deltapack.distributed.attention import register_attention
 from deltapack.distributed.collectives import all_reduce_sum
 from deltapack.distributed.sharding import ContextShard
+from deltapack.models.unwrap import base_model
 from deltapack.patch import is_patched
 
 __all__ = [
@@ -41,18 +43,13 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 _PREVIOUS = "_deltapack_attention_before_context_parallel"
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def enable_context_parallel(model: ModelT) -> ModelT:
     """Select the context-parallel attention on a patched model (idempotent); returns the model.
 
     The GDN layers need nothing: they read the shard from the boundaries. Raises ValueError on a model that
     :func:`deltapack.patch` has not patched.
     """
-    base = _base(model)
+    base = base_model(model)
     if not is_patched(base):
         raise ValueError(
             "deltapack: enable_context_parallel needs a patched model; expected deltapack.patch(model) first"
@@ -66,20 +63,20 @@ def enable_context_parallel(model: ModelT) -> ModelT:
 
 def disable_context_parallel(model: ModelT) -> ModelT:
     """Undo :func:`enable_context_parallel` (restores the attention implementation); returns the model."""
-    base = _base(model)
+    base = base_model(model)
     previous = base.__dict__.pop(_PREVIOUS, None)
     if previous is not None:
         base.set_attn_implementation(previous)
     return model
 
 
-def num_targets(shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = -100) -> torch.Tensor:
+def num_targets(shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The number of targets (labels other than ``ignore_index``) of the whole stream, summed over ranks."""
     return all_reduce_sum((shift_labels != ignore_index).sum(), shard.group, shard.world_size)
 
 
 def token_mean_loss(
-    logits: torch.Tensor, shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = -100
+    logits: torch.Tensor, shift_labels: torch.Tensor, shard: ContextShard, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """This rank's share of the token-mean cross entropy of the whole stream (fp32).
 

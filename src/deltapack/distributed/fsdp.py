@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deltapack.models.registry import architecture_of
+from deltapack.models.unwrap import base_model
 
 __all__ = ["FP32_PARAMETERS", "FsdpGroup", "apply_fsdp", "load_from_rank0", "plan_fsdp_groups", "set_gradient_divisor"]
 
@@ -49,11 +50,6 @@ class FsdpGroup:
         return [n for n, p in self.module.named_parameters() if p not in taken]
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _has_own_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
@@ -70,7 +66,7 @@ def plan_fsdp_groups(model: nn.Module, fp32_norms: bool = False) -> list[FsdpGro
         model: a supported transformers model (patched or not; a PEFT wrapper is looked through).
         fp32_norms: also keep the RMSNorms that upcast their weight in fp32 groups.
     """
-    base = _base(model)
+    base = base_model(model)
     arch = architecture_of(base)
     gdn_cls = arch.cls(arch.gdn)
     names = {m: n for n, m in base.named_modules()}
@@ -145,7 +141,7 @@ def apply_fsdp(
     # fp32 groups compute in fp32 but leave the activations they receive in the compute dtype
     high = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for group in plan_fsdp_groups(model, fp32_norms=fp32_norms):
-        is_root = group.module is _base(model)
+        is_root = group.module is base_model(model)
         fully_shard(
             group.module,
             mesh=mesh,

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from deltapack.boundaries import Boundaries
+from deltapack.boundaries import IGNORE_INDEX, Boundaries
 from deltapack.distributed.context_parallel import load_balancing_loss_share
 from deltapack.distributed.sharding import ContextShard, padded_total
 
@@ -44,7 +44,6 @@ __all__ = [
     "torchrun_command",
 ]
 
-IGNORE_INDEX = -100
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -317,13 +316,6 @@ def sum_gradients(params: list[nn.Parameter], group: Any = None) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
         offset += g.numel()
-
-
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of a detached scalar over all ranks."""
-    out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
 
 
 def rank_in_env() -> int:

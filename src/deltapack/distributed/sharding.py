@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deltapack.boundaries import Boundaries
+from deltapack.boundaries import IGNORE_INDEX, Boundaries
 from deltapack.ops.segments import Segments
 
 __all__ = ["LAYOUTS", "ContextShard", "ShardSegments", "StreamPart", "padded_total"]
@@ -268,7 +268,7 @@ class ContextShard:
         flat = gathered.reshape(self.world_size * self.num_local_tokens, *x_local.shape[2:])
         return flat.index_select(0, torch.argsort(order)).unsqueeze(0)
 
-    def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def shift_labels(self, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Next-token targets [1, local tokens] for this rank's ``labels`` [1, local tokens].
 
         As on one device: ``ignore_index`` at the last token of every document; the last token of a piece whose
@@ -332,7 +332,7 @@ class ShardSegments(Segments):
 
         return cp_ops.run(op, self, *args, backend=backend, **kwargs)
 
-    def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def shift_labels(self, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """As :meth:`ContextShard.shift_labels`: a document cut at this rank's end takes its next target from the
         next rank (a collective)."""
         return self.shard.shift_labels(labels, ignore_index)

@@ -147,7 +147,7 @@ def _load_torch_varlen() -> Any:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
         # torch 2.10 / 2.11 take no enable_gqa and hand grouped heads straight to the flash kernel, which supports
-        # them: on an H200 the same output as expanded heads, bit for bit, and faster
+        # them: the same output as expanded heads, and faster (benchmarks/RESULTS.md)
         if "num_splits" in params:
             kwargs["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
         return varlen_attn(

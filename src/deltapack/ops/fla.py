@@ -228,8 +228,8 @@ def verify_gated_delta_rule(
     """Whether FLA's chunked delta rule keeps these inputs exact (arguments of
     :func:`deltapack.ops.gated_delta_rule`).
 
-    fp32 takes the reference: FLA's fp32 path failed our fp32 checks on an H200 (1e-3 against the reference, 1e-5
-    packed vs alone on the tiny models); its Triton dots default to tf32, the likely cause.
+    fp32 takes the reference: FLA's fp32 path failed deltapack's fp32 checks on a GPU (figures in
+    ``benchmarks/RESULTS.md``); its Triton dots default to tf32, the likely cause.
     """
     if not on_cuda(q):
         return False, f"q is on {q.device.type}; FLA's kernels run on CUDA"

@@ -18,7 +18,9 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-__all__ = ["Segments"]
+__all__ = ["IGNORE_INDEX", "Segments"]
+
+IGNORE_INDEX = -100  # the label a loss skips (PyTorch's cross_entropy default, transformers' convention)
 
 PlanT = TypeVar("PlanT")
 
@@ -152,7 +154,7 @@ class Segments:
         ``args`` and keyword ``kwargs`` of the op's signature, or raise ValueError for an op they cannot keep exact."""
         return NotImplemented
 
-    def shift_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def shift_labels(self, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Next-token targets [1, T] for ``labels`` [1, T]: ``ignore_index`` at the last token of every document,
         so no document's first token is predicted from the previous document."""
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)

@@ -1,0 +1,181 @@
+"""What several test modules share: tiny models cached per configuration, the exactness bounds, documents and
+reference training steps. Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
+from torch import nn
+
+import deltapack
+from deltapack.tiny import tiny_model
+from packing import max_doc_diff
+
+ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+# transformers 5.23 and later refuse cu_seq_lens kwargs on the CPU for the GDN layers (no CUDA kernels); older ones
+# run them and leak. CI also runs the oldest supported transformers (.ci/run).
+REFUSES_CU_SEQ_LENS_ON_CPU = Version(transformers.__version__) >= Version("5.23")
+
+
+@functools.lru_cache(maxsize=64)
+def cached_model(
+    arch: str = "qwen3_5", attn: str = "sdpa", conv_width: int = 4, value_head_ratio: int = 2, seed: int = 0
+) -> nn.Module:
+    """A tiny fp32 model; each test must leave it as it found it (unpatched, eval mode, no grads)."""
+    return tiny_model(
+        arch,
+        seed=seed,
+        attn_implementation=attn,
+        linear_conv_kernel_dim=conv_width,
+        linear_num_value_heads=2 * value_head_ratio,
+    )
+
+
+EXACT = 1e-5  # max |logit diff| in fp32 on the CPU (the contract)
+
+LEAK = 1e-3  # what the unpatched model must at least show on the same input
+
+
+@contextlib.contextmanager
+def patched(model):
+    deltapack.patch(model)
+    try:
+        yield model
+    finally:
+        deltapack.unpatch(model)
+
+
+def alone_logits(model, docs):
+    with torch.no_grad():
+        return [model(torch.tensor([d])).logits[0] for d in docs]
+
+
+def random_docs(lengths, vocab=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+PAD = 0
+
+LR = 0.05
+
+
+# lengths: a single token, shorter than the conv window, several long ones; packed into rows of 40
+LENGTHS = (1, 3, 7, 12, 19, 25, 33, 2, 16, 9)
+
+
+def documents(lengths: tuple[int, ...] = LENGTHS, vocab: int = 128, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def padded_unpacked(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """One document per row, padded on the right: input_ids, 0/1 attention_mask, labels (-100 at padding)."""
+    width = max(len(d) for d in docs)
+    ids = torch.full((len(docs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    for r, doc in enumerate(docs):
+        ids[r, : len(doc)] = torch.tensor(doc)
+        mask[r, : len(doc)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def sgd_step(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's loss on ``batch``, the parameters after one SGD step, and the update the step made."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return loss.item(), after, {n: after[n] - before[n] for n in after}
+
+
+def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def update_rel(step: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """||step - ref|| / ||ref|| over all parameters together (float64)."""
+    diff = sum(((step[n].double() - ref[n].double()) ** 2).sum() for n in ref)
+    norm = sum((ref[n].double() ** 2).sum() for n in ref)
+    return (diff / norm).sqrt().item()
+
+
+def one_step_args(cls, tmp_path, rows: int, **extra):
+    """Arguments for exactly one plain SGD step over all rows at once, in fp32 on the CPU."""
+    return cls(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=rows,
+        max_steps=1,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        **extra,
+    )
+
+
+# transformers renamed gradient checkpointing to activation checkpointing; CI also runs the oldest supported
+# transformers (see .ci/run), so the tests use whichever name the installed version has
+def enable_checkpointing(model: nn.Module, **kwargs) -> None:
+    """Activation (gradient) checkpointing on, under either transformers name; ``kwargs`` for torch's checkpoint."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_arg() -> str:
+    """The TrainingArguments field that turns checkpointing on, in the installed transformers."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def unpatched_result(model, kwargs, packed, alone):
+    """max diff of the unpatched model on the packed input, or inf when it refuses the input."""
+    try:
+        with torch.no_grad():
+            logits = model(**kwargs, use_cache=False).logits
+    except (ValueError, RuntimeError, ImportError, NotImplementedError):
+        return float("inf")
+    return max_doc_diff(logits, packed, alone)
+
+
+def doc_loss_sum(logits, doc):
+    """Summed next-token loss of one document: token i predicts token i + 1, inside the document only."""
+    target = torch.tensor(doc[1:], dtype=torch.long)
+    return F.cross_entropy(logits[: len(doc) - 1], target, reduction="sum")
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def norm_rel(a, b):
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
