@@ -49,3 +49,37 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "
 
 # tolerance of a fast path against the fp32 reference, by input dtype (relative L2 error)
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
+
+
+ROWS = [[70, 5, 1, 130], [64, 33]]  # document lengths per row: one token, a chunk exactly, over a chunk
+
+
+LEAK = 1e-3
+
+
+def make_batch(vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(sum(r) for r in ROWS) + 3  # some padding on the right of every row
+    ids = torch.zeros(len(ROWS), width, dtype=torch.long)
+    doc_ids = torch.zeros_like(ids)
+    places = []
+    for r, row in enumerate(ROWS):
+        col = 0
+        for n, length in enumerate(row):
+            ids[r, col : col + length] = torch.randint(1, vocab, (length,), generator=gen)
+            doc_ids[r, col : col + length] = n + 1
+            places.append((r, col, length))
+            col += length
+    return ids.cuda(), doc_ids.cuda(), places
+
+
+def alone(model, ids: torch.Tensor) -> torch.Tensor:
+    """One document through the same patched path and kernels (explicit offsets [0, L])."""
+    cu = torch.tensor([0, ids.numel()], dtype=torch.int32, device="cuda")
+    return model(input_ids=ids[None], cu_seq_lens_q=cu).logits[0]
+
+
+def per_doc_diff(logits, places, alone_logits, dtype) -> float:
+    if dtype == torch.float32:
+        return max((logits[r, c : c + n] - a).abs().max().item() for (r, c, n), a in zip(places, alone_logits))
+    return max(rel_err(logits[r, c : c + n], a) for (r, c, n), a in zip(places, alone_logits))

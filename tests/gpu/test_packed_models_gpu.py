@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_helpers import rel_err, requires_cuda
+from gpu_helpers import LEAK, ROWS, alone, make_batch, per_doc_diff, rel_err, requires_cuda
 
 import deltapack
 from deltapack import Boundaries
@@ -18,26 +18,8 @@ from deltapack.tiny import tiny_model
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
-ROWS = [[70, 5, 1, 130], [64, 33]]  # document lengths per row: one token, a chunk exactly, over a chunk
 # packed vs alone, per document: max |diff| of logits in fp32 (as on the CPU), relative L2 in bf16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-LEAK = 1e-3
-
-
-def make_batch(vocab: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(sum(r) for r in ROWS) + 3  # some padding on the right of every row
-    ids = torch.zeros(len(ROWS), width, dtype=torch.long)
-    doc_ids = torch.zeros_like(ids)
-    places = []
-    for r, row in enumerate(ROWS):
-        col = 0
-        for n, length in enumerate(row):
-            ids[r, col : col + length] = torch.randint(1, vocab, (length,), generator=gen)
-            doc_ids[r, col : col + length] = n + 1
-            places.append((r, col, length))
-            col += length
-    return ids.cuda(), doc_ids.cuda(), places
 
 
 def model_on_cuda(arch: str, dtype: torch.dtype):
@@ -47,18 +29,6 @@ def model_on_cuda(arch: str, dtype: torch.dtype):
 def doc_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token loss inside one document: logits [L, V], ids [L]."""
     return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
-
-
-def alone(model, ids: torch.Tensor) -> torch.Tensor:
-    """One document through the same patched path and kernels (explicit offsets [0, L])."""
-    cu = torch.tensor([0, ids.numel()], dtype=torch.int32, device="cuda")
-    return model(input_ids=ids[None], cu_seq_lens_q=cu).logits[0]
-
-
-def per_doc_diff(logits, places, alone_logits, dtype) -> float:
-    if dtype == torch.float32:
-        return max((logits[r, c : c + n] - a).abs().max().item() for (r, c, n), a in zip(places, alone_logits))
-    return max(rel_err(logits[r, c : c + n], a) for (r, c, n), a in zip(places, alone_logits))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
