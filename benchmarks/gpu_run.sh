@@ -2,6 +2,8 @@
 # One sitting on a GPU machine: GPU tests, then the layer, attention and end-to-end benchmarks.
 # Usage (project root, GPU packages on the path): [OUT=<dir>] bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
+#   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [fla-families] [recurrences] [llama] [family-tests]
+#   [probe] (which FLA kernels run fwd+bwd here)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
@@ -14,6 +16,7 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | sed 's/^NV
 out="${OUT:-benchmarks/results/$(date -u +%F)_$(nvidia-smi -L | wc -l)x${card}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+site="${PYTHONPATH#*:}"  # the GPU packages (what .gpu/env.sh put after src/)
 cache="${KERNEL_CACHE_DIR:-$PWD/.kernel-cache}"  # Triton's and TileLang's compiled kernels
 export TRITON_CACHE_DIR="$cache/triton" TILELANG_CACHE_DIR="$cache/tilelang"
 mkdir -p "$TRITON_CACHE_DIR" "$TILELANG_CACHE_DIR"
@@ -55,6 +58,22 @@ for what in "${stages[@]}"; do
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
+    # the same benchmarks on an earlier build exported to .prev/ (git archive COMMIT src benchmarks | tar -x -C .prev)
+    prev-layer) PYTHONPATH="$PWD/.prev/src:$site" stage prev-layer "${LAYER_LIMIT:-240}" \
+        python .prev/benchmarks/bench_layer.py --out "$out/prev_layer.json" ;;
+    prev-e2e) PYTHONPATH="$PWD/.prev/src:$site" stage prev-e2e "${E2E_LIMIT:-300}" \
+        python .prev/benchmarks/bench_e2e.py --skip-exact --out "$out/prev_e2e.json" ;;
+    # the families' layers, each packed vs the unpatched transformers layer on one 32768-token row
+    mamba) stage mamba "${FAMILY_LIMIT:-240}" python benchmarks/bench_mamba.py --out "$out/mamba.json" ;;
+    fla-families) stage fla-families "${FAMILY_LIMIT:-240}" python benchmarks/bench_fla_families.py \
+        --out "$out/fla_families.json" ;;
+    recurrences) stage recurrences "${FAMILY_LIMIT:-240}" python benchmarks/bench_recurrences.py \
+        --out "$out/recurrences.json" ;;
+    llama) stage llama "${FAMILY_LIMIT:-240}" python benchmarks/bench_llama.py --out "$out/llama.json" ;;
+    family-tests) stage family-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
+        tests/gpu/test_mamba_ops_gpu.py tests/gpu/test_kda_gpu.py tests/gpu/test_recurrence_gpu.py \
+        tests/gpu/test_attention_plan_gpu.py tests/gpu/test_mamba_models_gpu.py ;;
+    probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
