@@ -30,13 +30,12 @@ from helpers import (
 )
 from packing import build, max_doc_diff
 
-SSD = ("mamba2", "nemotron_h", "bamba", "falcon_h1", "zamba2")
+SSD = ("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2")
 SCAN = ("mamba", "falcon_mamba", "jamba", "zamba")
 ARCHS = SSD + SCAN
-# granitemoehybrid: its mixer is exact (below), its attention needs the attention hooks, so patch() refuses it
-MIXERS = (*ARCHS, "granitemoehybrid")
+MIXERS = ARCHS
 ATTENTION_FREE = ("mamba2", "mamba", "falcon_mamba")
-MOE = ("jamba", "nemotron_h")
+MOE = ("jamba", "granitemoehybrid", "nemotron_h")
 
 
 @functools.lru_cache(maxsize=32)

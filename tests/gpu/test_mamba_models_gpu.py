@@ -15,7 +15,18 @@ from deltapack.tiny import tiny_model
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-ARCHS = ("mamba2", "nemotron_h", "bamba", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba", "zamba")
+ARCHS = (
+    "mamba2",
+    "nemotron_h",
+    "bamba",
+    "falcon_h1",
+    "granitemoehybrid",
+    "zamba2",
+    "mamba",
+    "falcon_mamba",
+    "jamba",
+    "zamba",
+)
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # max |diff| in fp32 (TF32 matmuls in FLA), relative L2 in bf16
 
 

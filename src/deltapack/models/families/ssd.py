@@ -1,4 +1,4 @@
-"""The Mamba2 (SSD) models: mamba2, nemotron_h, bamba, falcon_h1, zamba2 (and granitemoehybrid's mixer).
+"""The Mamba2 (SSD) models: mamba2, nemotron_h, bamba, falcon_h1, granitemoehybrid, zamba2.
 
 Every Mamba2 mixer of these models runs :func:`deltapack.models.mamba.packed_ssd_mixer`; Falcon-H1's differs by
 its muP multipliers and an optional gated norm (its :class:`SSDStyle`). Their attention layers are kept apart by the
@@ -30,9 +30,7 @@ FALCON_H1 = SSDStyle(
 SSD = register_family(
     Family(
         name="ssd",
-        # granitemoehybrid's mixer is registered, its model type not yet: its attention builds the causal mask
-        # without position ids, so only the attention hooks keep its documents apart
-        model_types=("mamba2", "nemotron_h", "bamba", "falcon_h1", "zamba2"),
+        model_types=("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2"),
         layers=(
             PackedLayer(classes=_MIXERS, forward=packed_ssd_mixer),
             PackedLayer(
