@@ -54,7 +54,7 @@ TINY = {
         **_IDS,
         **_GDN,
         head_dim=16,
-        layer_types=["linear_attention", "linear_attention", "indexed_attention", "linear_attention"],
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],  # 5.24: indexed
         moe_intermediate_size=32,
         shared_expert_intermediate_size=32,
         num_experts=4,
