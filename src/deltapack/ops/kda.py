@@ -24,7 +24,7 @@ import torch
 from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.reference import _chunk_layout, l2norm
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import check_stream
+from deltapack.ops.varlen import check_fast_backend, check_stream
 
 __all__ = ["KDA", "kda", "kda_recurrent_ref", "kda_ref"]
 
@@ -193,7 +193,9 @@ def _fall_back(stage: str, exc: BaseException) -> None:
 
 class _WithReference(torch.autograd.Function):
     """A fast kernel with the exact reference as its net: a kernel that raises, in the forward or in the backward,
-    is caught (once per process: the verifier refuses FLA afterwards) and the reference computes that call."""
+    is caught (once per process: the verifier refuses FLA afterwards) and the reference computes that call. (The
+    first-use check in ``_load_fla`` catches a kernel that fails or is off on a small probe; this catches one that
+    fails later, on a shape or tuning the probe did not reach.)"""
 
     @staticmethod
     def forward(ctx, fast: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], *inputs: torch.Tensor):
@@ -268,6 +270,23 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
             )
         return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
+    # first use: forward and backward against the reference on a 1-token document, one inside a chunk, one across
+    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 76, 2, 32, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    g = -torch.rand(1, 76, 2, 32, device="cuda", generator=gen) * 0.5
+    beta = torch.rand(1, 76, 2, device="cuda", generator=gen).bfloat16()
+    check_fast_backend(
+        "FLA's chunk_kda",
+        lambda *xs: chunk_kda(
+            *xs,
+            use_qk_l2norm_in_kernel=True,
+            cu_seqlens=probe.cu_seqlens,
+            cu_seqlens_cpu=torch.tensor(probe.cu_seqlens_host, dtype=torch.long),
+        )[0],
+        lambda *xs: kda_ref(*xs, segments=probe)[0],
+        [q, k, v, g, beta],
+    )
     return run
 
 
