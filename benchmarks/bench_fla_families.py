@@ -137,25 +137,9 @@ def bench_layer(name: str, layer: torch.nn.Module, forward, lengths: list[int], 
 
         return run
 
-    ok = {}
-    for label, fn in (("unpatched", unpatched), ("patched", patched)):
-        ok[label] = stage(result, f"{label}_first_call_done_at_s", first(fn), args.out) is not None
-
-    def timing():
-        runs = {label: [] for label, good in ok.items() if good}
-        for _ in range(2):  # interleaved, so drift on the card hits both alike
-            for label in runs:
-                runs[label].append(time_ms(unpatched if label == "unpatched" else patched, device, args.reps))
-        best = {label: min(r["median_ms"] for r in rs) for label, rs in runs.items()}
-        out = {f"{label}_ms": ms for label, ms in best.items()}
-        if len(best) == 2:
-            out["ratio"] = best["patched"] / best["unpatched"]
-        return {**out, "runs": runs}
-
-    if any(ok.values()):
-        stage(result, "timing", timing, args.out)
-    prebuilt = fresh_bounds()  # built before the layer runs, as a collator would
-    stage(result, "host_syncs", lambda: count_syncs(lambda: forward(layer, x, prebuilt).backward(dy)), args.out)
+    # most telling first (the GPU run has a time limit): the patched layer runs, is exact, syncs how often; then the
+    # unpatched layer (FLA tunes its kernels again for a one-sequence call) and the timing of both
+    ok = {"patched": stage(result, "patched_first_call_done_at_s", first(patched), args.out) is not None}
 
     # the kernel path against the exact reference on the documents of the first 4096 tokens (each document whole)
     n_docs = max(1, sum(1 for c in bounds.cu_seqlens_host[1:] if c <= min(4096, total)))
@@ -183,6 +167,23 @@ def bench_layer(name: str, layer: torch.nn.Module, forward, lengths: list[int], 
         }
 
     stage(result, "rel_err_vs_reference", vs_reference, args.out)
+    prebuilt = fresh_bounds()  # built before the layer runs, as a collator would
+    stage(result, "host_syncs", lambda: count_syncs(lambda: forward(layer, x, prebuilt).backward(dy)), args.out)
+    ok["unpatched"] = stage(result, "unpatched_first_call_done_at_s", first(unpatched), args.out) is not None
+
+    def timing():
+        runs = {label: [] for label, good in ok.items() if good}
+        for _ in range(2):  # interleaved, so drift on the card hits both alike
+            for label in runs:
+                runs[label].append(time_ms(unpatched if label == "unpatched" else patched, device, args.reps))
+        best = {label: min(r["median_ms"] for r in rs) for label, rs in runs.items()}
+        out = {f"{label}_ms": ms for label, ms in best.items()}
+        if len(best) == 2:
+            out["ratio"] = best["patched"] / best["unpatched"]
+        return {**out, "runs": runs}
+
+    if any(ok.values()):
+        stage(result, "timing", timing, args.out)
     print(f"{name}: {result.get('timing')}, syncs {result.get('host_syncs')}", flush=True)
     return result
 
@@ -212,8 +213,8 @@ def main() -> None:
     logging.getLogger("deltapack").addHandler(handler)
     logging.getLogger("deltapack").setLevel(logging.INFO)
     for name, model_type, fields, forward in (
+        ("short_conv_lfm2", "lfm2", DRY_CONV, packed_short_conv_forward),  # quick: its conv is tuned already
         ("kda_kimi_linear", "kimi_linear", DRY_KDA, packed_kda_forward),
-        ("short_conv_lfm2", "lfm2", DRY_CONV, packed_short_conv_forward),
     ):
         layer = None
         try:
