@@ -190,3 +190,25 @@ def test_varlen_plan_head_sizes(dims: tuple[int, int]):
             qq.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True, scale=0.3
         ).transpose(0, 1)
         assert (out[0, a:b] - want).abs().max() <= 1e-5
+
+
+def test_attention_without_a_mask_in_a_scope_stays_inside_documents():
+    """An attention call that reaches the registry with no mask inside a packing scope (a model that built none) is
+    causal within each document, not over the stream."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _, _, bounds = _stream(_model("llama", "sdpa", ()))
+    gen = torch.Generator().manual_seed(0)
+    total = bounds.total_tokens
+    q, k, v = (torch.randn(1, 2, total, 8, generator=gen) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 1, False
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with packing_scope(bounds):
+        packed, _ = sdpa(module, q, k, v, None, scaling=0.5)
+    leaked, _ = sdpa(module, q, k, v, None, scaling=0.5)
+    offsets = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        alone, _ = sdpa(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=0.5)
+        assert (packed[:, a:b] - alone).abs().max() <= 1e-6
+    assert (leaked - packed).abs().max() > 1e-2

@@ -147,12 +147,42 @@ def _attention(impl: str, original: Callable[..., Any]) -> Callable[..., Any]:
         from deltapack.models.attention_plan import PackedMask, run_packed_attention
 
         mask = args[0] if args else kw.get("attention_mask")
+        if mask is None and _causal_over_stream(module, query, key, bounds, kw):
+            mask = _causal_packed_mask(impl, bounds, query.dtype)  # a model that built no mask: causal per document
         if isinstance(mask, PackedMask):
+            kw.pop("attention_mask", None)
             return run_packed_attention(original, module, query, key, value, mask, **kw)
         return original(module, query, key, value, *args, **kw)
 
     setattr(attention, _WRAPPED, original)
     return attention
+
+
+def _causal_over_stream(module: nn.Module, query: torch.Tensor, key: torch.Tensor, bounds: Any, kw: dict) -> bool:
+    """True for a causal self-attention call over the whole packed stream (the case no mask must never mean)."""
+    causal = kw.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    total = bounds.total_tokens
+    return bool(causal) and query.shape[-2] == total and key.shape[-2] == total
+
+
+def _causal_packed_mask(impl: str, bounds: Any, dtype: torch.dtype) -> Any:
+    """Causal attention within documents as a PackedMask, for an attention call that got no mask in a scope."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    from deltapack.models.attention_plan import PackedMask
+
+    def materialize() -> torch.Tensor:
+        doc = bounds.seq_idx.reshape(-1)
+        idx = torch.arange(doc.numel(), device=doc.device)
+        allowed = ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
+        if impl == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=doc.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    fn = and_masks(per_document(causal_mask_function, bounds.position_ids), same_document(bounds.seq_idx))
+    return PackedMask(bounds, fn, "causal", None, materialize)
 
 
 def install() -> None:
