@@ -181,3 +181,50 @@ def test_qwen4_exp_ngram_layers_refuse_packed_inputs():
             with pytest.raises(ValueError, match="ple_layer_ids"):
                 model(**packed.kwargs)
             assert torch.equal(model(ids).logits, logits)
+
+
+MOE = [p for p in PARAMS if p.values[0] in ("kimi_linear", "bailing_hybrid", "lara_mini", "qwen4_exp", "lfm2_moe")]
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_routing_is_each_document_alone(arch):
+    """Every real token is routed as in its document alone (router logits equal token by token, none for padding)."""
+    model = model_of(arch)
+    docs = random_docs([5, 1, 11, 4], seed=9)
+    packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), output_router_logits=True) for d in docs]
+        if getattr(alone[0], "router_logits", None) is None:
+            pytest.skip(f"{arch} returns no router logits with this transformers")
+        leaky = model(**packed.kwargs, output_router_logits=True, use_cache=False).router_logits
+        with patched(model):
+            out = model(**packed.kwargs, output_router_logits=True)
+    layers = len(alone[0].router_logits)
+    expected = [torch.cat([a.router_logits[i].reshape(len(d), -1) for a, d in zip(alone, docs)]) for i in range(layers)]
+    width = packed.kwargs["input_ids"].shape[1]
+    rows = torch.cat([torch.arange(n) + r * width + c for r, c, n in packed.places])  # real tokens of the [B, T] batch
+    assert max((lg[rows] - e).abs().max().item() for lg, e in zip(leaky, expected)) > LEAK  # unpatched: it leaks
+    assert len(out.router_logits) == layers > 0
+    for logits, want in zip(out.router_logits, expected):
+        assert logits.shape[0] == len(rows)  # each real token once, none of the padding
+        assert (logits - want).abs().max() <= EXACT
+
+
+@pytest.mark.parametrize("arch", [p for p in PARAMS if p.values[0] in ("kimi_linear", "olmo_hybrid", "lfm2")])
+def test_training_with_gradient_checkpointing_is_exact(arch):
+    """Train mode, activation checkpointing (layers replayed in the backward): packed gradients = sum over alone."""
+    model = tiny_model(arch).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = build([random_docs([6, 1, 9], seed=9), random_docs([4, 8], seed=10)], "indexed_mask", extra_pad=2)
+    loss_alone = sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
+    reference = grads_of(model, loss_alone)
+
+    def packed_loss():
+        logits = model(**packed.kwargs, use_cache=False).logits
+        return sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
+
+    leaky = grads_of(model, packed_loss())
+    assert ((leaky - reference).norm() / reference.norm()).item() > LEAK  # unpatched: the gradient leaks
+    with patched(model):
+        got = grads_of(model, packed_loss())
+    assert ((got - reference).norm() / reference.norm()).item() <= 1e-4
