@@ -63,7 +63,9 @@ def audit_one(arch: str, timeout_note: str | None = None) -> dict[str, Any]:
     line["patch"] = "supported" if report.patch_supported else "not supported"
     if report.patch_error and "cannot pack" in report.patch_error:
         line["patch"] = "refused"
-        line["refused_because"] = report.patch_error.split(": ", 1)[-1]
+        from deltapack.models.families.attention import REFUSED
+
+        line["refused_because"] = REFUSED.get(arch) or report.patch_error.split("): ", 1)[-1]
     line["verdict"] = report.verdict("unpatched") if "unpatched" in report.states else "fails"
     line["seconds"] = _since(start)
     return line
@@ -176,7 +178,7 @@ def _patched_totals(summaries: list[dict[str, Any]]) -> str:
     others = [s["arch"] for s in supported if s["arch"] not in exact]
     refused = sum(s.get("patch") == "refused" for s in summaries)
     text = f"{len(exact)} model types exact after patching (every format, forward and gradient)"
-    text += f"; NOT exact after patching: {', '.join(others)}" if others else ", none supported and not exact"
+    text += f"; NOT exact after patching: {', '.join(others)}" if others else " (every supported type)"
     return text + f"; {refused} refused with the reason"
 
 
