@@ -72,7 +72,7 @@ for what in "${stages[@]}"; do
     llama) stage llama "${FAMILY_LIMIT:-240}" python benchmarks/bench_llama.py --out "$out/llama.json" ;;
     family-tests) stage family-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/gpu/test_mamba_ops_gpu.py tests/gpu/test_kda_gpu.py tests/gpu/test_recurrence_gpu.py \
-        tests/gpu/test_attention_plan_gpu.py tests/gpu/test_mamba_models_gpu.py ;;
+        tests/gpu/test_attention_plan_gpu.py tests/gpu/test_mamba_models_gpu.py tests/gpu/test_fla_families_gpu.py ;;
     probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
