@@ -157,7 +157,7 @@ def exactness(model, batch, doc_ids, places, device: str, samples: int = 12) -> 
 
 
 def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: list[int]) -> dict:
-    """A tiny-width model of ``arch`` (real head sizes) packed through deltapack vs each document alone."""
+    """A tiny model of ``arch`` (the audit's shrunk config) packed through deltapack vs each document alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from deltapack.audit import shrink

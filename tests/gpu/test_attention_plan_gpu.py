@@ -88,3 +88,42 @@ def test_gpu_plan_packed_equals_alone(arch, impl, overrides, plans, caplog):
     assert rel_err(packed_logits, ref_logits) <= 2 * rel_err(alone_logits, ref_logits) + floor
     assert rel_err(packed_grads, ref_grads) <= 2 * rel_err(alone_grads, ref_grads) + floor
     assert rel_err(leak, ref_logits) > 10 * (rel_err(alone_logits, ref_logits) + floor)
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 24}), ("gpt2", {})])
+def test_patched_model_indexed_mask_on_gpu(arch, overrides):
+    """deltapack.patch on CUDA, bf16: an indexed mask with two rows and padding, logits per document vs alone."""
+    import deltapack
+
+    model = _model(arch, "sdpa", overrides)
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(1)
+    rows = [[150, 1, 64], [3, 200]]
+    width = max(sum(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    doc_ids = torch.zeros_like(ids)
+    places = []
+    for r, row in enumerate(rows):
+        col = 0
+        for n, length in enumerate(row):
+            ids[r, col : col + length] = torch.randint(0, min(vocab, 1000), (length,), generator=gen)
+            doc_ids[r, col : col + length] = n + 1
+            places.append((r, col, length))
+            col += length
+    ids, doc_ids = ids.cuda(), doc_ids.cuda()
+    with torch.no_grad():
+        ref = [model(ids[r : r + 1, c : c + n]).logits[0] for r, c, n in places]  # fp32 alone
+        model.to(torch.bfloat16)
+        alone = [model(ids[r : r + 1, c : c + n]).logits[0].float() for r, c, n in places]
+        deltapack.patch(model)
+        try:
+            packed = model(ids, attention_mask=doc_ids).logits.float()
+        finally:
+            deltapack.unpatch(model)
+        leak = model(ids, attention_mask=(doc_ids > 0).long()).logits.float()  # unpatched: documents of a row mix
+    got = torch.cat([packed[r, c : c + n] for r, c, n in places])
+    noise = torch.cat(alone)
+    want = torch.cat(ref)
+    leaked = torch.cat([leak[r, c : c + n] for r, c, n in places])
+    assert rel_err(got, want) <= 2 * rel_err(noise, want) + 1e-3
+    assert rel_err(leaked, want) > 10 * (rel_err(noise, want) + 1e-3)
