@@ -112,7 +112,9 @@ def test_moe_routing_is_each_document_alone(arch):
     docs = random_docs([5, 1, 11, 4], seed=9)
     packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
     with torch.no_grad():
-        alone = [model(torch.tensor([d]), output_router_logits=True).router_logits for d in docs]
+        alone = [getattr(model(torch.tensor([d]), output_router_logits=True), "router_logits", None) for d in docs]
+        if alone[0] is None:
+            pytest.skip(f"{arch} returns no router logits in this transformers version")
         with patched(model):
             out = model(**packed.kwargs, output_router_logits=True)
     real = sum(len(d) for d in docs)
@@ -147,7 +149,10 @@ def test_packed_mixer_equals_the_transformers_mixer(arch):
         assert (packed_layer_of(layer).forward(layer, hidden, one) - own).abs().max() <= EXACT
         many = Boundaries.from_cu_seqlens(cu, batch_shape=(1, sum(lengths)))
         packed = packed_layer_of(layer).forward(layer, hidden, many)
-        alone = torch.cat([layer(hidden[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+        # (transformers 5.17's Falcon-H1 mixer drops the length dim of a one-token input: reshape)
+        alone = torch.cat(
+            [layer(hidden[:, a:b]).reshape(1, b - a, -1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1
+        )
     assert (packed - alone).abs().max() <= EXACT
     assert (own - alone).abs().max() > 1e-6  # the stream as one document differs: the comparison can tell
 
