@@ -318,6 +318,28 @@ def sum_gradients(params: list[nn.Parameter], group: Any = None) -> None:
         offset += g.numel()
 
 
+def forwarded_argv(args: Any, parser: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of ``args`` (parsed by ``parser``, an ``argparse.ArgumentParser``) that differ from the parser's
+    defaults, as a command line for the ranks torchrun starts; options named in ``skip`` are left out."""
+    import argparse
+
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return argv
+
+
+def world_size_in_env() -> int:
+    """The number of processes torchrun started (1 outside it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank_in_env() -> int:
     """This process's rank under torchrun (0 outside it)."""
     return int(os.environ.get("RANK", "0"))

@@ -1,0 +1,272 @@
+"""The training loop of ``deltapack train``: one process, or one rank of torchrun's (context parallelism, FSDP2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from deltapack.boundaries import IGNORE_INDEX
+from deltapack.train.inputs import (
+    TrainError,
+    check_parallel_options,
+    check_vocab,
+    load_documents,
+    load_model,
+    load_tokenizer,
+)
+from deltapack.train.report import TrainReport, padded_tokens, progress
+
+if TYPE_CHECKING:
+    from deltapack.distributed.launch import Parallel
+
+__all__ = ["train"]
+
+
+def _setup_parallel(args: argparse.Namespace) -> Parallel | None:
+    """The process group and this rank's place when torchrun started us; None for a single process."""
+    from deltapack.distributed import launch
+
+    if not launch.is_launched():
+        if args.cp > 1 or args.fsdp:
+            raise TrainError(
+                "deltapack train: --cp and --fsdp need several processes; expected `deltapack train --nproc N ...` "
+                "or `torchrun --nproc-per-node N -m deltapack.train ...`"
+            )
+        check_parallel_options(args, 1)
+        return None
+    world_size = launch.world_size_in_env()
+    if args.nproc > 1 and args.nproc != world_size:
+        raise TrainError(f"deltapack train: --nproc {args.nproc} under torchrun with {world_size} processes")
+    check_parallel_options(args, world_size)
+    parallel = launch.init_parallel(args.cp, args.device)
+    if not parallel.is_main:
+        import logging
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    return parallel
+
+
+def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) -> None:
+    """Context parallelism, then FSDP2 (or every rank starting from rank 0's weights) on the patched model."""
+    import torch.distributed as dist
+
+    from deltapack.distributed import apply_fsdp, enable_context_parallel, load_from_rank0
+
+    if args.cp > 1:
+        enable_context_parallel(model)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
+        # bf16 compute on GPUs (fp32 master weights); the reference path on the CPU stays fp32, as in one process
+        compute = torch.bfloat16 if parallel.device.type == "cuda" else torch.float32
+        full_state = model.state_dict() if parallel.is_main else {}
+        apply_fsdp(model, mesh, param_dtype=compute, context_parallel_size=args.cp)
+        load_from_rank0(model, full_state, parallel.device)
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_`` that also takes FSDP's sharded gradients (the norm of the whole gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def train(args: argparse.Namespace) -> TrainReport:
+    """The run ``args`` describe, on this process (one of torchrun's ranks when started by it); every rank returns
+    the same report."""
+    if args.max_tokens < 1 or args.batch_rows < 1:
+        raise TrainError("deltapack train: --max-tokens and --batch-rows must be positive")
+    parallel = _setup_parallel(args)
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
+    import deltapack
+    from deltapack.data import PackedCollator, pack_documents
+
+    if parallel is None:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        device = parallel.device
+    is_main = parallel is None or parallel.is_main
+    # under FSDP only rank 0 reads the weights; the other ranks build the model on the meta device and receive their
+    # shards from it (no rank but the first holds the whole model in memory)
+    model, name = load_model(args, on_meta=parallel is not None and args.fsdp and not is_main)
+    tokenizer = load_tokenizer(args)
+    docs = load_documents(args, tokenizer)
+    check_vocab(docs, model.config.get_text_config().vocab_size)
+    packed = pack_documents(docs, args.max_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = PackedCollator(pad_token_id=pad_id)
+
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+        )
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    deltapack.patch(model)
+    if device.type == "cuda" and not args.fsdp:
+        model.to(device, dtype=torch.bfloat16)  # the FLA kernels run in bf16; the reference path stays fp32 on CPU
+    if parallel is not None:
+        _distribute(model, args, parallel)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    rows = list(packed.rows)
+    steps_per_epoch = math.ceil(len(rows) / args.batch_rows)
+    steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
+    rng = random.Random(args.seed)
+    order: list[int] = []
+    tokens = packed_computed = skipped = stream_pad = 0
+    first_loss = last_loss = float("nan")
+    losses: list[float] = []
+    bar = progress(steps, shown=is_main)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if len(order) < args.batch_rows:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order += epoch
+        picked, order = order[: args.batch_rows], order[args.batch_rows :]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked]).items()}
+        if bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+            if parallel is None:
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:
+                loss = _parallel_backward(model, batch, params, args, parallel, pad_id)
+                _clip_grad_norm(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = loss.item()
+            losses.append(last_loss)
+            first_loss = last_loss if math.isnan(first_loss) else first_loss
+        else:
+            skipped += 1  # only prompt tokens (pieces of split documents): nothing to learn from
+        real = sum(len(rows[i]["input_ids"]) for i in picked)
+        tokens += real
+        packed_computed += batch["input_ids"].numel()
+        if args.cp > 1:  # tokens of the extra document that makes each replica's stream split into equal parts
+            stream_pad += _stream_padding([len(rows[i]["input_ids"]) for i in picked], parallel, args.cp_layout)
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", fill=f"{real / batch['input_ids'].numel():.1%}"
+        )
+    bar.close()
+    wall = time.perf_counter() - start
+
+    # the same documents one per row, as many per batch as our packed batches hold on average
+    lengths = [len(d["input_ids"]) for d in docs if d["input_ids"]]
+    docs_per_batch = max(1, round(args.batch_rows * len(lengths) / len(rows)))
+    padded_per_real = padded_tokens(lengths, docs_per_batch) / sum(lengths)
+
+    if args.output:
+        _save(model, tokenizer, args, parallel)
+    return TrainReport(
+        model=name,
+        device=str(device),
+        documents=packed.stats.documents,
+        rows=packed.stats.rows,
+        steps=steps,
+        tokens=tokens,
+        fill=packed.stats.fill,
+        packed_tokens_computed=packed_computed,
+        padded_tokens_computed=round(tokens * padded_per_real),
+        first_loss=first_loss,
+        last_loss=last_loss,
+        wall_s=wall,
+        skipped_steps=skipped,
+        losses=losses,
+        ranks=1 if parallel is None else parallel.world_size,
+        context_parallel=args.cp,
+        fsdp=args.fsdp,
+        stream_pad_tokens=stream_pad,
+    )
+
+
+def _stream_padding(row_tokens: list[int], parallel: Parallel, layout: str) -> int:
+    """Tokens added to the streams of all replicas so that each splits over the context-parallel ranks."""
+    from deltapack.distributed import padded_total
+
+    dp = parallel.data_parallel
+    streams = [sum(row_tokens[d::dp]) for d in range(dp)]
+    return sum(padded_total(n, parallel.context_parallel, layout) - n for n in streams)
+
+
+def _parallel_backward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    params: list[nn.Parameter],
+    args: argparse.Namespace,
+    parallel: Parallel,
+    pad_id: int,
+) -> torch.Tensor:
+    """This rank's part of the global batch, forward and backward; gradients summed over ranks. Returns the global
+    token-mean loss (the same on every rank)."""
+    from deltapack.distributed import launch
+    from deltapack.distributed.collectives import all_reduce_sum
+
+    try:
+        local = launch.split_batch(batch, parallel, pad_id, layout=args.cp_layout)
+    except ValueError as err:
+        raise TrainError(f"deltapack train: {err}".replace("deltapack: ", "")) from err
+    loss = launch.local_loss(model, local)
+    if args.fsdp:  # FSDP averages over the data-parallel replicas; the loss shares are to be summed
+        (loss * parallel.data_parallel).backward()
+    else:
+        loss.backward()
+        launch.sum_gradients(params)
+    return all_reduce_sum(loss, None, parallel.world_size)
+
+
+def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Parallel | None) -> None:
+    """save_pretrained of the unpatched model (rank 0; FSDP's shards gathered first) and the tokenizer."""
+    import deltapack
+
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"deltapack train: --output {args.output!r} is a file; expected a directory")
+    state = None
+    if parallel is not None and args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if parallel is None or parallel.is_main:
+        if args.cp > 1:
+            from deltapack.distributed import disable_context_parallel
+
+            disable_context_parallel(model)
+        deltapack.unpatch(model)
+        model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
+        tokenizer.save_pretrained(out)
+        print(f"saved to {out}", file=sys.stderr)
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,112 @@
+"""What ``deltapack train`` reports: the summary of a run, the padding it saved, the progress bar."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainReport", "padded_tokens", "progress"]
+
+
+@dataclass
+class TrainReport:
+    """What a run did: counts, losses, time, and padding compared with one-document-per-row batches."""
+
+    model: str
+    device: str
+    documents: int
+    rows: int
+    steps: int
+    tokens: int
+    fill: float
+    packed_tokens_computed: int
+    padded_tokens_computed: int
+    first_loss: float
+    last_loss: float
+    wall_s: float
+    skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    ranks: int = 1
+    context_parallel: int = 1
+    fsdp: bool = False
+    stream_pad_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokens_per_s": self.tokens_per_s}
+
+    def _layout(self) -> str:
+        if self.ranks == 1:
+            return ""
+        parts = [f"{self.ranks} ranks", f"{self.ranks // self.context_parallel} data-parallel"]
+        parts += [f"context parallel {self.context_parallel}"] if self.context_parallel > 1 else []
+        return " (" + ", ".join(parts + (["FSDP2"] if self.fsdp else [])) + ")"
+
+    def __str__(self) -> str:
+        packed_pad = 1 - self.tokens / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
+        padded_pad = 1 - self.tokens / self.padded_tokens_computed if self.padded_tokens_computed else 0.0
+        saved = self.padded_tokens_computed / self.packed_tokens_computed if self.packed_tokens_computed else 0.0
+        return "\n".join(
+            [
+                f"model            {self.model} on {self.device}" + self._layout(),
+                f"data             {self.documents} documents packed into {self.rows} rows (fill {self.fill:.1%})",
+                f"trained          {self.steps} steps, {self.tokens} tokens in {self.wall_s:.1f} s "
+                f"({self.tokens_per_s:,.0f} tokens/s)",
+                f"loss             {self.first_loss:.4f} -> {self.last_loss:.4f}"
+                + (f" ({self.skipped_steps} batches without trained tokens skipped)" if self.skipped_steps else ""),
+                f"padding          {packed_pad:.1%} of computed tokens packed vs {padded_pad:.1%} in padded batches "
+                f"of the same documents ({saved:.2f}x the tokens computed without packing)",
+            ]
+        )
+
+
+def padded_tokens(lengths: list[int], rows_per_batch: int) -> int:
+    """Tokens computed when the documents (``lengths``, in data order) go one per row, ``rows_per_batch`` rows per
+    batch, each batch padded to its longest document (what a padding collator does)."""
+    return sum(
+        len(lengths[i : i + rows_per_batch]) * max(lengths[i : i + rows_per_batch])
+        for i in range(0, len(lengths), rows_per_batch)
+    )
+
+
+def progress(total: int, shown: bool = True) -> Any:
+    """A progress bar over ``total`` steps (tqdm, else plain lines); a silent one when not ``shown`` (ranks > 0)."""
+    if not shown:
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with the train extra
+        return _PlainProgress(total)
+    return tqdm(total=total, desc="deltapack train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _NoProgress:
+    """The progress bar of ranks other than 0."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _PlainProgress:
+    def __init__(self, total: int):
+        self.total, self.n, self.postfix = total, 0, {}
+
+    def update(self, n: int) -> None:
+        self.n += n
+        print(f"step {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in self.postfix.items()), file=sys.stderr)
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = kw
+
+    def close(self) -> None:
+        pass
