@@ -9,7 +9,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import causal_conv1d_fn, torch
 
 from deltapack import ops
 from deltapack.ops import Segments
-from deltapack.ops.reference import causal_conv1d_ref, gated_delta_rule_recurrent_ref, gated_delta_rule_ref
+from deltapack.ops.reference import causal_conv1d_ref, gated_delta_rule_ref, l2norm
 
 # readable ids: length 1, shorter than a chunk, exactly a chunk, not a multiple of a chunk, longer than two chunks
 LENGTHS = {
@@ -27,6 +27,41 @@ def cu_of(lengths):
 
 def seg_of(lengths):
     return Segments.from_cu_seqlens(cu_of(lengths))
+
+
+def gated_delta_rule_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: Segments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Token-by-token form of :func:`gated_delta_rule_ref` (same arguments, output only): slow, the oracle the
+    chunked reference is checked against."""
+    total, num_k_heads, head_k = q.shape[1:]
+    num_v_heads, head_v = v.shape[-2:]
+    scale = head_k**-0.5 if scale is None else scale
+    group = num_v_heads // num_k_heads
+    q, k = q.float().repeat_interleave(group, dim=2), k.float().repeat_interleave(group, dim=2)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+    v, g, beta = v.float(), g.float(), beta.float()
+    starts = set(segments.cu_seqlens_host[:-1])
+    out = torch.empty(1, total, num_v_heads, head_v)
+    state = q.new_zeros(1, num_v_heads, head_k, head_v)
+    for t in range(total):
+        if t in starts:
+            state = torch.zeros_like(state)
+        state = state * g[:, t].exp()[..., None, None]
+        pred = (state * k[:, t, :, :, None]).sum(-2)
+        state = state + k[:, t, :, :, None] * ((v[:, t] - pred) * beta[:, t, :, None])[:, :, None, :]
+        out[:, t] = (state * q[:, t, :, :, None]).sum(-2)
+    return out.to(v.dtype)
 
 
 def gdn_inputs(total, hk=2, ratio=2, k=16, v=8, seed=0):

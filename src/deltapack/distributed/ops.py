@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from deltapack.distributed.collectives import all_gather
 from deltapack.distributed.sharding import ContextShard, ShardSegments
@@ -129,12 +130,7 @@ def _halo_builder(keep: int) -> Any:
 
 
 def _conv_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: ShardSegments,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: ShardSegments
 ) -> torch.Tensor:
     """The exact conv over this rank's tokens: one all-gather of each part's last W - 1 tokens (module docstring)."""
     shard = segments.shard
@@ -166,12 +162,7 @@ def _conv_reference(
 
 
 def _verify_fla_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: ShardSegments,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: ShardSegments
 ) -> tuple[bool, str]:
     ok, why = fla.verify_causal_conv1d(x, weight, bias, activation, segments=segments.pieces)
     keep = weight.shape[-1] - 1
@@ -184,12 +175,7 @@ def _verify_fla_conv(
 
 
 def _fla_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: ShardSegments,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: ShardSegments
 ) -> torch.Tensor:
     context, chunk_indices = _fla_plan(segments, weight.shape[-1], x.device)
     return fla.causal_conv1d_cp(x, weight, bias, activation, cp_context=context, chunk_indices=chunk_indices)
@@ -210,27 +196,20 @@ CONV = Op("context-parallel causal_conv1d", _conv_reference)
 CONV.add_backend(Backend("fla", load=_load(_fla_conv), verify=_verify_fla_conv, package="fla", hint=_HINT))
 
 
-def causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    shard: ContextShard,
-    backend: str | None = None,
-) -> torch.Tensor:
+def causal_conv1d(x: Tensor, weight: Tensor, *args: Any, shard: ContextShard, backend: str | None = None) -> Tensor:
     """Depthwise causal conv1d over this rank's tokens, reading the tokens a cut document has on earlier ranks.
 
     Args:
-        x: [1, T, D] this rank's stream (local-buffer order). weight: [D, W]. bias: [D] or None.
-        activation: None or "silu". shard: this rank's :class:`ContextShard`.
+        x: [1, T, D] this rank's stream (local-buffer order). weight: [D, W].
+        args: bias ([D] or None) and activation (None or "silu"), as the public op takes them.
+        shard: this rank's :class:`ContextShard`.
         backend: "reference", "fla" or None (automatic).
 
     Returns:
         [1, T, D] in the dtype of x: equal to the conv over the whole stream, restricted to this rank's tokens.
     """
     _check_stream("x", x, shard)
-    return CONV.run(x, weight, bias, activation, segments=shard.local.segments, backend=backend)
+    return CONV.run(x, weight, *args, segments=shard.local.segments, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------- gated delta rule
@@ -249,22 +228,12 @@ def _compose_chain(hm: torch.Tensor, shard: ContextShard, head_v: int) -> torch.
 
 
 def _gated_delta_rule_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: ShardSegments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-) -> tuple[torch.Tensor, None]:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: ShardSegments, **options: Any
+) -> tuple[Tensor, None]:
     """The exact rule over this rank's tokens: one all-gather of per-part state transitions (module docstring)."""
     shard, pieces = segments.shard, segments.pieces
     if not shard.crosses_ranks:
-        o, _ = reference.gated_delta_rule_ref(
-            q, k, v, g, beta, segments=pieces, scale=scale, use_qk_l2norm=use_qk_l2norm
-        )
+        o, _ = reference.gated_delta_rule_ref(q, k, v, g, beta, segments=pieces, **options)
         return o, None
 
     num_v_heads, head_v = v.shape[-2:]
@@ -281,10 +250,9 @@ def _gated_delta_rule_reference(
         g.float(),
         beta.float(),
         segments=pieces,
-        scale=scale,
-        use_qk_l2norm=use_qk_l2norm,
         initial_state=start,
         output_final_state=True,
+        **options,
     )
     o, response = out[..., :head_v], out[..., head_v:]  # [1, T, Hv, V], [1, T, Hv, K]
 
@@ -306,36 +274,17 @@ def _gated_delta_rule_reference(
 
 
 def _verify_fla_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: ShardSegments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: ShardSegments, **options: Any
 ) -> tuple[bool, str]:
     ok, why = fla.verify_gated_delta_rule(q, k, v, g, beta, segments=segments.pieces)
     return (ok, why) if not ok else _fla_takes(segments.shard)
 
 
 def _fla_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: ShardSegments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-) -> tuple[torch.Tensor, None]:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: ShardSegments, **options: Any
+) -> tuple[Tensor, None]:
     context, chunk_indices = _fla_plan(segments, None, q.device)
-    o = fla.gated_delta_rule_cp(
-        q, k, v, g, beta, cp_context=context, chunk_indices=chunk_indices, scale=scale, use_qk_l2norm=use_qk_l2norm
-    )
-    return o, None
+    return fla.gated_delta_rule_cp(q, k, v, g, beta, cp_context=context, chunk_indices=chunk_indices, **options), None
 
 
 GATED_DELTA_RULE = Op("context-parallel gated_delta_rule", _gated_delta_rule_reference)
@@ -345,23 +294,14 @@ GATED_DELTA_RULE.add_backend(
 
 
 def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    shard: ContextShard,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, None]:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, shard: ContextShard, **options: Any
+) -> tuple[Tensor, None]:
     """Gated delta rule over this rank's tokens, with the state of a cut document handed over from earlier ranks.
 
     Args:
         q, k: [1, T, Hk, K]. v: [1, T, Hv, V]. g: [1, T, Hv] log-decay. beta: [1, T, Hv].
-        shard: this rank's :class:`ContextShard`. scale, use_qk_l2norm: as in the reference.
-        backend: "reference", "fla" or None (automatic).
+        shard: this rank's :class:`ContextShard`.
+        options: ``scale``, ``use_qk_l2norm`` as in the reference; ``backend``: "reference", "fla" or None (automatic).
 
     Returns:
         (o [1, T, Hv, V] in the dtype of q, None): equal to the rule over the whole stream on this rank's tokens.
@@ -369,10 +309,7 @@ def gated_delta_rule(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_stream(name, t, shard)
-    segments = shard.local.segments
-    return GATED_DELTA_RULE.run(
-        q, k, v, g, beta, segments=segments, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend
-    )
+    return GATED_DELTA_RULE.run(q, k, v, g, beta, segments=shard.local.segments, **options)
 
 
 # ---------------------------------------------------------------------------------------------- from the public ops

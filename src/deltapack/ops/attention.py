@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.segments import Segments
@@ -66,14 +67,14 @@ def _positions(segments: Segments, device: torch.device) -> tuple[torch.Tensor, 
 
 
 def varlen_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     *,
     segments: Segments,
     scale: float | None = None,
     segments_k: Segments | None = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Reference: SDPA over the whole stream with an exact block causal mask. Same arguments as varlen_attention."""
     _check(q, k, v, segments, segments_k)
     q_seg, q_off = _positions(segments, q.device)
@@ -106,15 +107,7 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
 
 
 def _verify_flash(name: str) -> Any:
-    def verify(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        segments: Segments,
-        scale: float | None = None,
-        segments_k: Segments | None = None,
-    ) -> tuple[bool, str]:
+    def verify(q: Tensor, k: Tensor, v: Tensor, *, segments: Segments, **options: Any) -> tuple[bool, str]:
         ok = q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
         return ok, (
             f"q is {q.dtype} on {q.device.type} with head_dim {q.shape[-1]}; {name} needs CUDA fp16/bf16 inputs "
@@ -124,66 +117,42 @@ def _verify_flash(name: str) -> Any:
     return verify
 
 
+def _flash_runner(kernel: Any) -> Any:
+    """The backend function around a flash-style varlen ``kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale)``."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, *, segments: Segments, **options: Any) -> Tensor:
+        keys, scale = options.get("segments_k") or segments, options.get("scale")
+        return kernel(q, k, v, segments.cu_seqlens, keys.cu_seqlens, segments.max_seqlen, keys.max_seqlen, scale)
+
+    return run
+
+
 def _load_torch_varlen() -> Any:
     from torch.nn.attention.varlen import varlen_attn
 
     params = frozenset(inspect.signature(varlen_attn).parameters)
+    fixed: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # later torch
+    if "num_splits" in params:
+        fixed["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
 
-    def run(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        segments: Segments,
-        scale: float | None = None,
-        segments_k: Segments | None = None,
-    ) -> torch.Tensor:
-        keys = segments if segments_k is None else segments_k
-        kwargs: dict[str, Any] = {"scale": scale}
-        if "is_causal" in params:  # torch 2.10 / 2.11
-            kwargs["is_causal"] = True
-        else:  # later torch: causal is the window (-1, 0)
-            kwargs["window_size"] = (-1, 0)
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
+    def kernel(q: Tensor, k: Tensor, v: Tensor, *offsets: Any) -> Tensor:
+        *offsets, scale = offsets
         # torch 2.10 / 2.11 take no enable_gqa and hand grouped heads straight to the flash kernel, which supports
         # them: the same output as expanded heads, and faster (benchmarks/RESULTS.md)
-        if "num_splits" in params:
-            kwargs["num_splits"] = 1  # no split-KV: a document's result never depends on the longest one in the batch
-        return varlen_attn(
-            q, k, v, segments.cu_seqlens, keys.cu_seqlens, segments.max_seqlen, keys.max_seqlen, **kwargs
-        )
+        gqa = {"enable_gqa": k.shape[1] != q.shape[1]} if "enable_gqa" in params else {}
+        return varlen_attn(q, k, v, *offsets, scale=scale, **fixed, **gqa)
 
-    return run
+    return _flash_runner(kernel)
 
 
 def _load_flash_attn() -> Any:
     from flash_attn import flash_attn_varlen_func
 
-    def run(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        segments: Segments,
-        scale: float | None = None,
-        segments_k: Segments | None = None,
-    ) -> torch.Tensor:
-        keys = segments if segments_k is None else segments_k
-        return flash_attn_varlen_func(
-            q,
-            k,
-            v,
-            segments.cu_seqlens,
-            keys.cu_seqlens,
-            segments.max_seqlen,
-            keys.max_seqlen,
-            dropout_p=0.0,
-            softmax_scale=scale,
-            causal=True,
-        )
+    def kernel(q: Tensor, k: Tensor, v: Tensor, *offsets: Any) -> Tensor:
+        *offsets, scale = offsets
+        return flash_attn_varlen_func(q, k, v, *offsets, dropout_p=0.0, softmax_scale=scale, causal=True)
 
-    return run
+    return _flash_runner(kernel)
 
 
 VARLEN_ATTENTION = register_op("varlen_attention", varlen_attention_ref, env="DELTAPACK_ATTENTION_BACKEND")

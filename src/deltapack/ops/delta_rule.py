@@ -48,16 +48,6 @@ def gated_delta_rule(
     Returns:
         (o [1, T, Hv, V] in the dtype of q, final states or None).
     """
-    return GATED_DELTA_RULE(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        segments=segments,
-        scale=scale,
-        use_qk_l2norm=use_qk_l2norm,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        backend=backend,
-    )
+    states = {"initial_state": initial_state, "output_final_state": output_final_state}
+    rule = {"scale": scale, "use_qk_l2norm": use_qk_l2norm}
+    return GATED_DELTA_RULE(q, k, v, g, beta, segments=segments, backend=backend, **rule, **states)

@@ -38,6 +38,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from deltapack.ops.dispatch import Backend
 from deltapack.ops.segments import Segments, chunk_indices
@@ -159,12 +160,7 @@ def _slices(plan: Plan, *tensors: torch.Tensor) -> list[tuple[_Part, list[torch.
 
 # ---------------------------------------------------------------------------------------------- causal conv1d
 def verify_causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: Segments,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: Segments
 ) -> tuple[bool, str]:
     """Whether FLA's conv keeps these inputs exact (arguments of :func:`deltapack.ops.causal_conv1d`)."""
     if not on_cuda(x):
@@ -176,13 +172,8 @@ def verify_causal_conv1d(
 
 
 def _causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: Segments,
-) -> torch.Tensor:
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: Segments
+) -> Tensor:
     """FLA varlen depthwise causal conv1d. x: [1, T, D] -> [1, T, D] in the dtype of x."""
     conv = kernels().causal_conv1d
     outs = []
@@ -213,17 +204,7 @@ CONV_BACKEND = Backend("fla", load=_load(_causal_conv1d), verify=verify_causal_c
 
 # ---------------------------------------------------------------------------------------------- gated delta rule
 def verify_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: Segments, **options: Any
 ) -> tuple[bool, str]:
     """Whether FLA's chunked delta rule keeps these inputs exact (arguments of
     :func:`deltapack.ops.gated_delta_rule`).
@@ -237,27 +218,19 @@ def verify_gated_delta_rule(
         return False, f"q is {q.dtype}; FLA's delta rule is exact to our checks in bf16 / fp16 only"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return False, f"head dims K={q.shape[-1]}, V={v.shape[-1]}; FLA's state kernels take at most {MAX_HEAD_DIM}"
-    if initial_state is not None:
+    if options.get("initial_state") is not None:
         return False, "an initial state; deltapack checks FLA's delta rule from zero states only"
     too_long = _too_long(segments)
     return not too_long, too_long
 
 
 def _gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """FLA chunked gated delta rule, state reset per document (arguments and results as the public op)."""
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: Segments, **options: Any
+) -> tuple[Tensor, Tensor | None]:
+    """FLA chunked gated delta rule, state reset per document (arguments and results as the public op; the
+    verifier has seen to ``initial_state`` being None)."""
     rule = kernels().chunk_gated_delta_rule
+    output_final_state = options.get("output_final_state", False)
     outs, finals = [], []
     for part, (qs, ks, vs, gs, bs) in _slices(plan_of(segments), q, k, v, g, beta):
         o, final = rule(
@@ -266,9 +239,9 @@ def _gated_delta_rule(
             vs,
             gs,
             bs,
-            scale=scale,
+            scale=options.get("scale"),
             output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
+            use_qk_l2norm_in_kernel=options.get("use_qk_l2norm", True),
             cu_seqlens=part.cu_seqlens,
             cu_seqlens_cpu=part.cu_seqlens_cpu,
             chunk_indices=part.chunk_indices,

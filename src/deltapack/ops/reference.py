@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from deltapack.ops.segments import Segments
 
@@ -24,13 +25,8 @@ _ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
 
 
 def causal_conv1d_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: Segments,
-) -> torch.Tensor:
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: Segments
+) -> Tensor:
     """Depthwise causal conv1d over a packed stream that never reads across a document boundary.
 
     Args:
@@ -196,13 +192,7 @@ def gated_delta_rule_ref(
 
 
 def _check_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    segments: Segments,
-    initial_state: torch.Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, segments: Segments, initial_state: Tensor | None
 ) -> None:
     _check_stream("q", q, 4, segments)
     num_k_heads, head_k = q.shape[2:]
@@ -220,39 +210,3 @@ def _check_gated_delta_rule(
     expected = (segments.num_docs, num_v_heads, head_k, head_v)
     if initial_state is not None and tuple(initial_state.shape) != expected:
         raise ValueError(f"initial_state must be [N, Hv, K, V] = {expected}, got {tuple(initial_state.shape)}")
-
-
-def gated_delta_rule_recurrent_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-) -> torch.Tensor:
-    """Token-by-token form of :func:`gated_delta_rule_ref` (same arguments, output only): slow, for checking the
-    chunked one."""
-    _check_gated_delta_rule(q, k, v, g, beta, segments, None)
-    total, num_k_heads, head_k = q.shape[1:]
-    num_v_heads, head_v = v.shape[-2:]
-    scale = head_k**-0.5 if scale is None else scale
-    group = num_v_heads // num_k_heads
-    q, k = q.float().repeat_interleave(group, dim=2), k.float().repeat_interleave(group, dim=2)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
-    v, g, beta = v.float(), g.float(), beta.float()
-    starts = set(segments.cu_seqlens_host[:-1])
-    out = torch.empty(1, total, num_v_heads, head_v)
-    state = q.new_zeros(1, num_v_heads, head_k, head_v)
-    for t in range(total):
-        if t in starts:
-            state = torch.zeros_like(state)
-        state = state * g[:, t].exp()[..., None, None]
-        pred = (state * k[:, t, :, :, None]).sum(-2)
-        state = state + k[:, t, :, :, None] * ((v[:, t] - pred) * beta[:, t, :, None])[:, :, None, :]
-        out[:, t] = (state * q[:, t, :, :, None]).sum(-2)
-    return out.to(v.dtype)
