@@ -1,7 +1,9 @@
 """Positions per document for the models that compute a positional bias their own way (a small per-family table).
 
 Every other scheme needs nothing here: the patched entry hands the decoder per-document ``position_ids``, which
-rotary embeddings (partial, scaled, multimodal-text) and learned absolute embeddings read as they are.
+rotary embeddings (partial, scaled, multimodal-text) and learned absolute embeddings read as they are. The
+decoders of encoder-decoder families (bart, marian, whisper, ...) take no ``position_ids`` and index their position
+table by the sequence length: :data:`TABLE_POSITIONS` reads the table at the in-document positions instead.
 
 ALiBi adds ``slope_h * key_position`` to the scores (a per-key bias: within one query's row, a constant shift of
 all key positions changes nothing after the softmax). Over the packed stream bloom and mpt count key positions
@@ -72,6 +74,23 @@ RULES: dict[str, PositionRule] = {
 }
 
 
+# the decoders of encoder-decoder families run as causal LMs: their learned or sinusoidal position table is indexed
+# by positions counted from the sequence length (their entry takes no position_ids); inside a packing scope the
+# table is read at the in-document positions instead (plus the table's own offset, 2 for the bart family)
+TABLE_POSITIONS = (
+    "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
+    "trocr", "whisper",
+)  # fmt: skip
+
+
+def _table_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+    bounds = active_boundaries()
+    if bounds is None or not isinstance(output, torch.Tensor) or bounds.total_tokens not in output.shape[-2:-1]:
+        return None
+    pos = bounds.position_ids.to(module.weight.device) + getattr(module, "offset", 0)
+    return nn.Embedding.forward(module, pos).reshape(output.shape).to(output.dtype)
+
+
 def _pre_hook(rule: PositionRule) -> Callable[..., Any]:
     def hook(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bounds = active_boundaries()
@@ -85,7 +104,15 @@ def _pre_hook(rule: PositionRule) -> Callable[..., Any]:
 
 def attach(model: nn.Module) -> None:
     """Register the per-document bias pre-hooks on ``model``'s decoder layers (a no-op for other models)."""
-    rule = RULES.get(str(getattr(getattr(model, "config", None), "model_type", None)))
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    if model_type in TABLE_POSITIONS:
+        model.__dict__[_HANDLES] = [
+            m.register_forward_hook(_table_hook)
+            for m in model.modules()
+            if isinstance(m, nn.Embedding) and "PositionalEmbedding" in type(m).__name__
+        ]
+        return
+    rule = RULES.get(model_type)
     if rule is None:
         return
     handles = [

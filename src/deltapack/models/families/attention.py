@@ -6,13 +6,14 @@ in-document positions of :mod:`deltapack.models.positions` make exact; :mod:`del
 does the rest. The family has no layers: the framework's entry, decoder stack and decoder-layer scope are all it
 needs.
 
-Why a list and not a predicate ("every decoder-only causal LM whose layers are attention"): whether a model is
-exact under packing depends on things no predicate reads off a config: whether it takes ``position_ids`` at all or
-derives positions from the sequence length (the decoders of encoder-decoders: bart, marian, ...), offsets them by
-a padding index (roberta), hides a recurrent or convolutional layer beside its attention, or builds a mask of its
-own. Each type below passes ``deltapack audit --arch TYPE`` after patching, in every input format, forward and
-gradient; adding a new transformers type is one name here once the audit passes (no new file). Types known not to
-fit are in :data:`REFUSED` with the reason :func:`deltapack.patch` gives.
+Why a list and not a predicate ("every decoder-only causal LM whose layers are attention"): whether a model is exact
+under packing depends on things no predicate reads off a config: whether it takes ``position_ids`` or reads a
+position table by the sequence length (the decoders of encoder-decoders: bart, marian, ...; handled by
+:mod:`deltapack.models.positions`), offsets them by a padding index and the token ids (roberta), hides a recurrent
+or convolutional layer beside its attention, or builds a mask of its own. Each type below passes ``deltapack audit
+--arch TYPE`` after patching, in every input format, forward and gradient; adding a new transformers type is one
+name here once the audit passes (no new file). Types known not to fit are in :data:`REFUSED` with the reason
+:func:`deltapack.patch` gives.
 """
 
 from __future__ import annotations
@@ -43,21 +44,17 @@ ATTENTION_TYPES = (
     "bert", "bert-generation", "big_bird", "electra", "ernie", "megatron-bert", "rembert", "roc_bert", "roformer",
     # ALiBi
     "bloom", "mpt",
+    # decoders of encoder-decoder families run alone (their position tables read in-document positions)
+    "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
+    "trocr", "whisper",
 )  # fmt: skip
 
-_ENC_DEC_POSITIONS = (
-    "the decoder of an encoder-decoder architecture whose learned positions come from the sequence length, not "
-    "from position_ids (a packed row would continue one document's positions into the next)"
-)
 _PADDING_OFFSET = (
     "an encoder architecture whose positions are offset by the padding index and derived from the token ids "
     "(a packed row would number its documents as one sequence)"
 )
 REFUSED: dict[str, str] = {
-    **{t: _ENC_DEC_POSITIONS for t in (
-        "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
-        "prophetnet", "trocr", "whisper",
-    )},
+    "prophetnet": "an encoder-decoder's decoder predicting n-grams with its own relative position buckets",
     **{t: _PADDING_OFFSET for t in (
         "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
     )},
