@@ -36,6 +36,7 @@ SUBSET: dict[str, dict] = {
     "phi3": {"sliding_window": 3},
     "qwen3_moe": {},
     "bart": {},  # the decoder of an encoder-decoder: a position table read by the sequence length
+    "roberta": {"is_decoder": True},  # positions counted from the token ids
 }
 
 
@@ -100,7 +101,7 @@ def _tiny(arch: str, **overrides) -> torch.nn.Module:
     "arch,overrides,reason",
     [
         ("prophetnet", {}, "n-grams"),
-        ("roberta", {"is_decoder": True}, "offset by the padding index"),
+        ("xmod", {}, "per language"),
         ("xlnet", {}, "permutation language model"),
         ("falcon", {"alibi": True}, "ALiBi"),
         ("llama", {"is_causal": False}, "is_causal=False"),

@@ -3,7 +3,9 @@
 Every other scheme needs nothing here: the patched entry hands the decoder per-document ``position_ids``, which
 rotary embeddings (partial, scaled, multimodal-text) and learned absolute embeddings read as they are. The
 decoders of encoder-decoder families (bart, marian, whisper, ...) take no ``position_ids`` and index their position
-table by the sequence length: :data:`TABLE_POSITIONS` reads the table at the in-document positions instead.
+table by the sequence length: :data:`TABLE_POSITIONS` reads the table at the in-document positions instead. The
+roberta family numbers positions from the token ids (padding_idx + 1 + non-padding tokens so far):
+:data:`TOKEN_POSITIONS` restarts that count at every document.
 
 ALiBi adds ``slope_h * key_position`` to the scores (a per-key bias: within one query's row, a constant shift of
 all key positions changes nothing after the softmax). Over the packed stream bloom and mpt count key positions
@@ -91,6 +93,30 @@ def _table_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) 
     return nn.Embedding.forward(module, pos).reshape(output.shape).to(output.dtype)
 
 
+# encoder architectures run as causal LMs whose embeddings number positions from the token ids: padding_idx + 1 +
+# the count of non-padding tokens so far (tokens equal to the padding id keep position padding_idx); inside a
+# packing scope the count restarts at every document
+TOKEN_POSITIONS = (
+    "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
+)  # fmt: skip
+
+
+def _token_positions_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    bounds = active_boundaries()
+    if bounds is None:
+        return None
+    pad = module.padding_idx
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    pos = bounds.position_ids.to(module.position_ids.device)
+    if ids is None:  # from embeddings: sequential, as transformers does for inputs_embeds
+        return args, {**kwargs, "position_ids": pos + pad + 1}
+    real = (ids != pad).reshape(-1).long()
+    count = real.cumsum(0)
+    start = bounds.cu_seqlens.long().to(count.device)[bounds.seq_idx.reshape(-1).long().to(count.device)]
+    before = count[start] - real[start]  # non-padding tokens of the stream before the document starts
+    return args, {**kwargs, "position_ids": ((count - before) * real + pad).reshape(pos.shape)}
+
+
 def _pre_hook(rule: PositionRule) -> Callable[..., Any]:
     def hook(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bounds = active_boundaries()
@@ -110,6 +136,13 @@ def attach(model: nn.Module) -> None:
             m.register_forward_hook(_table_hook)
             for m in model.modules()
             if isinstance(m, nn.Embedding) and "PositionalEmbedding" in type(m).__name__
+        ]
+        return
+    if model_type in TOKEN_POSITIONS:
+        model.__dict__[_HANDLES] = [
+            m.register_forward_pre_hook(_token_positions_hook, with_kwargs=True)
+            for m in model.modules()
+            if type(m).__name__.endswith("Embeddings") and hasattr(m, "create_position_ids_from_input_ids")
         ]
         return
     rule = RULES.get(model_type)

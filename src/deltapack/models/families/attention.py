@@ -9,10 +9,10 @@ needs.
 Why a list and not a predicate ("every decoder-only causal LM whose layers are attention"): whether a model is exact
 under packing depends on things no predicate reads off a config: whether it takes ``position_ids`` or reads a
 position table by the sequence length (the decoders of encoder-decoders: bart, marian, ...; handled by
-:mod:`deltapack.models.positions`), offsets them by a padding index and the token ids (roberta), hides a recurrent
-or convolutional layer beside its attention, or builds a mask of its own. Each type below passes ``deltapack audit
---arch TYPE`` after patching, in every input format, forward and gradient; adding a new transformers type is one
-name here once the audit passes (no new file). Types known not to fit are in :data:`REFUSED` with the reason
+:mod:`deltapack.models.positions`), numbers them from the token ids (roberta), hides a recurrent or convolutional
+layer beside its attention, or builds a mask of its own. Each type below passes ``deltapack audit --arch TYPE``
+after patching, in every input format, forward and gradient; adding a new transformers type is one name here once
+the audit passes (no new file). Types known not to fit are in :data:`REFUSED` with the reason
 :func:`deltapack.patch` gives.
 """
 
@@ -40,24 +40,21 @@ ATTENTION_TYPES = (
     "qwen3_moe", "smollm3", "starcoder2", "vaultgemma",
     # learned absolute positions read from position_ids
     "biogpt", "ctrl", "git", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "moss_transcribe_diarize", "opt", "xglm",
-    # encoder architectures run as causal decoders (is_decoder)
+    # encoder architectures run as decoders; with is_decoder=False their attention is bidirectional, and the mask
+    # hooks keep it bidirectional within each document (exact against the document alone, as the audit checks)
     "bert", "bert-generation", "big_bird", "electra", "ernie", "megatron-bert", "rembert", "roc_bert", "roformer",
     # ALiBi
     "bloom", "mpt",
     # decoders of encoder-decoder families run alone (their position tables read in-document positions)
     "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
     "trocr", "whisper",
+    # encoder architectures run as causal decoders whose positions count non-padding tokens (roberta family)
+    "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
 )  # fmt: skip
 
-_PADDING_OFFSET = (
-    "an encoder architecture whose positions are offset by the padding index and derived from the token ids "
-    "(a packed row would number its documents as one sequence)"
-)
 REFUSED: dict[str, str] = {
     "prophetnet": "an encoder-decoder's decoder predicting n-grams with its own relative position buckets",
-    **{t: _PADDING_OFFSET for t in (
-        "camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
-    )},
+    "xmod": "its adapters are chosen per language for the whole batch (set_default_language), not per document",
     "xlnet": "a permutation language model with relative positions and two attention streams (not a causal mask)",
     "xlm": "a masked language model whose attention is bidirectional unless configured causal, with its own mask",
     "cpmant": "a prefix-LM with its own relative position buckets and segment mask",
