@@ -179,3 +179,31 @@ def grads_of(model, loss):
 def norm_rel(a, b):
     """||a - b|| / ||b||."""
     return ((a - b).norm() / b.norm()).item()
+
+
+def installed(archs: tuple[str, ...]) -> tuple[str, ...]:
+    """The tiny archs the installed transformers can build (its model type exists and takes the tiny config); CI also
+    runs the oldest supported transformers, which lacks newer model types."""
+    return tuple(a for a in archs if _builds(a))
+
+
+@functools.cache
+def _builds(arch: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    from deltapack.tiny import tiny_config
+
+    if model_type_of(arch) not in CONFIG_MAPPING:
+        return False
+    try:
+        tiny_config(arch)
+    except Exception:  # the installed transformers' config refuses the tiny one (a newer layer type, say)
+        return False
+    return True
+
+
+def model_type_of(arch: str) -> str:
+    from deltapack.tiny import TINY, available
+
+    available()  # the families register their tiny configs on import
+    return TINY.get(arch, {}).get("model_type", arch)
