@@ -12,6 +12,8 @@ heads of 128, conv 4; Lfm2Config: hidden 2560, conv width 3).
 
 Usage: python benchmarks/bench_fla_families.py [--out results/fla_families.json] [--reps 5]
        python benchmarks/bench_fla_families.py --dry   (tiny layers on the CPU: checks the script, times nothing real)
+       --layers kda (or short_conv): one layer only. A cold GPU spends minutes compiling and tuning FLA's KDA kernels
+       (TileLang, Triton autotuning) on the first call of each shape; every stage is written to --out as it ends.
 """
 
 from __future__ import annotations
@@ -200,6 +202,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dry", action="store_true", help="tiny layers on the CPU, 2048 tokens")
+    parser.add_argument("--layers", default="short_conv,kda", help="which layers, in order: short_conv, kda")
     args = parser.parse_args()
     device = "cpu" if args.dry else "cuda"
     dtype = torch.float32 if args.dry else torch.bfloat16
@@ -212,10 +215,11 @@ def main() -> None:
     handler.emit = lambda record: ROOT["deltapack_log"].append(record.getMessage())
     logging.getLogger("deltapack").addHandler(handler)
     logging.getLogger("deltapack").setLevel(logging.INFO)
-    for name, model_type, fields, forward in (
-        ("short_conv_lfm2", "lfm2", DRY_CONV, packed_short_conv_forward),  # quick: its conv is tuned already
-        ("kda_kimi_linear", "kimi_linear", DRY_KDA, packed_kda_forward),
-    ):
+    layers = {
+        "short_conv": ("short_conv_lfm2", "lfm2", DRY_CONV, packed_short_conv_forward),  # quick: the conv is tuned
+        "kda": ("kda_kimi_linear", "kimi_linear", DRY_KDA, packed_kda_forward),
+    }
+    for name, model_type, fields, forward in (layers[key] for key in args.layers.split(",")):
         layer = None
         try:
             layer = layer_of(model_type, fields if args.dry else {}, device, dtype)
