@@ -228,3 +228,14 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
     with patched(model):
         got = grads_of(model, packed_loss())
     assert ((got - reference).norm() / reference.norm()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+@pytest.mark.parametrize("arch", PARAMS)
+def test_padding_only_is_exact(arch, pad_left):
+    """One document per row with padding on either side: exact (transformers' own path is exact here too)."""
+    model = model_of(arch)
+    packed = build([[d] for d in random_docs([7, 3, 11], seed=2)], "padding_mask", pad_left=pad_left)
+    alone = alone_logits(model, packed.docs)
+    with patched(model), torch.no_grad():
+        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
