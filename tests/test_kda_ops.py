@@ -155,3 +155,25 @@ def test_a_kernel_that_raises_falls_back_to_the_reference_once(stage, monkeypatc
     assert kda_module._fla_failure and stage in kda_module._fla_failure[0]
     ok, reason = kda_module._verify_fla(*[t.detach() for t in inputs], segments=seg)
     assert not ok and reason == kda_module._fla_failure[0]
+
+
+@pytest.mark.parametrize("off_by", [1.0, 1.1])
+def test_first_use_check_refuses_a_kernel_that_is_off(off_by, monkeypatch):
+    """The first-use check of the FLA path, with a stand-in kernel on the CPU: one that agrees with the reference is
+    accepted (once per head shape), one that is off by 10% is refused for the process with the reason kept."""
+    from deltapack.ops import kda as kda_module
+
+    monkeypatch.setattr(kda_module, "_fla_failure", [])
+    monkeypatch.setattr(kda_module, "_checked", set())
+
+    def stand_in(*xs, use_qk_l2norm_in_kernel, cu_seqlens, cu_seqlens_cpu):
+        o, _ = kda_ref(*xs, segments=Segments.from_cu_seqlens(cu_seqlens_cpu), use_qk_l2norm=use_qk_l2norm_in_kernel)
+        return o * off_by, None
+
+    q, _, v, g, beta = (x.detach() for x in kda_inputs(5, heads=2, k=8, v=6))
+    accepted = kda_module._checked_on_first_use(stand_in, q, v, g, beta)
+    assert accepted == (off_by == 1.0)
+    assert bool(kda_module._fla_failure) == (off_by != 1.0)
+    if not accepted:
+        assert "off" in kda_module._fla_failure[0]
+    assert kda_module._checked_on_first_use(stand_in, q, v, g, beta) == accepted  # checked once per shape

@@ -187,15 +187,15 @@ _fla_failure: list[str] = []  # the first run-time failure of FLA's chunk_kda in
 
 def _fall_back(stage: str, exc: BaseException) -> None:
     if not _fla_failure:
-        _fla_failure.append(f"FLA's chunk_kda raised in its {stage} ({type(exc).__name__}: {exc})")
+        _fla_failure.append(f"FLA's chunk_kda failed its {stage} ({type(exc).__name__}: {exc})")
         logger.warning("deltapack: %s; kda runs on the exact reference from now on", _fla_failure[0])
 
 
 class _WithReference(torch.autograd.Function):
     """A fast kernel with the exact reference as its net: a kernel that raises, in the forward or in the backward,
     is caught (once per process: the verifier refuses FLA afterwards) and the reference computes that call. (The
-    first-use check in ``_load_fla`` catches a kernel that fails or is off on a small probe; this catches one that
-    fails later, on a shape or tuning the probe did not reach.)"""
+    first-use check catches a kernel that fails or is off on a small probe; this catches one that fails later, on a
+    length the probe did not reach.)"""
 
     @staticmethod
     def forward(ctx, fast: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], *inputs: torch.Tensor):
@@ -221,6 +221,45 @@ class _WithReference(torch.autograd.Function):
         ctx.out = None
         it = iter(grads)
         return (None, None, *(next(it) if t.requires_grad else None for t in ctx.leaves))
+
+
+_checked: set[tuple] = set()  # the head shapes and dtypes FLA's chunk_kda was checked on in this process
+
+
+def _checked_on_first_use(chunk_kda: Callable[..., tuple], q: torch.Tensor, v: torch.Tensor, g, beta) -> bool:
+    """Forward and backward of FLA's chunk_kda against the reference, once per head shape and dtypes, on a 76-token
+    probe (a 1-token document, one inside a chunk, one across): a kernel that raises or is off on this GPU is refused
+    for the process, with a warning. The probe has the call's heads and head dims, so it tunes the very kernels the
+    call then runs (FLA's autotuning keys on heads and dims, not on length): it costs no extra compilation."""
+    key = (q.shape[2], v.shape[2], q.shape[3], v.shape[3], q.dtype, g.dtype, beta.dtype, q.device)
+    if key in _checked:
+        return not _fla_failure
+    _checked.add(key)
+    heads, hv, dk, dv = key[:4]
+    probe = Segments.from_cu_seqlens([0, 1, 6, 76], q.device)
+    gen = torch.Generator(device=q.device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=q.device, generator=gen)
+
+    inputs = [
+        rand(1, 76, heads, dk).to(q.dtype),
+        rand(1, 76, heads, dk).to(q.dtype),
+        rand(1, 76, hv, dv).to(v.dtype),
+        (-rand(1, 76, hv, dk).abs() * 0.5).to(g.dtype),
+        rand(1, 76, hv).sigmoid().to(beta.dtype),
+    ]
+    cu_cpu = torch.tensor(probe.cu_seqlens_host, dtype=torch.long)
+
+    def fast(*xs: torch.Tensor) -> torch.Tensor:
+        return chunk_kda(*xs, use_qk_l2norm_in_kernel=True, cu_seqlens=probe.cu_seqlens, cu_seqlens_cpu=cu_cpu)[0]
+
+    try:
+        check_fast_backend("FLA's chunk_kda", fast, lambda *xs: kda_ref(*xs, segments=probe)[0], inputs)
+    except RuntimeError as exc:
+        _fall_back("first-use check", exc)
+        return False
+    return not _fla_failure
 
 
 def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
@@ -254,6 +293,8 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
         def ref(*inputs: torch.Tensor) -> torch.Tensor:
             return kda_ref(*inputs, segments=segments, scale=scale, use_qk_l2norm=use_qk_l2norm)[0]
 
+        if not _checked_on_first_use(chunk_kda, q, v, g, beta):
+            return kda_ref(q, k, v, g, beta, segments=segments, scale=scale, use_qk_l2norm=use_qk_l2norm)
         if output_final_state or initial_state is not None:  # not what the layers ask for: FLA as it is
             return chunk_kda(
                 q,
@@ -270,23 +311,6 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
             )
         return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
-    # first use: forward and backward against the reference on a 1-token document, one inside a chunk, one across
-    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 76, 2, 32, device="cuda", generator=gen).bfloat16() for _ in range(3))
-    g = -torch.rand(1, 76, 2, 32, device="cuda", generator=gen) * 0.5
-    beta = torch.rand(1, 76, 2, device="cuda", generator=gen).bfloat16()
-    check_fast_backend(
-        "FLA's chunk_kda",
-        lambda *xs: chunk_kda(
-            *xs,
-            use_qk_l2norm_in_kernel=True,
-            cu_seqlens=probe.cu_seqlens,
-            cu_seqlens_cpu=torch.tensor(probe.cu_seqlens_host, dtype=torch.long),
-        )[0],
-        lambda *xs: kda_ref(*xs, segments=probe)[0],
-        [q, k, v, g, beta],
-    )
     return run
 
 
