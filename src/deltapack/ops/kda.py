@@ -223,6 +223,14 @@ class _WithReference(torch.autograd.Function):
         return (None, None, *(next(it) if t.requires_grad else None for t in ctx.leaves))
 
 
+def _host_offsets(segments: Segments) -> torch.Tensor:
+    """[N + 1] int64 CPU offsets, one tensor per batch. FLA's chunk_kda takes no precomputed chunk index: it builds
+    one from these and copies it to the GPU (a host sync), memoised by the identity of its arguments (FLA's
+    ``tensor_cache``), so handing every layer of the batch the same two tensors costs that copy once per batch,
+    not once per layer."""
+    return torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
+
+
 _checked: set[tuple] = set()  # the head shapes and dtypes FLA's chunk_kda was checked on in this process
 
 
@@ -286,7 +294,7 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
                 scale=scale,
                 use_qk_l2norm_in_kernel=use_qk_l2norm,
                 cu_seqlens=segments.cu_seqlens,
-                cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+                cu_seqlens_cpu=segments.plan(_host_offsets),
             )
             return o
 
@@ -307,7 +315,7 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
                 output_final_state=output_final_state,
                 use_qk_l2norm_in_kernel=use_qk_l2norm,
                 cu_seqlens=segments.cu_seqlens,
-                cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+                cu_seqlens_cpu=segments.plan(_host_offsets),
             )
         return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
