@@ -317,6 +317,12 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
                 cu_seqlens=segments.cu_seqlens,
                 cu_seqlens_cpu=segments.plan(_host_offsets),
             )
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))):
+            try:  # no backward to come: no graph to keep
+                return fast(q, k, v, g, beta), None
+            except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
+                _fall_back("forward", exc)
+                return ref(q, k, v, g, beta), None
         return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
     return run
