@@ -178,7 +178,7 @@ def _patched_totals(summaries: list[dict[str, Any]]) -> str:
     others = [s["arch"] for s in supported if s["arch"] not in exact]
     refused = sum(s.get("patch") == "refused" for s in summaries)
     text = f"{len(exact)} model types exact after patching (every format, forward and gradient)"
-    text += f"; NOT exact after patching: {', '.join(others)}" if others else " (every supported type)"
+    text += f"; NOT exact after patching: {', '.join(others)}" if others else ", all that deltapack supports"
     return text + f"; {refused} refused with the reason"
 
 
