@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from deltapack.ops import Segments
-from deltapack.ops.selective_scan import selective_scan, selective_scan_recurrent_ref, selective_scan_ref
-from deltapack.ops.ssd import gated_linear_attention_ref, ssd, ssd_recurrent_ref, ssd_ref, ssd_via_forward_kernel
+from deltapack.ops.selective_scan import selective_scan, selective_scan_ref
+from deltapack.ops.ssd import gated_linear_attention_ref, ssd, ssd_ref, ssd_via_forward_kernel
+from oracles import selective_scan_recurrent_ref, ssd_recurrent_ref
 
 LENGTHS = {
     "one-token": [1],

@@ -260,6 +260,34 @@ def test_gdn_ops_are_fn_ref_twins():
         assert "segments" in inspect.signature(ref).parameters
 
 
+def test_public_functions_are_fn_ref_twins_and_bind_like_written_signatures():
+    """Ops whose public function is built from the reference (``public_function``): the reference's signature plus
+    ``backend=None``, named after the op, and a wrong call fails as a written signature would, before any backend."""
+    from deltapack.ops import lightning, mlstm, rg_lru, selective_scan, ssd
+
+    twins = [(ssd.ssd, ssd.ssd_ref), (selective_scan.selective_scan, selective_scan.selective_scan_ref)]
+    twins += [(lightning.lightning_attention, lightning.lightning_attention_ref), (mlstm.mlstm, mlstm.mlstm_ref)]
+    twins += [(rg_lru.rg_lru_scan, rg_lru.rg_lru_scan_ref)]
+    for op, ref in twins:
+        params = list(inspect.signature(op).parameters.values())
+        assert params[:-1] == list(inspect.signature(ref).parameters.values())
+        assert (params[-1].name, params[-1].kind, params[-1].default) == (
+            "backend",
+            inspect.Parameter.KEYWORD_ONLY,
+            None,
+        )
+        assert op.__name__ == ref.__name__.removesuffix("_ref") and op.__doc__
+    seg = Segments.from_cu_seqlens([0, 2, 5])
+    x = torch.randn(1, 5, 3)
+    with pytest.raises(TypeError, match="log_b"):
+        rg_lru.rg_lru_scan(x, x, segments=seg, log_b=x)
+    with pytest.raises(TypeError, match="segments"):
+        rg_lru.rg_lru_scan(x, x)
+    with pytest.raises(ValueError, match="log_a must have the shape of x"):
+        rg_lru.rg_lru_scan(x, x[..., :2], segments=seg)
+    assert torch.equal(rg_lru.rg_lru_scan(x, -x.abs(), segments=seg), rg_lru.rg_lru_scan_ref(x, -x.abs(), segments=seg))
+
+
 def test_context_parallel_segments_refuse_an_op_they_cannot_keep_exact():
     from deltapack.distributed import ContextShard
 

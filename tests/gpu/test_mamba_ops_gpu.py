@@ -8,8 +8,9 @@ import torch
 from gpu_helpers import assert_close, random_lengths, requires_cuda
 
 from deltapack.ops import Segments
-from deltapack.ops.selective_scan import SELECTIVE_SCAN, selective_scan, selective_scan_recurrent_ref
-from deltapack.ops.ssd import SSD, ssd, ssd_recurrent_ref
+from deltapack.ops.selective_scan import SELECTIVE_SCAN, selective_scan
+from deltapack.ops.ssd import SSD, ssd
+from oracles import selective_scan_recurrent_ref, ssd_recurrent_ref
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 

@@ -6,12 +6,9 @@ Backends: ``fla`` (FLA's varlen Triton conv, CUDA, :mod:`deltapack.ops.fla`) and
 
 from __future__ import annotations
 
-import torch
-
 from deltapack.ops import fla
-from deltapack.ops.dispatch import register_op
+from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.reference import causal_conv1d_ref
-from deltapack.ops.segments import Segments
 
 __all__ = ["CAUSAL_CONV1D", "causal_conv1d", "causal_conv1d_ref"]
 
@@ -19,15 +16,8 @@ CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref)
 CAUSAL_CONV1D.add_backend(fla.CONV_BACKEND)
 
 
-def causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    *,
-    segments: Segments,
-    backend: str | None = None,
-) -> torch.Tensor:
+causal_conv1d = public_function(
+    CAUSAL_CONV1D,
     """Depthwise causal conv1d over a packed stream, cut at every document boundary.
 
     Args:
@@ -39,5 +29,5 @@ def causal_conv1d(
 
     Returns:
         [1, T, D] in the dtype of x.
-    """
-    return CAUSAL_CONV1D(x, weight, bias, activation, segments=segments, backend=backend)
+    """,
+)

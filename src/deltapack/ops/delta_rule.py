@@ -7,12 +7,9 @@ Backends: ``fla`` (FLA's chunked kernel, CUDA, bf16 / fp16, :mod:`deltapack.ops.
 
 from __future__ import annotations
 
-import torch
-
 from deltapack.ops import fla
-from deltapack.ops.dispatch import register_op
+from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.reference import gated_delta_rule_ref
-from deltapack.ops.segments import Segments
 
 __all__ = ["GATED_DELTA_RULE", "gated_delta_rule", "gated_delta_rule_ref"]
 
@@ -20,20 +17,8 @@ GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref)
 GATED_DELTA_RULE.add_backend(fla.GATED_DELTA_RULE_BACKEND)
 
 
-def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+gated_delta_rule = public_function(
+    GATED_DELTA_RULE,
     """Gated delta rule over a packed stream; the state starts at zero (or ``initial_state``) for each document.
 
     Args:
@@ -47,7 +32,5 @@ def gated_delta_rule(
 
     Returns:
         (o [1, T, Hv, V] in the dtype of q, final states or None).
-    """
-    states = {"initial_state": initial_state, "output_final_state": output_final_state}
-    rule = {"scale": scale, "use_qk_l2norm": use_qk_l2norm}
-    return GATED_DELTA_RULE(q, k, v, g, beta, segments=segments, backend=backend, **rule, **states)
+    """,
+)

@@ -19,6 +19,7 @@ package simply not being installed) is a warning that carries the exception.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections import Counter
@@ -178,6 +179,28 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+
+def public_function(op: Op, doc: str, check: Callable[..., None] | None = None) -> Callable[..., Any]:
+    """The public function of ``op``: the signature of its reference plus ``backend=None`` (mamba_ssm's ``fn`` /
+    ``ref`` twins, with the argument list written once, in the reference), named after the op, documented by
+    ``doc``. A call binds its arguments to that signature (TypeError for an unknown or missing one), runs
+    ``check(*positional_args, segments)`` when given (ValueError on malformed inputs), then the op."""
+    ref = inspect.signature(op.reference)
+    backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None")
+    signature = ref.replace(parameters=[*ref.parameters.values(), backend])
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        if check is not None:
+            check(*bound.args, bound.kwargs["segments"])
+        return op(*bound.args, **bound.kwargs)
+
+    fn.__name__ = fn.__qualname__ = op.name
+    fn.__module__ = op.reference.__module__
+    fn.__doc__ = doc
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    return fn
 
 
 def register_op(name: str, reference: Callable[..., Any], *, env: str = ENV) -> Op:

@@ -158,6 +158,22 @@ def _slices(plan: Plan, *tensors: torch.Tensor) -> list[tuple[_Part, list[torch.
     return [(p, [t[:, p.start : p.end] for t in tensors]) for p in plan.parts]
 
 
+def verify_chunked(q: Tensor, k: Tensor, v: Tensor, segments: Segments, kernel: str) -> tuple[bool, str]:
+    """Whether FLA's chunked ``kernel`` (one call over the whole stream) keeps these inputs within bounds: CUDA, q, k
+    and v all bf16 / fp16 (fp32 takes the reference, as for the delta rule: FLA's Triton dots default to tf32), head
+    dims up to :data:`MAX_HEAD_DIM`, at most :data:`MAX_CHUNKS_PER_CALL` chunks of :data:`CHUNK` tokens."""
+    if not q.is_cuda:
+        return False, f"q is on {q.device.type}; FLA runs on CUDA"
+    if q.dtype not in FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; {kernel} is within bounds for bf16 / fp16"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return False, f"head dims {q.shape[-1]}, {v.shape[-1]}; {kernel} takes at most {MAX_HEAD_DIM}"
+    chunks = sum(-(-n // CHUNK) for n in segments.doc_lengths)
+    if chunks > MAX_CHUNKS_PER_CALL:
+        return False, f"{chunks} chunks of {CHUNK} tokens; FLA launches at most {MAX_CHUNKS_PER_CALL} per call"
+    return True, ""
+
+
 # ---------------------------------------------------------------------------------------------- causal conv1d
 def verify_causal_conv1d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *, segments: Segments

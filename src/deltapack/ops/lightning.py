@@ -17,15 +17,13 @@ from collections.abc import Callable
 
 import torch
 
-from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.fallback import check_fast_backend
+from deltapack.ops.fla import verify_chunked
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import acc_dtype, check_fast_backend, check_stream, chunk_layout
+from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
 
 __all__ = ["lightning_attention", "lightning_attention_ref"]
-
-_FAST_DTYPES = (torch.bfloat16, torch.float16)
-_MAX_HEAD_DIM = 256  # FLA's state kernels
-_MAX_CHUNKS = 65535  # FLA puts the chunk index on CUDA's grid axis y
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, segments: Segments) -> None:
@@ -80,7 +78,7 @@ def lightning_attention_ref(
 def _load_fla() -> Callable[..., torch.Tensor]:
     from fla.ops.simple_gla import chunk_simple_gla
 
-    def run(q, k, v, slope, *, segments: Segments, chunk_size: int = 64) -> torch.Tensor:
+    def run(q, k, v, slope, *, segments: Segments, **_: object) -> torch.Tensor:  # chunk_size: FLA's own
         # fp32 q, k, v and a per-token gate: the combination whose backward runs on Hopper (bf16 inputs with a gate
         # are refused there by FLA 0.6 with Triton < 3.7.1); its TF32 dots stay well inside bf16's own error
         g = (-slope.reshape(1, 1, -1).float()).expand(1, q.shape[1], q.shape[2]).contiguous()
@@ -108,39 +106,22 @@ def _load_fla() -> Callable[..., torch.Tensor]:
     return run
 
 
-def _verify_fla(q, k, v, slope, *, segments: Segments, chunk_size: int = 64) -> tuple[bool, str]:
-    if not q.is_cuda:
-        return False, f"q is on {q.device.type}; FLA runs on CUDA"
-    if q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; FLA's simple GLA is exact here for bf16 / fp16"
-    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
-        return False, f"head dims {q.shape[-1]}, {v.shape[-1]}; FLA's state kernels take at most {_MAX_HEAD_DIM}"
-    chunks = sum(-(-n // 64) for n in segments.doc_lengths)
-    if chunks > _MAX_CHUNKS:
-        return False, f"{chunks} chunks of 64 tokens; FLA launches at most {_MAX_CHUNKS} per call"
-    return True, ""
+def _verify_fla(q, k, v, slope, *, segments: Segments, **_: object) -> tuple[bool, str]:
+    return verify_chunked(q, k, v, segments, "FLA's simple GLA")
 
 
 LIGHTNING_ATTENTION = register_op("lightning_attention", lightning_attention_ref)
 LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
 
 
-def lightning_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slope: torch.Tensor,
-    *,
-    segments: Segments,
-    chunk_size: int = 64,
-    backend: str | None = None,
-) -> torch.Tensor:
+lightning_attention = public_function(
+    LIGHTNING_ATTENTION,
     """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
 
     Backends: "fla" (CUDA, bf16 / fp16 inputs: FLA's ``chunk_simple_gla`` on fp32 q, k, v with the gate -slope per
     token, ``scale=1`` and ``cu_seqlens``, host offsets given so it does not sync; checked forward and backward
     against the reference once per process on first use, refused with a warning if it fails) or "reference"; None
     chooses (see :mod:`deltapack.ops.dispatch`).
-    """
-    _check(q, k, v, slope, segments)
-    return LIGHTNING_ATTENTION(q, k, v, slope, segments=segments, chunk_size=chunk_size, backend=backend)
+    """,
+    check=_check,
+)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltapack.ops.dispatch import register_op
+from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
 
@@ -108,17 +108,7 @@ def mlstm_ref(
 MLSTM = register_op("mlstm", mlstm_ref)
 
 
-def mlstm(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    *,
-    segments: Segments,
-    eps: float = 1e-6,
-    chunk_size: int = 64,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """mLSTM over a packed stream (arguments as :func:`mlstm_ref`): the reference on every device (no host sync)."""
-    return MLSTM(q, k, v, i, f, segments=segments, eps=eps, chunk_size=chunk_size, backend=backend)
+mlstm = public_function(
+    MLSTM,
+    """mLSTM over a packed stream (arguments as :func:`mlstm_ref`): the reference on every device (no host sync).""",
+)

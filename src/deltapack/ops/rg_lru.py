@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import acc_dtype, check_fast_backend, check_stream, log_steps, starts
+from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, starts
 
 __all__ = ["rg_lru_scan", "rg_lru_scan_ref"]
 
@@ -90,14 +91,13 @@ RG_LRU_SCAN = register_op("rg_lru_scan", rg_lru_scan_ref)
 RG_LRU_SCAN.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
 
 
-def rg_lru_scan(
-    x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments, backend: str | None = None
-) -> torch.Tensor:
+rg_lru_scan = public_function(
+    RG_LRU_SCAN,
     """The RG-LRU scan over a packed stream (arguments as :func:`rg_lru_scan_ref`).
 
     Backends: "fla" (CUDA, bf16 / fp16: FLA's ``fused_recurrent_hgrn(x, g=log_a, cu_seqlens=...)``, fp32 state;
     checked forward and backward against the reference once per process on first use, refused with a warning if it
     fails) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
-    """
-    _check(x, log_a, segments)
-    return RG_LRU_SCAN(x, log_a, segments=segments, backend=backend)
+    """,
+    check=_check,
+)

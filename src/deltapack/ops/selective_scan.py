@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, starts
 
-__all__ = ["selective_scan", "selective_scan_recurrent_ref", "selective_scan_ref"]
+__all__ = ["SELECTIVE_SCAN", "selective_scan", "selective_scan_ref"]
 
 
 def _check(
@@ -66,8 +68,11 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tens
     return a, b
 
 
-def _process_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
-    """Bias and softplus, in fp32 (fp64 for fp64 input)."""
+def _process_delta(
+    delta: Tensor, delta_bias: Tensor | None = None, delta_softplus: bool = False, **_: object
+) -> Tensor:
+    """Bias and softplus, in fp32 (fp64 for fp64 input); the defaults are :func:`selective_scan_ref`'s, its other
+    options are not read here."""
     delta = delta.to(acc_dtype(delta))
     if delta_bias is not None:
         delta = delta + delta_bias.to(delta.dtype)
@@ -162,62 +167,15 @@ def _scan_block(
     return (h_TDN * C_TDN).sum(-1)
 
 
-def selective_scan_recurrent_ref(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
-    """Token-by-token form of :func:`selective_scan_ref` (same arguments), in float64: the oracle, slow."""
-    _check(u, delta, A, B, C, segments)
-    _, total, channels = u.shape
-    rep = channels // B.shape[2]
-    delta_TD = _process_delta(delta[0].double(), delta_bias, delta_softplus)
-    u_TD, A_DN = u[0].double(), A.double()
-    B_TDN = B[0].double().repeat_interleave(rep, dim=1)
-    C_TDN = C[0].double().repeat_interleave(rep, dim=1)
-    seg = segments.seq_idx[0].tolist()
-    h = u_TD.new_zeros(channels, A.shape[1])
-    outs = []
-    for t in range(total):
-        if t == 0 or seg[t] != seg[t - 1]:
-            h = torch.zeros_like(h)
-        h = torch.exp(delta_TD[t][:, None] * A_DN) * h + (delta_TD[t] * u_TD[t])[:, None] * B_TDN[t]
-        outs.append((h * C_TDN[t]).sum(-1))
-    y = torch.stack(outs)
-    if D is not None:
-        y = y + D.double() * u_TD
-    if z is not None:
-        y = y * F.silu(z[0].double())
-    return y.unsqueeze(0).to(u.dtype)
-
-
 def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    **_: object,
-) -> torch.Tensor:
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, segments: Segments, **options: Any
+) -> Tensor:
     """:func:`selective_scan_ref`'s arguments on the Triton kernel (:mod:`deltapack.ops.selective_scan_triton`):
     the scan in fp32 token by token per block of channels, the D skip and the gate in PyTorch."""
     from deltapack.ops.selective_scan_triton import SelectiveScanTriton
 
-    delta_TD = _process_delta(delta[0], delta_bias, delta_softplus).float().contiguous()
+    D, z = options.get("D"), options.get("z")
+    delta_TD = _process_delta(delta[0], **options).float().contiguous()
     u_TD = u[0].float().contiguous()
     y_TD = SelectiveScanTriton.apply(
         u_TD,
@@ -242,7 +200,7 @@ def _load_triton() -> Callable[..., torch.Tensor]:
     return selective_scan_triton
 
 
-def _check_on_this_gpu(kernels: Any, tol: float = 1e-4) -> None:
+def _check_on_this_gpu(kernels: Any) -> None:
     """Once per process: the Triton scan vs the reference (outputs and input gradients, relative L2, fp32) on a
     small packed stream; raises (so the reference runs) when it is off or its kernels failed."""
     gen = torch.Generator().manual_seed(0)
@@ -251,24 +209,18 @@ def _check_on_this_gpu(kernels: Any, tol: float = 1e-4) -> None:
     inputs = [torch.randn(1, total, channels, generator=gen), torch.randn(1, total, channels, generator=gen),
               -torch.rand(channels, state, generator=gen) * 0.1, torch.randn(1, total, 1, state, generator=gen),
               torch.randn(1, total, 1, state, generator=gen)]  # fmt: skip
-    inputs = [t.cuda().requires_grad_() for t in inputs]
     kw = dict(segments=segments, D=torch.ones(channels, device="cuda"), delta_softplus=True)
-    fast, ref = selective_scan_triton(*inputs, **kw), selective_scan_ref(*inputs, **kw)
-    weights = torch.randn_like(ref)
-    pairs = [(fast, ref)] + list(
-        zip(torch.autograd.grad((fast * weights).sum(), inputs), torch.autograd.grad((ref * weights).sum(), inputs))
+    check_fast_backend(
+        "the Triton selective scan",
+        lambda *xs: selective_scan_triton(*xs, **kw),
+        lambda *xs: selective_scan_ref(*xs, **kw),
+        [t.cuda() for t in inputs],
+        tol=1e-4,
+        failure=kernels.FAILURE,
     )
-    errors = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs]
-    if kernels._FAILED or not all(e <= tol for e in errors):  # NaN fails too
-        raise RuntimeError(
-            f"the Triton selective scan does not reproduce the reference on this GPU (relative errors {errors}, "
-            f"kernel failure: {kernels._FAILED or None})"
-        )
 
 
-def _verify_triton(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, **_: object
-) -> tuple[bool, str]:
+def _verify_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **_: object) -> tuple[bool, str]:
     if not u.is_cuda:
         return False, f"u is on {u.device.type}; the Triton scan runs on CUDA"
     state = A.shape[1]
@@ -283,20 +235,8 @@ SELECTIVE_SCAN.add_backend(
 )
 
 
-def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    backend: str | None = None,
-) -> torch.Tensor:
+selective_scan = public_function(
+    SELECTIVE_SCAN,
     """Mamba1's selective scan over a packed stream; the state starts at zero for each document.
 
     Arguments as in :func:`selective_scan_ref`. Backends: "triton" (CUDA: :mod:`deltapack.ops.selective_scan_triton`,
@@ -305,18 +245,6 @@ def selective_scan(
 
     Returns:
         y: [1, T, Dc] in the dtype of u.
-    """
-    _check(u, delta, A, B, C, segments)
-    return SELECTIVE_SCAN(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        segments=segments,
-        D=D,
-        z=z,
-        delta_bias=delta_bias,
-        delta_softplus=delta_softplus,
-        backend=backend,
-    )
+    """,
+    check=_check,
+)

@@ -13,24 +13,16 @@ Legend: T = tokens, Dc = channels, N = state size, G = groups, BD = channels per
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import triton
 import triton.language as tl
 
+from deltapack.ops.fallback import KernelFailure
 from deltapack.ops.selective_scan import _scan_block
 
-logger = logging.getLogger("deltapack")
-
 K_CHUNK = 64
-_FAILED: list[str] = []  # the first run-time failure of the kernels in this process, if any
+FAILURE = KernelFailure("the Triton selective scan", "selective_scan")
 _REF_BLOCK = 2**27  # the fallback's [T, channels, N] block
-
-
-def _fail(exc: BaseException) -> None:
-    _FAILED.append(f"{type(exc).__name__}: {exc}")
-    logger.warning("deltapack: the Triton selective scan failed (%s); the exact reference runs from now on", exc)
 
 
 def _reference_core(u, delta, A, B, C, starts) -> torch.Tensor:  # noqa: ANN001
@@ -157,14 +149,14 @@ class SelectiveScanTriton(torch.autograd.Function):
         block = _block(channels, groups)
         y = torch.empty_like(u)
         ckpt = u.new_empty(triton.cdiv(total, K_CHUNK), channels, state)
-        if _FAILED:
+        if FAILURE:
             y = _reference_core(u, delta, A, B, C, starts)
         else:
             try:
                 _scan_fwd[(channels // block,)](u, delta, A, B, C, starts, y, ckpt, total, channels, groups, state,
                                                 block, K_CHUNK, num_warps=1)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: the reference is exact
-                _fail(exc)
+                FAILURE.record(exc)
                 y = _reference_core(u, delta, A, B, C, starts)
         ctx.save_for_backward(u, delta, A, B, C, starts, ckpt)
         return y
@@ -180,14 +172,14 @@ class SelectiveScanTriton(torch.autograd.Function):
         dB_part = u.new_empty(programs, total, state)
         dC_part = u.new_empty(programs, total, state)
         scratch = u.new_empty(programs, K_CHUNK + 1, block, state)
-        if _FAILED:
+        if FAILURE:
             return _reference_grads(u, delta, A, B, C, starts, dy)
         try:
             _scan_bwd[(programs,)](u, delta, A, B, C, starts, ckpt, dy.float().contiguous(), du, ddelta, dA, dB_part,
                                dC_part, scratch, total, channels, groups, state, block, K_CHUNK,
                                num_warps=1)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: the reference is exact
-            _fail(exc)
+            FAILURE.record(exc)
             return _reference_grads(u, delta, A, B, C, starts, dy)
         # programs in channel order: the first programs / G belong to group 0, and so on
         dB = dB_part.reshape(groups, programs // groups, total, state).sum(1).transpose(0, 1)

@@ -19,20 +19,20 @@ scale 1 and the batch's ``cu_seqlens``, CUDA only; asked for by name, see :func:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from deltapack.ops.dispatch import Backend, register_op
+from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
 
-__all__ = ["ssd", "ssd_recurrent_ref", "ssd_ref"]
-
-logger = logging.getLogger("deltapack")
+__all__ = ["SSD", "ssd", "ssd_ref"]
 
 
 def _check(
@@ -51,9 +51,14 @@ def _check(
 
 
 def _process_dt(
-    dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]
-) -> torch.Tensor:
-    """What the Mamba2 layers do to dt before the scan, in fp32 (fp64 for fp64 input): bias, softplus, clamp."""
+    dt: Tensor,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    **_: object,
+) -> Tensor:
+    """What the Mamba2 layers do to dt before the scan, in fp32 (fp64 for fp64 input): bias, softplus, clamp (the
+    defaults are :func:`ssd_ref`'s; the scan's other options are not read here)."""
     dt = dt.to(acc_dtype(dt))
     if dt_bias is not None:
         dt = dt + dt_bias.to(dt.dtype)
@@ -169,42 +174,6 @@ def _segsum(v: torch.Tensor) -> torch.Tensor:
     return spans.masked_fill(~strict.logical_or(torch.eye(n, dtype=torch.bool, device=v.device)), -math.inf)
 
 
-def ssd_recurrent_ref(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-) -> torch.Tensor:
-    """Token-by-token form of :func:`ssd_ref` (same arguments), in float64: slow, the oracle for the chunked one."""
-    _check(x, dt, A, B, C, segments)
-    _, total, heads, _ = x.shape
-    rep = heads // B.shape[2]
-    dt_TH = _process_dt(dt[0].double(), dt_bias, dt_softplus, dt_limit)
-    x_THP, A_H = x[0].double(), A.double()
-    B_THN = B[0].double().repeat_interleave(rep, dim=1)
-    C_THN = C[0].double().repeat_interleave(rep, dim=1)
-    seg = segments.seq_idx[0].tolist()
-    state = x_THP.new_zeros(heads, x.shape[-1], B.shape[-1])
-    outs = []
-    for t in range(total):
-        if t == 0 or seg[t] != seg[t - 1]:
-            state = torch.zeros_like(state)
-        decay = (dt_TH[t] * A_H).exp()[:, None, None]
-        state = decay * state + (dt_TH[t][:, None] * x_THP[t])[:, :, None] * B_THN[t][:, None, :]
-        outs.append((state * C_THN[t][:, None, :]).sum(-1))
-    y = torch.stack(outs)
-    if D is not None:
-        y = y + D.double()[:, None] * x_THP
-    return y.unsqueeze(0).to(x.dtype)
-
-
 # ---------------------------------------------------------------------------------------------- the CUDA backend
 class _GatedLinearAttention(torch.autograd.Function):
     """o = simple GLA(q, k, v, g) with scale 1 per document, where ``fwd`` computes that forward (a kernel).
@@ -259,7 +228,7 @@ def _reversed_segments(segments: Segments) -> Segments:
     )
 
 
-_KERNEL_FAILED: list[str] = []  # the first run-time failure of FLA's kernel in this process, if any
+_FAILURE = KernelFailure("FLA's chunk_simple_gla", "the SSD scan")
 
 
 def _fla_forward(
@@ -268,12 +237,11 @@ def _fla_forward(
     """FLA's ``chunk_simple_gla`` forward (scale 1, the batch's offsets). Should the kernel raise at run time (a
     Triton build it does not support), that is logged once and the exact reference computes this and every later
     call in the process: never a crash mid-training, never a leak."""
-    if not _KERNEL_FAILED:
+    if not _FAILURE:
         try:
             return _chunk_simple_gla(q, k, v, g, segments)
         except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-            _KERNEL_FAILED.append(f"{type(exc).__name__}: {exc}")
-            logger.warning("deltapack: FLA's chunk_simple_gla failed (%s); the SSD scan runs on the reference", exc)
+            _FAILURE.record(exc)
     out = gated_linear_attention_ref(q[0].float(), k[0].float(), v[0].float(), g[0].float(), segments, 64)
     return out.unsqueeze(0).to(v.dtype)
 
@@ -300,26 +268,16 @@ def _host_offsets(segments: Segments) -> torch.Tensor:
 
 
 def ssd_via_forward_kernel(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-    chunk_size: int = 64,
-    forward_kernel: Callable[..., torch.Tensor] = _fla_forward,
-) -> torch.Tensor:
-    """:func:`ssd_ref`'s arguments, computed as SSD = simple GLA(q = C, k = B, v = dt * x, g = dt * A) + D * x with
-    ``forward_kernel(q, k, v, g, segments)`` for the scan and for its backward (``chunk_size`` is the kernel's own)."""
-    del chunk_size
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, segments: Segments, **options: Any
+) -> Tensor:
+    """:func:`ssd_ref`'s arguments (``options``: its keywords, and ``forward_kernel``, default FLA's), computed as
+    SSD = simple GLA(q = C, k = B, v = dt * x, g = dt * A) + D * x with ``forward_kernel(q, k, v, g, segments)`` for
+    the scan and for its backward (``chunk_size`` is the kernel's own)."""
+    forward_kernel: Callable[..., Tensor] = options.pop("forward_kernel", _fla_forward)
+    D: Tensor | None = options.get("D")
     heads = x.shape[2]
     rep = heads // B.shape[2]
-    dt_TH = _process_dt(dt[0], dt_bias, dt_softplus, dt_limit)
+    dt_TH = _process_dt(dt[0], **options)
     q = C.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
     k = B.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
     v = (x.to(dt_TH.dtype) * dt_TH[None, :, :, None]).to(x.dtype)
@@ -333,16 +291,7 @@ def ssd_via_forward_kernel(
 _FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _verify_fla(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    **_: object,
-) -> tuple[bool, str]:
+def _verify_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **_: object) -> tuple[bool, str]:
     if not x.is_cuda:
         return False, f"x is on {x.device.type}; FLA runs on CUDA"
     if x.dtype not in _FAST_DTYPES:
@@ -360,31 +309,27 @@ def _load_fla() -> Callable[..., torch.Tensor]:
     return ssd_via_forward_kernel
 
 
-def _check_on_this_gpu(tol: float = 1e-2) -> None:
+def _check_on_this_gpu() -> None:
     """Once per process: the kernel path vs the reference (outputs and input gradients, relative L2, fp32 with TF32
     matmuls) on a small packed stream with the Mamba2 dims; raises (so the reference runs) when it is off."""
     gen = torch.Generator().manual_seed(0)
     segments = Segments.from_cu_seqlens([0, 1, 65, 200], device="cuda")
     total, heads, head_dim, groups, state = 200, 4, 64, 2, 128
 
-    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).cuda().requires_grad_()
+    def rnd(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).cuda()
 
     inputs = [rnd(1, total, heads, head_dim), rnd(1, total, heads), (-torch.rand(heads, generator=gen) * 0.1).cuda(),
               rnd(1, total, groups, state, scale=0.1), rnd(1, total, groups, state, scale=0.1)]  # fmt: skip
-    inputs[2].requires_grad_()
     kw = dict(segments=segments, D=torch.ones(heads, device="cuda"), dt_softplus=True)
-    fast, ref = ssd_via_forward_kernel(*inputs, **kw), ssd_ref(*inputs, **kw)
-    weights = torch.randn_like(ref)
-    pairs = [(fast, ref)] + list(
-        zip(torch.autograd.grad((fast * weights).sum(), inputs), torch.autograd.grad((ref * weights).sum(), inputs))
+    check_fast_backend(
+        "FLA's chunk_simple_gla (the SSD scan)",
+        lambda *xs: ssd_via_forward_kernel(*xs, **kw),
+        lambda *xs: ssd_ref(*xs, **kw),
+        inputs,
+        tol=1e-2,
+        failure=_FAILURE,
     )
-    errors = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs]
-    if _KERNEL_FAILED or not all(e <= tol for e in errors):  # NaN fails too
-        raise RuntimeError(
-            f"FLA's chunk_simple_gla does not reproduce the SSD reference on this GPU (relative errors {errors}, "
-            f"kernel failure: {_KERNEL_FAILED or None})"
-        )
 
 
 SSD = register_op("ssd", ssd_ref)
@@ -393,20 +338,8 @@ SSD.add_backend(
 )
 
 
-def ssd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    segments: Segments,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-    backend: str | None = None,
-) -> torch.Tensor:
+ssd = public_function(
+    SSD,
     """The SSD scan over a packed stream; the state starts at zero for each document (arguments as :func:`ssd_ref`).
 
     Backends: "fla" (CUDA: FLA's ``chunk_simple_gla`` forward with the batch's ``cu_seqlens``, its backward built
@@ -415,18 +348,6 @@ def ssd(
 
     Returns:
         y: [1, T, H, P] in the dtype of x.
-    """
-    _check(x, dt, A, B, C, segments)
-    return SSD(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        segments=segments,
-        D=D,
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        dt_limit=dt_limit,
-        backend=backend,
-    )
+    """,
+    check=_check,
+)

@@ -8,11 +8,11 @@ Legend: T = tokens of the packed stream, N = documents, L = chunk length, C = ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from deltapack.ops.fallback import check_fast_backend  # noqa: F401 - kda imports it from here (for now)
 from deltapack.ops.segments import Segments
 
 
@@ -88,35 +88,3 @@ def log_steps(segments: Segments) -> list[int]:
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a reference computes in: fp64 for fp64 inputs (the tests' oracles), fp32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_fast_backend(
-    name: str,
-    fast: Callable[..., torch.Tensor],
-    ref: Callable[..., torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    tol: float = 2e-2,
-) -> None:
-    """Run ``fast(*inputs)`` and the fp32 ``ref`` on upcast copies forward and backward; raise RuntimeError when
-    ``fast`` raises or its output or a gradient is off by more than ``tol`` (relative L2; bf16 itself is ~4e-3).
-
-    For a backend's ``load()``: a kernel that fails on this GPU (some FLA backwards refuse Hopper with some Triton
-    versions) is then refused once per process, with a logged warning, and the exact reference runs instead of a
-    crash in the middle of a training step.
-    """
-
-    def run(fn: Callable[..., torch.Tensor], xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = fn(*xs)
-        up = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
-        return [out, *torch.autograd.grad(out, xs, up)]
-
-    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-        try:
-            got = run(fast, [t.detach().requires_grad_() for t in inputs])
-        except Exception as exc:  # noqa: BLE001 - any failure: the kernel is not usable here
-            raise RuntimeError(f"{name} raised on this device: {type(exc).__name__}: {exc}") from exc
-        want = run(ref, [t.detach().float().requires_grad_() for t in inputs])
-    for what, g, w in zip(("output", *(f"gradient {i}" for i in range(len(inputs)))), got, want):
-        err = float((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30))
-        if not err <= tol:  # also catches NaN
-            raise RuntimeError(f"{name} is off on this device: {what} relative error {err:.3g} > {tol}")
