@@ -126,15 +126,8 @@ def _dt_projection(layer: nn.Module, dt_1TR: torch.Tensor) -> torch.Tensor:
 def packed_scan_mixer(
     layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries, style: ScanStyle = ScanStyle()
 ) -> torch.Tensor:
-    """One Mamba1 mixer (MambaMixer, FalconMambaMixer, JambaMambaMixer).
-
-    Args:
-        layer: the transformers mixer. hidden_states: [1, T, hidden] the unpadded stream of ``bounds``.
-        bounds: the batch's boundaries. style: the class's :class:`ScanStyle`.
-
-    Returns:
-        [1, T, hidden] in the dtype of hidden_states.
-    """
+    """One Mamba1 mixer (MambaMixer, FalconMambaMixer, JambaMambaMixer): arguments and result as
+    :func:`packed_ssd_mixer`, with the class's :class:`ScanStyle`."""
     _check_stream(layer, hidden_states, bounds)
     dtype, tokens = hidden_states.dtype, hidden_states.shape[1]
     x_1TDc, gate_1TDc = layer.in_proj(hidden_states).chunk(2, dim=-1)
