@@ -13,15 +13,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+# what most tiny configs share: a 128-token vocabulary, 64 wide; attention layers of 4 query heads of 16, 2 key / value
+SMALL = dict(vocab_size=128, hidden_size=64)
+SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
 # what the three families share: 4 layers (3 GDN, 1 full attention), 2 key / 4 value GDN heads, a 4-tap conv
 _HYBRID = dict(
-    vocab_size=128,
-    hidden_size=64,
+    **SMALL,
     num_hidden_layers=4,
     layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
+    **SMALL_ATTENTION,
     linear_num_key_heads=2,
     linear_num_value_heads=4,
     linear_key_head_dim=16,
@@ -52,6 +53,15 @@ def register_tiny(arch: str, fields: dict[str, Any], long_memory: Callable[[nn.M
     TINY[arch] = dict(fields)
     if long_memory is not None:
         LONG_MEMORY[arch] = long_memory
+
+
+def register_tinies(
+    configs: dict[str, dict[str, Any]], long_memory: Callable[[nn.Module], Any] | None = None, **common: Any
+) -> None:
+    """:func:`register_tiny` for every arch of ``configs``, each with the ``common`` fields first and ``model_type``
+    the arch unless its fields name another."""
+    for arch, fields in configs.items():
+        register_tiny(arch, {"model_type": arch, **common, **fields}, long_memory)
 
 
 def available() -> tuple[str, ...]:

@@ -26,7 +26,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Family", "PackedLayer", "family_of", "packed_layer_of", "register_family", "supported_model_types"]
+__all__ = [
+    "Family",
+    "PackedLayer",
+    "family_of",
+    "packed_layer_of",
+    "register_family",
+    "register_layers",
+    "supported_model_types",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,22 @@ def register_family(family: Family) -> Family:
         for name in layer.classes:
             _BY_CLASS[name] = layer
     return family
+
+
+def register_layers(
+    name: str,
+    model_types: tuple[str, ...],
+    layers: dict[str | tuple[str, ...], Callable[..., Any]],
+    *,
+    pads_exactly: bool = True,
+) -> Family:
+    """:func:`register_family` in one call for the common case: ``layers`` maps a layer class name (or a tuple of
+    names sharing a forward) to its packed forward, with the default ``cache_kwargs``. Returns the family."""
+    packed = tuple(
+        PackedLayer(classes=(classes,) if isinstance(classes, str) else classes, forward=forward)
+        for classes, forward in layers.items()
+    )
+    return register_family(Family(name=name, model_types=model_types, layers=packed, pads_exactly=pads_exactly))
 
 
 def _load() -> None:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.ops.lightning import lightning_attention
-from deltapack.tiny import register_tiny
+from deltapack.tiny import SMALL, SMALL_ATTENTION, register_tiny
 
 
 def packed_lightning_attention(
@@ -29,17 +29,10 @@ def packed_lightning_attention(
     return layer.out_proj(o_1TD), None
 
 
-register_family(
-    Family(
-        name="lightning_attention",
-        model_types=("minimax",),
-        layers=(
-            PackedLayer(
-                classes=("transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention",),
-                forward=packed_lightning_attention,
-            ),
-        ),
-    )
+register_layers(
+    "lightning_attention",
+    ("minimax",),
+    {"transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention": packed_lightning_attention},
 )
 
 # 4 layers (3 lightning, 1 full attention); block_size 8 so transformers' own block loop crosses blocks. The decay
@@ -48,14 +41,11 @@ register_tiny(
     "minimax",
     dict(
         model_type="minimax",
-        vocab_size=128,
-        hidden_size=64,
+        **SMALL,
+        **SMALL_ATTENTION,
         intermediate_size=64,
         num_hidden_layers=4,
         layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         num_local_experts=4,
         num_experts_per_tok=2,
         block_size=8,

@@ -8,11 +8,11 @@ from torch import nn
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.ops import causal_conv1d
 from deltapack.ops.rg_lru import rg_lru_scan
 from deltapack.ops.varlen import starts
-from deltapack.tiny import register_tiny
+from deltapack.tiny import SMALL, register_tiny
 
 
 def _gate(x_1TD: torch.Tensor, weight_HWW: torch.Tensor, bias_HW: torch.Tensor) -> torch.Tensor:
@@ -57,18 +57,12 @@ def _long_memory(model: nn.Module) -> None:
                 module.recurrent_param.copy_(torch.log(torch.expm1(sp)))
 
 
-register_family(
-    Family(
-        name="rg_lru",
-        model_types=("recurrent_gemma",),
-        layers=(
-            PackedLayer(
-                classes=("transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock",),
-                forward=packed_recurrent_block,
-            ),
-        ),
-        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
-    )
+_MODELING = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
+register_layers(
+    "rg_lru",
+    ("recurrent_gemma",),
+    {f"{_MODELING}.RecurrentGemmaRecurrentBlock": packed_recurrent_block},
+    pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
 # 3 layers (recurrent, recurrent, local attention with an 8-token window); 4 heads of the LRU's block-diagonal gates
@@ -76,8 +70,7 @@ register_tiny(
     "recurrent_gemma",
     dict(
         model_type="recurrent_gemma",
-        vocab_size=128,
-        hidden_size=64,
+        **SMALL,
         lru_width=64,
         intermediate_size=128,
         num_hidden_layers=3,

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.ops.token_shift import token_shift
 from deltapack.ops.wkv import wkv
-from deltapack.tiny import register_tiny
+from deltapack.tiny import SMALL, register_tiny
 
 
 def _mix(x_1TD: torch.Tensor, shifted_1TD: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -50,24 +50,18 @@ def _long_memory(model: nn.Module) -> None:
 
 
 _MODELING = "transformers.models.rwkv.modeling_rwkv"
-register_family(
-    Family(
-        name="rwkv4",
-        model_types=("rwkv",),
-        layers=(
-            PackedLayer(classes=(f"{_MODELING}.RwkvSelfAttention",), forward=packed_time_mix),
-            PackedLayer(classes=(f"{_MODELING}.RwkvFeedForward",), forward=packed_channel_mix),
-        ),
-        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
-    )
+register_layers(
+    "rwkv4",
+    ("rwkv",),
+    {f"{_MODELING}.RwkvSelfAttention": packed_time_mix, f"{_MODELING}.RwkvFeedForward": packed_channel_mix},
+    pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
 register_tiny(
     "rwkv",
     dict(
         model_type="rwkv",
-        vocab_size=128,
-        hidden_size=64,
+        **SMALL,
         attention_hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

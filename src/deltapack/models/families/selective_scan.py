@@ -12,30 +12,23 @@ import functools
 import torch
 from torch import nn
 
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.models.mamba import ScanStyle, packed_scan_mixer, packed_zamba_mixer
-from deltapack.tiny import register_tiny
+from deltapack.tiny import SMALL, register_tinies
 
 NORMED = ScanStyle(norms=("dt_layernorm", "b_layernorm", "c_layernorm"))
 
-SELECTIVE_SCAN = register_family(
-    Family(
-        name="selective_scan",
-        model_types=("mamba", "falcon_mamba", "jamba", "zamba"),
-        layers=(
-            PackedLayer(classes=("transformers.models.mamba.modeling_mamba.MambaMixer",), forward=packed_scan_mixer),
-            PackedLayer(
-                classes=(
-                    "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer",
-                    "transformers.models.jamba.modeling_jamba.JambaMambaMixer",
-                ),
-                forward=functools.partial(packed_scan_mixer, style=NORMED),
-            ),
-            PackedLayer(
-                classes=("transformers.models.zamba.modeling_zamba.ZambaMambaMixer",), forward=packed_zamba_mixer
-            ),
-        ),
-    )
+SELECTIVE_SCAN = register_layers(
+    "selective_scan",
+    ("mamba", "falcon_mamba", "jamba", "zamba"),
+    {
+        "transformers.models.mamba.modeling_mamba.MambaMixer": packed_scan_mixer,
+        (
+            "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer",
+            "transformers.models.jamba.modeling_jamba.JambaMambaMixer",
+        ): functools.partial(packed_scan_mixer, style=NORMED),
+        "transformers.models.zamba.modeling_zamba.ZambaMambaMixer": packed_zamba_mixer,
+    },
 )
 
 
@@ -49,44 +42,39 @@ def scan_long_memory(model: nn.Module, low: float = 1e-3, high: float = 2e-2, se
     return model
 
 
-_COMMON = dict(vocab_size=128, hidden_size=64, tie_word_embeddings=False)
+_MAMBA1 = dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=8)
+# the hybrids: 4 layers, attention (4 heads) every attn_layer_period layers from the second, Mamba1 of state 8 elsewhere
+_HYBRID = dict(
+    num_hidden_layers=4,
+    attn_layer_offset=1,
+    intermediate_size=128,
+    num_attention_heads=4,
+    mamba_d_state=8,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_dt_rank=8,
+    max_position_embeddings=256,
+)
 _TINY = {
-    "mamba": dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=8),
-    "falcon_mamba": dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=8),
+    "mamba": _MAMBA1,
+    "falcon_mamba": _MAMBA1,
     "jamba": dict(
-        num_hidden_layers=4,
+        **_HYBRID,
         attn_layer_period=4,
-        attn_layer_offset=1,
+        num_key_value_heads=2,
         expert_layer_period=2,
         expert_layer_offset=1,
         num_experts=4,
         num_experts_per_tok=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_dt_rank=8,
-        max_position_embeddings=256,
     ),
     # hand-made: the audit's generic shrink cannot build zamba (its attention width is 2 * hidden, heads tied to it)
     "zamba": dict(
-        num_hidden_layers=4,
+        **_HYBRID,
         attn_layer_period=2,
-        attn_layer_offset=1,
-        n_mamba_heads=2,
-        intermediate_size=128,
-        num_attention_heads=4,
         num_key_value_heads=4,
+        n_mamba_heads=2,
         attention_hidden_size=128,
         attention_head_dim=32,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_dt_rank=8,
-        max_position_embeddings=256,
     ),
 }
-for _arch, _fields in _TINY.items():
-    register_tiny(_arch, dict(model_type=_arch, **_COMMON, **_fields), long_memory=scan_long_memory)
+register_tinies(_TINY, long_memory=scan_long_memory, **SMALL, tie_word_embeddings=False)

@@ -12,9 +12,9 @@ import functools
 import torch
 from torch import nn
 
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.models.mamba import SSDStyle, packed_ssd_mixer
-from deltapack.tiny import register_tiny
+from deltapack.tiny import SMALL, register_tinies
 
 _MIXERS = (
     "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer",
@@ -27,18 +27,15 @@ FALCON_H1 = SSDStyle(
     in_multiplier="ssm_in_multiplier", projection_multiplier="mup_vector", norm_switch="mamba_rms_norm"
 )
 
-SSD = register_family(
-    Family(
-        name="ssd",
-        model_types=("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2"),
-        layers=(
-            PackedLayer(classes=_MIXERS, forward=packed_ssd_mixer),
-            PackedLayer(
-                classes=("transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer",),
-                forward=functools.partial(packed_ssd_mixer, style=FALCON_H1),
-            ),
+SSD = register_layers(
+    "ssd",
+    ("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2"),
+    {
+        _MIXERS: packed_ssd_mixer,
+        "transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer": functools.partial(
+            packed_ssd_mixer, style=FALCON_H1
         ),
-    )
+    },
 )
 
 
@@ -64,7 +61,6 @@ _MAMBA = dict(
     mamba_chunk_size=8,
 )
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-_COMMON = dict(vocab_size=128, hidden_size=64, tie_word_embeddings=False)
 
 _TINY = {
     "mamba2": dict(
@@ -133,5 +129,4 @@ _TINY = {
         **_ATTENTION,
     ),
 }
-for _arch, _fields in _TINY.items():
-    register_tiny(_arch, dict(model_type=_arch, **_COMMON, **_fields), long_memory=ssd_long_memory)
+register_tinies(_TINY, long_memory=ssd_long_memory, **SMALL, tie_word_embeddings=False)

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.models.xlstm.modeling_xlstm import soft_cap
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import register_layers
 from deltapack.ops.mlstm import mlstm
 from deltapack.tiny import register_tiny
 
@@ -59,18 +59,11 @@ def _long_memory(model: nn.Module) -> None:
                 bias.copy_(torch.empty(bias.shape).uniform_(3, 6, generator=gen))
 
 
-register_family(
-    Family(
-        name="mlstm",
-        model_types=("xlstm",),
-        layers=(
-            PackedLayer(
-                classes=("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",),
-                forward=packed_mlstm_layer,
-            ),
-        ),
-        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
-    )
+register_layers(
+    "mlstm",
+    ("xlstm",),
+    {"transformers.models.xlstm.modeling_xlstm.xLSTMLayer": packed_mlstm_layer},
+    pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
 # 2 blocks of 4 heads (query/key head dim 16, value head dim 32: transformers' cache rounds the qk and v widths up to
