@@ -31,6 +31,9 @@ WEIGHT_FILES = (
 )
 
 
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 class TrainError(ValueError):
     """A problem with the command's inputs (a missing path, a bad data line); printed without a traceback."""
 
@@ -53,8 +56,31 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="save the trained model (save_pretrained) and tokenizer here")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (PEFT) instead of all weights")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr-scheduler-type",
+        default="constant",
+        choices=SCHEDULERS,
+        help="learning-rate schedule after the warmup (transformers' get_scheduler; default constant)",
+    )
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup over this many steps")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of the steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ckpt = parser.add_argument_group("checkpoints and logs (in --output)")
+    ckpt.add_argument("--save-every", type=int, default=None, metavar="N", help="a checkpoint every N steps")
+    ckpt.add_argument(
+        "--save-total-limit", type=int, default=None, metavar="K", help="keep the newest K checkpoints (default all)"
+    )
+    ckpt.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="DIR",
+        help="continue from the newest complete checkpoint in --output, or from checkpoint DIR",
+    )
     scale = parser.add_argument_group("several processes (torchrun; NCCL on CUDA, gloo on CPU)")
     scale.add_argument("--nproc", type=int, default=1, help="processes on this machine: starts torchrun (default 1)")
     scale.add_argument(
@@ -69,6 +95,18 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--max-tokens", args.max_tokens), ("--batch-rows", args.batch_rows)):
         if value is not None and value < 1:
             raise TrainError(f"deltapack train: {flag} {value}; expected at least 1")
+    for flag, value in (("--save-every", args.save_every), ("--save-total-limit", args.save_total_limit)):
+        if value is not None and value < 1:
+            raise TrainError(f"deltapack train: {flag} {value}; expected at least 1")
+    if (args.save_every is not None or args.resume == "latest") and not args.output:
+        raise TrainError(
+            "deltapack train: --save-every and --resume without DIR keep checkpoints in --output; expected --output DIR"
+        )
+    if args.warmup_steps < 0 or not 0 <= args.warmup_ratio < 1:
+        raise TrainError(
+            f"deltapack train: --warmup-steps {args.warmup_steps} --warmup-ratio {args.warmup_ratio}; expected "
+            "steps >= 0 and a ratio in [0, 1)"
+        )
     if args.steps is None and not args.epochs > 0:
         raise TrainError(f"deltapack train: --epochs {args.epochs}; expected a positive number of passes")
     if args.model is None:

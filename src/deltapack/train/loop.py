@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from deltapack.boundaries import IGNORE_INDEX
+from deltapack.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from deltapack.train.inputs import (
     TrainError,
     check_parallel_options,
@@ -22,12 +24,12 @@ from deltapack.train.inputs import (
     load_model,
     load_tokenizer,
 )
-from deltapack.train.report import TrainReport, padded_tokens, progress
+from deltapack.train.report import MetricsLog, TrainReport, padded_tokens, progress
 
 if TYPE_CHECKING:
     from deltapack.distributed.launch import Parallel
 
-__all__ = ["train"]
+__all__ = ["batch_rows_at", "train"]
 
 
 def _setup_parallel(args: argparse.Namespace) -> Parallel | None:
@@ -77,13 +79,82 @@ def _distribute(model: nn.Module, args: argparse.Namespace, parallel: Parallel) 
             dist.broadcast(tensor, src=0)
 
 
-def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
-    """``clip_grad_norm_`` that also takes FSDP's sharded gradients (the norm of the whole gradient)."""
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_`` that also takes FSDP's sharded gradients (the norm of the whole gradient); returns the
+    norm before clipping. ``max_norm`` 0: no clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+_RNG_BEFORE_EPOCH: dict[tuple[int, int], list[Any]] = {}  # (rows, seed) -> the generator's state before each epoch
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Epoch ``epoch``'s shuffle of the rows: the ``epoch + 1``-th shuffle drawn from ``random.Random(seed)``."""
+    states = _RNG_BEFORE_EPOCH.setdefault((n_rows, seed), [random.Random(seed).getstate()])
+    rng = random.Random()
+    while len(states) <= epoch:  # reach a later epoch (a resumed run) by drawing the shuffles before it
+        rng.setstate(states[-1])
+        rng.shuffle(list(range(n_rows)))
+        states.append(rng.getstate())
+    rng.setstate(states[epoch])
+    order = list(range(n_rows))
+    rng.shuffle(order)
+    return tuple(order)
+
+
+def batch_rows_at(step: int, n_rows: int, batch_rows: int, seed: int) -> list[int]:
+    """The packed rows of step ``step``: positions ``step * batch_rows ...`` of the epochs' shuffles laid end to end.
+
+    A pure function of the seed and the step, so a resumed run draws the same rows as an uninterrupted one.
+    """
+    positions = range(step * batch_rows, (step + 1) * batch_rows)
+    return [_epoch_order(n_rows, seed, p // n_rows)[p % n_rows] for p in positions]
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps: int) -> Any:
+    """The learning-rate schedule (a ``torch.optim.lr_scheduler.LambdaLR`` from transformers' ``get_scheduler``)."""
+    from transformers import get_scheduler
+
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * steps)
+    name = args.lr_scheduler_type
+    if name == "constant" and warmup:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def _run_key(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it (the data order and the optimizer)."""
+    return {k: getattr(args, k) for k in ("seed", "batch_rows", "max_tokens", "lora", "cp", "fsdp")}
+
+
+def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    """Load --resume's checkpoint (the newest complete one in --output for plain --resume); None to start fresh."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        path = latest_checkpoint(args.output)
+        if path is None:
+            print(f"deltapack train: no complete checkpoint in {args.output!r}; starting from step 0", file=sys.stderr)
+            return None
+    else:
+        path = Path(args.resume).expanduser()
+    loaded = load_checkpoint(path, model, optimizer, scheduler)
+    saved = loaded["state"]["run"]
+    differs = {k: (v, saved.get(k)) for k, v in _run_key(args).items() if saved.get(k) != v}
+    if differs:
+        detail = ", ".join(f"{k} {now!r} (checkpoint: {then!r})" for k, (now, then) in differs.items())
+        raise CheckpointError(
+            f"deltapack train: checkpoint {str(path)!r} is of a different run: {detail}; expected the same settings"
+        )
+    print(f"deltapack train: resuming from {path} (step {loaded['step']})", file=sys.stderr)
+    return loaded
 
 
 def train(args: argparse.Namespace) -> TrainReport:
@@ -134,50 +205,66 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
         _distribute(model, args, parallel)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     rows = list(packed.rows)
     steps_per_epoch = math.ceil(len(rows) / args.batch_rows)
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
-    rng = random.Random(args.seed)
-    order: list[int] = []
-    tokens = packed_computed = skipped = stream_pad = 0
+    scheduler = _scheduler(optimizer, args, steps)
+    counters = {"tokens": 0, "packed_computed": 0, "skipped": 0, "stream_pad": 0}
+    first = _resume(args, model, optimizer, scheduler)
+    if first is not None:
+        counters.update(first["state"]["counters"])
+    start_step = 0 if first is None else first["step"]
+    log = MetricsLog(args.output, start_step) if args.output and is_main else None
     first_loss = last_loss = float("nan")
     losses: list[float] = []
     bar = progress(steps, shown=is_main)
+    bar.update(start_step)
     start = time.perf_counter()
-    for _ in range(steps):
-        if len(order) < args.batch_rows:
-            epoch = list(range(len(rows)))
-            rng.shuffle(epoch)
-            order += epoch
-        picked, order = order[: args.batch_rows], order[args.batch_rows :]
+    run_tokens = 0
+    for step in range(start_step, steps):
+        picked = batch_rows_at(step, len(rows), args.batch_rows, args.seed)
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked]).items()}
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = float("nan")
         if bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
             if parallel is None:
                 loss = model(**batch).loss
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
             else:
                 loss = _parallel_backward(model, batch, params, args, parallel, pad_id)
-                _clip_grad_norm(params, 1.0)
+            grad_norm = _clip_grad_norm(params, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last_loss = loss.item()
             losses.append(last_loss)
             first_loss = last_loss if math.isnan(first_loss) else first_loss
         else:
-            skipped += 1  # only prompt tokens (pieces of split documents): nothing to learn from
+            counters["skipped"] += 1  # only prompt tokens (pieces of split documents): nothing to learn from
+        scheduler.step()
         real = sum(len(rows[i]["input_ids"]) for i in picked)
-        tokens += real
-        packed_computed += batch["input_ids"].numel()
+        counters["tokens"] += real
+        run_tokens += real
+        counters["packed_computed"] += batch["input_ids"].numel()
         if args.cp > 1:  # tokens of the extra document that makes each replica's stream split into equal parts
-            stream_pad += _stream_padding([len(rows[i]["input_ids"]) for i in picked], parallel, args.cp_layout)
+            counters["stream_pad"] += _stream_padding(
+                [len(rows[i]["input_ids"]) for i in picked], parallel, args.cp_layout
+            )
         elapsed = time.perf_counter() - start
+        fill = real / batch["input_ids"].numel()
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", fill=f"{real / batch['input_ids'].numel():.1%}"
-        )
+        bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{run_tokens / elapsed:,.0f}", fill=f"{fill:.1%}")
+        if log is not None:
+            loss_now = last_loss if grad_norm == grad_norm else None  # NaN grad norm: a skipped batch
+            log.write(step + 1, loss_now, lr, grad_norm, run_tokens / elapsed, fill, device)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            state = {"counters": counters, "run": _run_key(args)}
+            save_checkpoint(args.output, step + 1, model, optimizer, scheduler, state, keep=args.save_total_limit)
+    if log is not None:
+        log.close()
+    tokens, packed_computed = counters["tokens"], counters["packed_computed"]
+    skipped, stream_pad = counters["skipped"], counters["stream_pad"]
     bar.close()
     wall = time.perf_counter() - start
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainReport", "padded_tokens", "progress"]
+import torch
+
+__all__ = ["MetricsLog", "TrainReport", "padded_tokens", "progress"]
 
 
 @dataclass
@@ -110,3 +115,67 @@ class _PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+class MetricsLog:
+    """``OUTPUT/metrics.jsonl``, one JSON line per step, and TensorBoard event files in ``OUTPUT/runs`` when
+    ``tensorboard`` is installed.
+
+    A line: ``{"step", "loss", "lr", "grad_norm", "tokens_per_s", "fill", "memory_gb"}`` (loss and grad_norm null
+    for a batch without trained tokens; memory: the peak CUDA allocation, else the process's peak RSS). Resuming at
+    step S drops the lines after S that the interrupted run had written, so the file reads as one run.
+    """
+
+    def __init__(self, output: str | Path, start_step: int = 0):
+        out = Path(output).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if start_step and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a line cut short by a crash ends the file
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.board = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            pass
+        else:
+            self.board = SummaryWriter(str(out / "runs"), purge_step=start_step + 1 if start_step else None)
+
+    def write(
+        self, step: int, loss: float | None, lr: float, grad_norm: float, tokens_per_s: float, fill: float, device: Any
+    ) -> None:
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": None if math.isnan(grad_norm) else grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "fill": fill,
+            "memory_gb": _memory_gb(device),
+        }
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self.board.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _memory_gb(device: Any) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
