@@ -170,10 +170,42 @@ def gated_delta_rule_ref(
     k_dec = kc * (cum[..., -1:] - cum).exp().unsqueeze(-1)
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
 
-    num_chunks = qc.shape[1]
+    o, final = delta_rule_across_chunks(
+        u, w, q_dec, attn, k_dec, chunk_decay, first_chunk, initial_state, output_final_state
+    )
+    o = o.reshape(num_v_heads, padded_len, head_v)  # [Hv, padded, V]
+    o = o.index_select(1, dest).transpose(0, 1)  # [T, Hv, V]
+    o = o.unsqueeze(0).to(out_dtype)
+    return o, final
+
+
+def delta_rule_across_chunks(
+    u: Tensor,
+    w: Tensor,
+    q_dec: Tensor,
+    attn: Tensor,
+    k_dec: Tensor,
+    chunk_decay: Tensor,
+    first_chunk: list[int],
+    initial_state: Tensor | None,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The chunk-to-chunk pass of a chunked (gated) delta rule (the WY/UT form), shared by the gated delta rule and
+    KDA: the state [Hv, K, V] starts at zero (or ``initial_state[n]``) at the first chunk of document n.
+
+    Args:
+        u: [Hv, C, L, V], w: [Hv, C, L, K] the UT transform's solutions; q_dec: [Hv, C, L, K] the queries decayed from
+            the chunk start; attn: [Hv, C, L, L] the causal in-chunk scores; k_dec: [Hv, C, L, K] the keys decayed to
+            the chunk end; chunk_decay: [Hv, C, 1, 1] or [Hv, C, K, 1] the decay over each chunk.
+        first_chunk: the first chunk of each document (host ints). initial_state: [N, Hv, K, V] or None.
+
+    Returns:
+        (o [Hv, C, L, V], final states [N, Hv, K, V] or None).
+    """
+    num_chunks = u.shape[1]
     starts = {c: n for n, c in enumerate(first_chunk)}  # first chunk -> document
     doc_end_chunk = {c - 1 for c in first_chunk[1:]} | {num_chunks - 1}
-    state = qc.new_zeros(num_v_heads, head_k, head_v)
+    state = u.new_zeros(u.shape[0], w.shape[-1], u.shape[-1])
     outs, finals = [], []
     for c in range(num_chunks):
         if c in starts:
@@ -183,12 +215,7 @@ def gated_delta_rule_ref(
         state = state * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new
         if output_final_state and c in doc_end_chunk:
             finals.append(state)
-
-    o = torch.stack(outs, dim=1).reshape(num_v_heads, padded_len, head_v)  # [Hv, padded, V]
-    o = o.index_select(1, dest).transpose(0, 1)  # [T, Hv, V]
-    o = o.unsqueeze(0).to(out_dtype)
-    final = torch.stack(finals) if output_final_state else None
-    return o, final
+    return torch.stack(outs, dim=1), (torch.stack(finals) if output_final_state else None)
 
 
 def _check_gated_delta_rule(
