@@ -16,6 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 # what most tiny configs share: a 128-token vocabulary, 64 wide; attention layers of 4 query heads of 16, 2 key / value
 SMALL = dict(vocab_size=128, hidden_size=64)
 SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+# the special tokens of the families whose tiny configs are hand-made field by field
+IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 # what the three families share: 4 layers (3 GDN, 1 full attention), 2 key / 4 value GDN heads, a 4-tap conv
 _HYBRID = dict(

@@ -16,6 +16,7 @@ from torch import nn
 
 from deltapack import ops
 from deltapack.boundaries import Boundaries
+from deltapack.models.layers import check_packed_stream, packed_conv
 
 
 def _project(layer: nn.Module, x_1TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -44,20 +45,10 @@ def packed_gdn_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
     Returns:
         [1, T, hidden], each document's rows equal to what the layer gives for that document alone.
     """
-    if hidden_states.shape[:2] != (1, bounds.total_tokens):
-        raise ValueError(
-            f"deltapack: the GDN layer got hidden states of shape {tuple(hidden_states.shape)}; expected the "
-            f"unpadded stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
-        )
+    check_packed_stream(layer, hidden_states, bounds)
     tokens = hidden_states.shape[1]
     mixed, z, b, a = _project(layer, hidden_states)
-    mixed = ops.causal_conv1d(
-        mixed,
-        layer.conv1d.weight.squeeze(1),
-        layer.conv1d.bias,
-        layer.activation,
-        segments=bounds.segments,
-    )
+    mixed = packed_conv(layer.conv1d, mixed, layer.activation, bounds)
     q, k, v = torch.split(mixed, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
     q = q.reshape(1, tokens, -1, layer.head_k_dim)
     k = k.reshape(1, tokens, -1, layer.head_k_dim)

@@ -24,12 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
+
+from deltapack import ops
+from deltapack.boundaries import Boundaries
 
 __all__ = [
     "Family",
     "PackedLayer",
+    "check_packed_stream",
     "family_of",
+    "packed_conv",
     "packed_layer_of",
     "register_family",
     "register_layers",
@@ -108,14 +114,33 @@ def register_layers(
     layers: dict[str | tuple[str, ...], Callable[..., Any]],
     *,
     pads_exactly: bool = True,
+    cache_kwargs: tuple[str, ...] | None = None,
 ) -> Family:
     """:func:`register_family` in one call for the common case: ``layers`` maps a layer class name (or a tuple of
-    names sharing a forward) to its packed forward, with the default ``cache_kwargs``. Returns the family."""
+    names sharing a forward) to its packed forward; ``cache_kwargs``, when given, for every one of them (else
+    :class:`PackedLayer`'s default). Returns the family."""
+    cache = {} if cache_kwargs is None else {"cache_kwargs": cache_kwargs}
     packed = tuple(
-        PackedLayer(classes=(classes,) if isinstance(classes, str) else classes, forward=forward)
+        PackedLayer(classes=(classes,) if isinstance(classes, str) else classes, forward=forward, **cache)
         for classes, forward in layers.items()
     )
     return register_family(Family(name=name, model_types=model_types, layers=packed, pads_exactly=pads_exactly))
+
+
+def check_packed_stream(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> None:
+    """Raise ValueError unless ``hidden_states`` is the unpadded stream [1, T, hidden] that ``bounds`` describes
+    (what every packed forward is given; anything else means the model was not patched)."""
+    if hidden_states.shape[:2] != (1, bounds.total_tokens):
+        raise ValueError(
+            f"deltapack: {type(layer).__name__} got hidden states of shape {tuple(hidden_states.shape)}; expected "
+            f"the unpadded stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
+        )
+
+
+def packed_conv(conv: nn.Module, x_1TC: torch.Tensor, activation: str | None, bounds: Boundaries) -> torch.Tensor:
+    """A layer's depthwise causal ``nn.Conv1d`` (weight [C, 1, W], bias [C] or None) over the packed stream
+    x [1, T, C], cut at every document start, then ``activation`` (None or "silu"): [1, T, C] in the dtype of x."""
+    return ops.causal_conv1d(x_1TC, conv.weight.squeeze(1), conv.bias, activation, segments=bounds.segments)
 
 
 def _load() -> None:

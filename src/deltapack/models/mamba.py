@@ -19,20 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltapack import ops
 from deltapack.boundaries import Boundaries
+from deltapack.models.layers import check_packed_stream, packed_conv
 from deltapack.ops.selective_scan import selective_scan
 from deltapack.ops.ssd import ssd
 
 __all__ = ["ScanStyle", "SSDStyle", "packed_scan_mixer", "packed_ssd_mixer", "packed_zamba_mixer"]
-
-
-def _check_stream(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> None:
-    if hidden_states.shape[:2] != (1, bounds.total_tokens):
-        raise ValueError(
-            f"deltapack: {type(layer).__name__} got hidden states of shape {tuple(hidden_states.shape)}; expected "
-            f"the unpadded stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
-        )
 
 
 def _conv(layer: nn.Module, x_1TD: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -41,7 +33,7 @@ def _conv(layer: nn.Module, x_1TD: torch.Tensor, bounds: Boundaries) -> torch.Te
         raise ValueError(
             f"deltapack: {type(layer).__name__} uses the conv activation {layer.activation!r}; expected 'silu'"
         )
-    return ops.causal_conv1d(x_1TD, layer.conv1d.weight.squeeze(1), layer.conv1d.bias, "silu", segments=bounds.segments)
+    return packed_conv(layer.conv1d, x_1TD, "silu", bounds)
 
 
 # ---------------------------------------------------------------------------------------------- Mamba2 (SSD)
@@ -72,7 +64,7 @@ def packed_ssd_mixer(
     Returns:
         [1, T, hidden] in the dtype of hidden_states.
     """
-    _check_stream(layer, hidden_states, bounds)
+    check_packed_stream(layer, hidden_states, bounds)
     dtype, tokens = hidden_states.dtype, hidden_states.shape[1]
     x_1TD = hidden_states
     if style.in_multiplier is not None:
@@ -128,7 +120,7 @@ def packed_scan_mixer(
 ) -> torch.Tensor:
     """One Mamba1 mixer (MambaMixer, FalconMambaMixer, JambaMambaMixer): arguments and result as
     :func:`packed_ssd_mixer`, with the class's :class:`ScanStyle`."""
-    _check_stream(layer, hidden_states, bounds)
+    check_packed_stream(layer, hidden_states, bounds)
     dtype, tokens = hidden_states.dtype, hidden_states.shape[1]
     x_1TDc, gate_1TDc = layer.in_proj(hidden_states).chunk(2, dim=-1)
     x_1TDc = _conv(layer, x_1TDc, bounds)
@@ -162,7 +154,7 @@ def packed_zamba_mixer(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
     Returns:
         [1, T, hidden] in the dtype of hidden_states.
     """
-    _check_stream(layer, hidden_states, bounds)
+    check_packed_stream(layer, hidden_states, bounds)
     dtype, tokens = hidden_states.dtype, hidden_states.shape[1]
     heads, head_dim = layer.n_mamba_heads, layer.mamba_head_dim
     # Zamba interleaves its projection: channel 2c is the conv input c, channel 2c + 1 the gate c

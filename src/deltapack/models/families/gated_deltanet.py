@@ -15,9 +15,8 @@ from torch import nn
 from deltapack.boundaries import Boundaries
 from deltapack.models.gated_deltanet import packed_gdn_forward
 from deltapack.models.layers import Family, PackedLayer, register_family
-from deltapack.tiny import register_tiny
+from deltapack.tiny import IDS, register_tinies
 
-_IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _GDN = dict(
     hidden_size=64,
     num_hidden_layers=4,
@@ -32,14 +31,14 @@ _GDN = dict(
 TINY = {
     "olmo_hybrid": dict(
         model_type="olmo_hybrid",
-        **_IDS,
+        **IDS,
         **_GDN,
         intermediate_size=96,
         layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
     ),
     "lara_mini": dict(
         model_type="lara_mini",
-        **_IDS,
+        **IDS,
         **_GDN,
         head_dim=16,
         layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"],
@@ -51,7 +50,7 @@ TINY = {
     ),
     "qwen4_exp": dict(
         model_type="qwen4_exp_text",
-        **_IDS,
+        **IDS,
         **_GDN,
         head_dim=16,
         layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],  # 5.24: indexed
@@ -103,5 +102,4 @@ GATED_DELTANET = register_family(
         ),
     )
 )
-for _arch, _fields in TINY.items():
-    register_tiny(_arch, _fields)
+register_tinies(TINY)

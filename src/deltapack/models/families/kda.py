@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltapack import ops
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
+from deltapack.models.layers import check_packed_stream, packed_conv, register_layers
 from deltapack.ops.kda import kda
-from deltapack.tiny import register_tiny
+from deltapack.tiny import IDS, register_tinies
 
 
 def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -33,21 +32,11 @@ def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Bo
         [1, T, D], each document's rows equal to what the layer gives for that document alone.
     """
     x_1TD = hidden_states
-    if x_1TD.shape[:2] != (1, bounds.total_tokens):
-        raise ValueError(
-            f"deltapack: the KDA layer got hidden states of shape {tuple(x_1TD.shape)}; expected the unpadded stream "
-            f"[1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
-        )
+    check_packed_stream(layer, x_1TD, bounds)
     tokens = x_1TD.shape[1]
     heads_1THK = (1, tokens, -1, layer.head_dim)
     qkv_1TC = torch.cat([layer.q_proj(x_1TD), layer.k_proj(x_1TD), layer.v_proj(x_1TD)], dim=-1)
-    qkv_1TC = ops.causal_conv1d(
-        qkv_1TC,
-        layer.conv1d.weight.squeeze(1),
-        layer.conv1d.bias,
-        layer.activation,
-        segments=bounds.segments,
-    )
+    qkv_1TC = packed_conv(layer.conv1d, qkv_1TC, layer.activation, bounds)
     q_1THK, k_1THK, v_1THK = (t.reshape(heads_1THK) for t in torch.split(qkv_1TC, [layer.qkv_dim] * 3, dim=-1))
     g_1THK = layer.forget_gate(x_1TD)  # per-channel log decay, as the layer forms it (fp32 or its own dtype)
     beta_1TH = torch.sigmoid(layer.b_proj(x_1TD))
@@ -77,7 +66,6 @@ def set_long_memory(model: nn.Module, seed: int = 0) -> None:
                 module.A_log.copy_(torch.empty(module.A_log.shape).uniform_(1e-3, 2e-2, generator=gen).log())
 
 
-_IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _MLA = dict(num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
 _MOE = dict(num_experts=4, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1)
 _KDA = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, v_head_dim=16)
@@ -85,7 +73,7 @@ _KDA = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_
 TINY = {
     "kimi_linear": dict(
         model_type="kimi_linear",
-        **_IDS,
+        **IDS,
         **_KDA,
         **_MLA,
         **_MOE,
@@ -97,7 +85,7 @@ TINY = {
     ),
     "bailing_hybrid": dict(
         model_type="bailing_hybrid",
-        **_IDS,
+        **IDS,
         **_KDA,
         **_MLA,
         **_MOE,
@@ -119,12 +107,7 @@ KDA_LAYERS = (
 
 # glm5_next's layer is registered, its model type is not: transformers 5.24 has no causal LM for it (multimodal
 # Glm5NextForConditionalGeneration only, with hyper-connections and a sparse-attention indexer of its own)
-KDA_FAMILY = register_family(
-    Family(
-        name="kda",
-        model_types=("kimi_linear", "bailing_hybrid"),
-        layers=(PackedLayer(classes=KDA_LAYERS, forward=packed_kda_forward, cache_kwargs=("cache", "cache_params")),),
-    )
+KDA_FAMILY = register_layers(
+    "kda", ("kimi_linear", "bailing_hybrid"), {KDA_LAYERS: packed_kda_forward}, cache_kwargs=("cache", "cache_params")
 )
-for _arch, _fields in TINY.items():
-    register_tiny(_arch, _fields, long_memory=set_long_memory)
+register_tinies(TINY, long_memory=set_long_memory)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltapack import ops
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import Family, PackedLayer, register_family
-from deltapack.tiny import register_tiny
+from deltapack.models.layers import check_packed_stream, packed_conv, register_layers
+from deltapack.tiny import IDS, register_tinies
 
 
 def packed_short_conv_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -29,20 +28,9 @@ def packed_short_conv_forward(layer: nn.Module, hidden_states: torch.Tensor, bou
     Returns:
         [1, T, D], each document's rows equal to what the layer gives for that document alone.
     """
-    h_1TD = hidden_states
-    if h_1TD.shape[:2] != (1, bounds.total_tokens):
-        raise ValueError(
-            f"deltapack: the short-conv layer got hidden states of shape {tuple(h_1TD.shape)}; expected the unpadded "
-            f"stream [1, {bounds.total_tokens}, hidden] (was the model patched with deltapack.patch?)"
-        )
-    b_1TD, c_1TD, x_1TD = layer.in_proj(h_1TD).chunk(3, dim=-1)
-    y_1TD = ops.causal_conv1d(
-        b_1TD * x_1TD,
-        layer.conv.weight.squeeze(1),
-        layer.conv.bias,
-        None,
-        segments=bounds.segments,
-    )
+    check_packed_stream(layer, hidden_states, bounds)
+    b_1TD, c_1TD, x_1TD = layer.in_proj(hidden_states).chunk(3, dim=-1)
+    y_1TD = packed_conv(layer.conv, b_1TD * x_1TD, None, bounds)
     return layer.out_proj(c_1TD * y_1TD)
 
 
@@ -52,7 +40,6 @@ SHORT_CONV_LAYERS = (
     "transformers.models.lfm3.modeling_lfm3.Lfm3ShortConv",
 )
 
-_IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _BLOCKS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 # weights drawn wider than the default 0.02: the layer multiplies three projections (B, C, x), so at 0.02 the
 # conv's reach into the previous document shows only as ~3e-4 on the logits, under the tests' leak threshold
@@ -60,11 +47,11 @@ _BLOCKS["initializer_range"] = 0.05
 _LAYERS = ["conv", "conv", "full_attention", "conv"]
 TINY = {
     "lfm2": dict(
-        model_type="lfm2", **_IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=3, block_auto_adjust_ff_dim=False
+        model_type="lfm2", **IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=3, block_auto_adjust_ff_dim=False
     ),
     "lfm2_moe": dict(
         model_type="lfm2_moe",
-        **_IDS,
+        **IDS,
         **_BLOCKS,
         layer_types=_LAYERS,
         conv_L_cache=3,
@@ -74,24 +61,16 @@ TINY = {
         num_experts_per_tok=2,
     ),
     "lfm3": dict(
-        model_type="lfm3", **_IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=7, head_dim=16, sliding_window=6
+        model_type="lfm3", **IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=7, head_dim=16, sliding_window=6
     ),
 }
 
 # inkling / inkling2 are not registered: transformers 5.24 has no causal-LM mapping for them (inkling has no config
 # in the auto classes at all), and their short conv is a different layer (a residual conv without the B / C gates)
-SHORT_CONV_FAMILY = register_family(
-    Family(
-        name="short_conv",
-        model_types=tuple(TINY),
-        layers=(
-            PackedLayer(
-                classes=SHORT_CONV_LAYERS,
-                forward=packed_short_conv_forward,
-                cache_kwargs=("cache", "past_key_values"),
-            ),
-        ),
-    )
+SHORT_CONV_FAMILY = register_layers(
+    "short_conv",
+    tuple(TINY),
+    {SHORT_CONV_LAYERS: packed_short_conv_forward},
+    cache_kwargs=("cache", "past_key_values"),
 )
-for _arch, _fields in TINY.items():
-    register_tiny(_arch, _fields)
+register_tinies(TINY)
