@@ -61,27 +61,17 @@ _MAMBA = dict(
     mamba_chunk_size=8,
 )
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+# the same mixer in the configs that name its fields without the mamba_ prefix (mamba2, nemotron_h)
+_MIXER = dict(n_groups=2, conv_kernel=4, expand=2, chunk_size=8)
 
 _TINY = {
-    "mamba2": dict(
-        num_hidden_layers=2,
-        num_heads=8,
-        head_dim=16,
-        n_groups=2,
-        state_size=16,
-        conv_kernel=4,
-        expand=2,
-        chunk_size=8,
-    ),
+    "mamba2": dict(num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, **_MIXER),
     "nemotron_h": dict(
         layers_block_type=["mamba", "attention", "mamba", "moe"],
         mamba_num_heads=8,
         mamba_head_dim=16,
-        n_groups=2,
         ssm_state_size=16,
-        conv_kernel=4,
-        expand=2,
-        chunk_size=8,
+        **_MIXER,
         intermediate_size=128,
         head_dim=16,
         n_routed_experts=4,
