@@ -32,7 +32,7 @@ class KernelFailure:
     def record(self, exc: BaseException, stage: str = "") -> None:
         if not self.reason:
             where = f" in its {stage}" if stage else ""
-            self.reason = f"{self.kernel} raised{where} ({type(exc).__name__}: {exc})"
+            self.reason = f"{self.kernel} failed{where} ({type(exc).__name__}: {exc})"
             logger.warning("deltapack: %s; %s runs on the exact reference from now on", self.reason, self.op)
 
 
