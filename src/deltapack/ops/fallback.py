@@ -29,6 +29,9 @@ class KernelFailure:
     def __bool__(self) -> bool:
         return bool(self.reason)
 
+    def __repr__(self) -> str:
+        return f"KernelFailure({self.kernel!r}: {self.reason or 'none'})"
+
     def record(self, exc: BaseException, stage: str = "") -> None:
         if not self.reason:
             where = f" in its {stage}" if stage else ""
