@@ -68,6 +68,17 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, metavar="G", help="batches per optimizer step"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    parser.add_argument(
+        "--eval-split", type=float, default=0.0, metavar="R", help="hold out this fraction of the documents"
+    )
+    parser.add_argument(
+        "--eval-steps", type=int, default=None, metavar="N", help="eval loss every N steps (default: at the end)"
+    )
     ckpt = parser.add_argument_group("checkpoints and logs (in --output)")
     ckpt.add_argument("--save-every", type=int, default=None, metavar="N", help="a checkpoint every N steps")
     ckpt.add_argument(
@@ -95,7 +106,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--max-tokens", args.max_tokens), ("--batch-rows", args.batch_rows)):
         if value is not None and value < 1:
             raise TrainError(f"deltapack train: {flag} {value}; expected at least 1")
-    for flag, value in (("--save-every", args.save_every), ("--save-total-limit", args.save_total_limit)):
+    optional = [("--save-every", args.save_every), ("--save-total-limit", args.save_total_limit)]
+    optional += [("--gradient-accumulation-steps", args.gradient_accumulation_steps), ("--eval-steps", args.eval_steps)]
+    for flag, value in optional:
         if value is not None and value < 1:
             raise TrainError(f"deltapack train: {flag} {value}; expected at least 1")
     if (args.save_every is not None or args.resume == "latest") and not args.output:
@@ -107,6 +120,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"deltapack train: --warmup-steps {args.warmup_steps} --warmup-ratio {args.warmup_ratio}; expected "
             "steps >= 0 and a ratio in [0, 1)"
         )
+    if not 0 <= args.eval_split < 1:
+        raise TrainError(f"deltapack train: --eval-split {args.eval_split}; expected a fraction in [0, 1)")
     if args.steps is None and not args.epochs > 0:
         raise TrainError(f"deltapack train: --epochs {args.epochs}; expected a positive number of passes")
     if args.model is None:

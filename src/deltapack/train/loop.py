@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from deltapack.boundaries import IGNORE_INDEX
 from deltapack.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from deltapack.train.inputs import (
     TrainError,
@@ -131,7 +130,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps
 
 def _run_key(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it (the data order and the optimizer)."""
-    return {k: getattr(args, k) for k in ("seed", "batch_rows", "max_tokens", "lora", "cp", "fsdp")}
+    keys = ("seed", "batch_rows", "gradient_accumulation_steps", "max_tokens", "eval_split", "lora", "cp", "fsdp")
+    return {k: getattr(args, k) for k in keys}
 
 
 def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
@@ -187,7 +187,9 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     tokenizer = load_tokenizer(args)
     docs = load_documents(args, tokenizer)
     check_vocab(docs, model.config.get_text_config().vocab_size)
+    docs, eval_docs = _eval_split(docs, args)
     packed = pack_documents(docs, args.max_tokens)
+    eval_rows = list(pack_documents(eval_docs, args.max_tokens).rows) if eval_docs else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = PackedCollator(pad_token_id=pad_id)
 
@@ -198,8 +200,10 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
         )
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     deltapack.patch(model)
-    if device.type == "cuda" and not args.fsdp:
+    if device.type == "cuda" and not args.fsdp and not args.bf16:
         model.to(device, dtype=torch.bfloat16)  # the FLA kernels run in bf16; the reference path stays fp32 on CPU
     if parallel is not None:
         _distribute(model, args, parallel)
@@ -208,7 +212,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     rows = list(packed.rows)
-    steps_per_epoch = math.ceil(len(rows) / args.batch_rows)
+    steps_per_epoch = math.ceil(len(rows) / (args.batch_rows * args.gradient_accumulation_steps))
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
     scheduler = _scheduler(optimizer, args, steps)
     counters = {"tokens": 0, "packed_computed": 0, "skipped": 0, "stream_pad": 0}
@@ -217,47 +221,49 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
         counters.update(first["state"]["counters"])
     start_step = 0 if first is None else first["step"]
     log = MetricsLog(args.output, start_step) if args.output and is_main else None
-    first_loss = last_loss = float("nan")
+    first_loss = last_loss = eval_loss = float("nan")
     losses: list[float] = []
     bar = progress(steps, shown=is_main)
     bar.update(start_step)
     start = time.perf_counter()
     run_tokens = 0
+    accumulate = args.gradient_accumulation_steps
     for step in range(start_step, steps):
-        picked = batch_rows_at(step, len(rows), args.batch_rows, args.seed)
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked]).items()}
+        picks = [batch_rows_at(step * accumulate + m, len(rows), args.batch_rows, args.seed) for m in range(accumulate)]
+        lengths = [[len(rows[i]["input_ids"]) for i in picked] for picked in picks]
+        batches = [collate([rows[i] for i in picked]) for picked in picks]
         lr = optimizer.param_groups[0]["lr"]
+        on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        loss = _accumulate(model, on_device, params, args, parallel, pad_id)
         grad_norm = float("nan")
-        if bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
-            if parallel is None:
-                loss = model(**batch).loss
-                loss.backward()
-            else:
-                loss = _parallel_backward(model, batch, params, args, parallel, pad_id)
+        if loss is not None:
             grad_norm = _clip_grad_norm(params, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            last_loss = loss.item()
+            last_loss = loss
             losses.append(last_loss)
             first_loss = last_loss if math.isnan(first_loss) else first_loss
         else:
             counters["skipped"] += 1  # only prompt tokens (pieces of split documents): nothing to learn from
         scheduler.step()
-        real = sum(len(rows[i]["input_ids"]) for i in picked)
+        real = sum(map(sum, lengths))
+        computed = sum(b["input_ids"].numel() for b in batches)
         counters["tokens"] += real
         run_tokens += real
-        counters["packed_computed"] += batch["input_ids"].numel()
+        counters["packed_computed"] += computed
         if args.cp > 1:  # tokens of the extra document that makes each replica's stream split into equal parts
-            counters["stream_pad"] += _stream_padding(
-                [len(rows[i]["input_ids"]) for i in picked], parallel, args.cp_layout
-            )
+            counters["stream_pad"] += sum(_stream_padding(n, parallel, args.cp_layout) for n in lengths)
         elapsed = time.perf_counter() - start
-        fill = real / batch["input_ids"].numel()
+        fill = real / computed
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{run_tokens / elapsed:,.0f}", fill=f"{fill:.1%}")
         if log is not None:
             loss_now = last_loss if grad_norm == grad_norm else None  # NaN grad norm: a skipped batch
             log.write(step + 1, loss_now, lr, grad_norm, run_tokens / elapsed, fill, device)
+        if eval_rows and ((step + 1) % (args.eval_steps or steps) == 0 or step + 1 == steps):
+            eval_loss = _evaluate(model, eval_rows, collate, device, args, parallel, pad_id)
+            if log is not None:
+                log.write_eval(step + 1, eval_loss)
         if args.save_every and (step + 1) % args.save_every == 0:
             state = {"counters": counters, "run": _run_key(args)}
             save_checkpoint(args.output, step + 1, model, optimizer, scheduler, state, keep=args.save_total_limit)
@@ -294,6 +300,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
         context_parallel=args.cp,
         fsdp=args.fsdp,
         stream_pad_tokens=stream_pad,
+        eval_loss=None if math.isnan(eval_loss) else eval_loss,
     )
 
 
@@ -306,30 +313,116 @@ def _stream_padding(row_tokens: list[int], parallel: Parallel, layout: str) -> i
     return sum(padded_total(n, parallel.context_parallel, layout) - n for n in streams)
 
 
-def _parallel_backward(
+def _eval_split(
+    docs: list[dict[str, list[int]]], args: argparse.Namespace
+) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """(training documents, held-out documents): --eval-split of them, drawn with --seed, kept out of training."""
+    if not args.eval_split:
+        return docs, []
+    n_eval = max(1, round(args.eval_split * len(docs)))
+    if n_eval >= len(docs):
+        raise TrainError(
+            f"deltapack train: --eval-split {args.eval_split} holds out all {len(docs)} documents; expected some left"
+        )
+    held = set(random.Random(f"eval:{args.seed}").sample(range(len(docs)), n_eval))
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def _accumulate(
     model: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
     params: list[nn.Parameter],
     args: argparse.Namespace,
-    parallel: Parallel,
+    parallel: Parallel | None,
     pad_id: int,
-) -> torch.Tensor:
-    """This rank's part of the global batch, forward and backward; gradients summed over ranks. Returns the global
-    token-mean loss (the same on every rank)."""
+) -> float | None:
+    """Forward and backward of one optimizer step's micro-batches (gradient accumulation), gradients summed over
+    ranks. Returns the token-mean loss over all of them (the same on every rank); None when none has a target.
+
+    Each micro-batch's token-mean loss is weighted by its share of the step's targets, so the accumulated gradient
+    is the gradient of the token mean over the step's batches, as one batch of all their rows would give.
+    """
     from deltapack.distributed import launch
-    from deltapack.distributed.collectives import all_reduce_sum
+
+    targets = [launch.count_targets(b["labels"]) for b in batches]
+    total = sum(targets)
+    if total == 0:
+        return None
+    loss_sum = 0.0
+    for batch, share in zip(batches, targets):
+        if share == 0:  # the same on every rank: every rank draws the same global batches
+            continue
+        with _autocast(args, batch["input_ids"].device):
+            loss = _micro_loss(model, batch, args, parallel, pad_id)
+        # FSDP averages over the data-parallel replicas; the loss shares are to be summed
+        scale = share / total * (parallel.data_parallel if parallel is not None and args.fsdp else 1)
+        (loss * scale).backward()
+        loss_sum += _global(loss.detach(), parallel) * share / total
+    if parallel is not None and not args.fsdp:
+        launch.sum_gradients(params)
+    return loss_sum
+
+
+def _autocast(args: argparse.Namespace, device: torch.device) -> Any:
+    """--bf16: bf16 autocast over fp32 weights; nothing otherwise."""
+    import contextlib
+
+    if not args.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _micro_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, parallel: Parallel | None, pad_id: int
+) -> torch.Tensor:
+    """The token-mean loss of one batch: the model's own on one process; this rank's share of it on several."""
+    if parallel is None:
+        return model(**batch).loss
+    from deltapack.distributed import launch
 
     try:
         local = launch.split_batch(batch, parallel, pad_id, layout=args.cp_layout)
     except ValueError as err:
         raise TrainError(f"deltapack train: {err}".replace("deltapack: ", "")) from err
-    loss = launch.local_loss(model, local)
-    if args.fsdp:  # FSDP averages over the data-parallel replicas; the loss shares are to be summed
-        (loss * parallel.data_parallel).backward()
-    else:
-        loss.backward()
-        launch.sum_gradients(params)
-    return all_reduce_sum(loss, None, parallel.world_size)
+    return launch.local_loss(model, local)
+
+
+def _global(loss: torch.Tensor, parallel: Parallel | None) -> float:
+    """The batch's loss from this rank's share of it (the sum over ranks)."""
+    if parallel is None:
+        return loss.item()
+    from deltapack.distributed.collectives import all_reduce_sum
+
+    return all_reduce_sum(loss, None, parallel.world_size).item()
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module,
+    eval_rows: list[dict[str, list[int]]],
+    collate: Any,
+    device: torch.device,
+    args: argparse.Namespace,
+    parallel: Parallel | None,
+    pad_id: int,
+) -> float:
+    """The token-mean loss over the held-out rows (--eval-split), in batches of --batch-rows, without dropout."""
+    from deltapack.distributed import launch
+
+    model.eval()
+    weighted, total = 0.0, 0
+    try:
+        for first in range(0, len(eval_rows), args.batch_rows):
+            batch = {k: v.to(device) for k, v in collate(eval_rows[first : first + args.batch_rows]).items()}
+            targets = launch.count_targets(batch["labels"])
+            if targets == 0 or batch["input_ids"].shape[0] < (1 if parallel is None else parallel.data_parallel):
+                continue
+            with _autocast(args, device):
+                weighted += _global(_micro_loss(model, batch, args, parallel, pad_id), parallel) * targets
+            total += targets
+    finally:
+        model.train()
+    return weighted / total if total else float("nan")
 
 
 def _save(model: nn.Module, tokenizer: Any, args: argparse.Namespace, parallel: Parallel | None) -> None:

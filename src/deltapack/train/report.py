@@ -36,6 +36,7 @@ class TrainReport:
     context_parallel: int = 1
     fsdp: bool = False
     stream_pad_tokens: int = 0
+    eval_loss: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,6 +64,7 @@ class TrainReport:
                 f"({self.tokens_per_s:,.0f} tokens/s)",
                 f"loss             {self.first_loss:.4f} -> {self.last_loss:.4f}"
                 + (f" ({self.skipped_steps} batches without trained tokens skipped)" if self.skipped_steps else ""),
+                *([f"eval loss        {self.eval_loss:.4f}"] if self.eval_loss is not None else []),
                 f"padding          {packed_pad:.1%} of computed tokens packed vs {padded_pad:.1%} in padded batches "
                 f"of the same documents ({saved:.2f}x the tokens computed without packing)",
             ]
@@ -166,6 +168,13 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self.board.add_scalar(f"train/{key}", value, step)
+
+    def write_eval(self, step: int, eval_loss: float) -> None:
+        """An eval line: ``{"step", "eval_loss"}``."""
+        self.file.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            self.board.add_scalar("eval/loss", eval_loss, step)
 
     def close(self) -> None:
         self.file.close()
