@@ -212,3 +212,106 @@ def test_attention_without_a_mask_in_a_scope_stays_inside_documents():
         alone, _ = sdpa(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=0.5)
         assert (packed[:, a:b] - alone).abs().max() <= 1e-6
     assert (leaked - packed).abs().max() > 1e-2
+
+
+def test_verify_flex_refuses_what_flex_cannot_compile(monkeypatch):
+    from deltapack.models import attention_plan
+
+    monkeypatch.setattr(attention_plan, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention_plan._flex_failure, "reason", "")
+
+    def qkv(dq=16, dv=16, heads=(4, 2), dtype=torch.float32):
+        return torch.zeros(1, heads[0], 5, dq, dtype=dtype), *(
+            torch.zeros(1, heads[1], 5, d, dtype=dtype) for d in (dq, dv)
+        )
+
+    assert attention_plan.verify_flex(*qkv()) == (True, "")
+    assert attention_plan.verify_flex(*qkv(dq=32, dv=16, dtype=torch.bfloat16))[0]
+    for args, why in (
+        (qkv(dq=8, dv=8), "at least 16"),
+        (qkv(dq=16, dv=8), "at least 16"),
+        (qkv(dtype=torch.float64), "fp16, bf16, fp32"),
+        (qkv(heads=(3, 2)), "multiple"),
+        ((torch.zeros(1, 4, 5, 16), torch.zeros(1, 2, 5, 32), torch.zeros(1, 2, 5, 16)), "head dim"),
+    ):
+        ok, reason = attention_plan.verify_flex(*args)
+        assert not ok and why in reason
+    monkeypatch.setattr(attention_plan, "FLEX_DEVICES", ("cuda",))
+    assert "on cpu" in attention_plan.verify_flex(*qkv())[1]
+
+
+def _force_flex(monkeypatch, model) -> list[int]:
+    """The plan on the CPU with the flex route open, flex itself a stand-in that raises; returns its call count."""
+    from transformers.integrations import flex_attention
+
+    from deltapack.models import attention_plan
+
+    monkeypatch.setattr(attention_plan, "PLAN_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention_plan, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention_plan, "_flex_available", lambda: True)
+    monkeypatch.setattr(attention_plan, "_logged", set())
+    monkeypatch.setattr(attention_plan._flex_failure, "reason", "")
+    monkeypatch.setattr(attention_plan.PackedMask, "block_mask", lambda self: None)  # flex's own compile: seconds
+    calls: list[int] = []
+
+    def broken_flex(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("LoweringException: NoValidChoicesError (stand-in)")
+
+    monkeypatch.setattr(flex_attention, "flex_attention_forward", broken_flex)
+    assert attention_plan.register_model(model)
+    return calls
+
+
+def _packed_alone_leaked(model):
+    docs, ids, bounds = _stream(model)
+    with torch.no_grad():
+        alone = [model(d[None], use_cache=False).logits[0] for d in docs]
+        runs = []
+        for _ in range(2):
+            with packing_scope(bounds):
+                runs.append(model(ids, position_ids=bounds.position_ids, use_cache=False).logits)
+        leaked = model(ids, use_cache=False).logits
+    return runs, alone, leaked
+
+
+def test_flex_failure_is_caught_once_and_recomputed_exactly(monkeypatch, caplog):
+    """A flex call that raises (inductor failing to lower it) is logged once, refused for the process, and that
+    call and every later one take the exact dense plan."""
+    from deltapack.models import attention_plan
+
+    model = _model("mistral", "sdpa", (("sliding_window", 3),))
+    calls = _force_flex(monkeypatch, model)
+    try:
+        with caplog.at_level("INFO", logger="deltapack"):
+            runs, alone, leaked = _packed_alone_leaked(model)
+    finally:
+        attention_plan.unregister_model(model)
+    assert len(calls) == 1  # the first layer's call; refused from then on
+    failures = [r for r in caplog.records if "flex attention raised" in r.getMessage()]
+    assert (
+        len(failures) == 1 and failures[0].levelname == "WARNING" and "NoValidChoicesError" in failures[0].getMessage()
+    )
+    assert attention_plan._flex_failure
+    for packed in runs:
+        assert _worst(packed, alone) <= ATOL
+    assert _worst(leaked, alone) > 100 * ATOL
+
+
+def test_flex_refused_by_its_verifier_takes_the_dense_plan(monkeypatch, caplog):
+    """Head dims below flex's minimum: the window layers run the exact dense plan, with the reason logged once."""
+    from deltapack.models import attention_plan
+
+    model = _model("mistral", "sdpa", (("head_dim", 8), ("sliding_window", 3)))
+    calls = _force_flex(monkeypatch, model)
+    try:
+        with caplog.at_level("INFO", logger="deltapack"):
+            runs, alone, leaked = _packed_alone_leaked(model)
+    finally:
+        attention_plan.unregister_model(model)
+    assert not calls and not attention_plan._flex_failure
+    refused = [r.getMessage() for r in caplog.records if "on the dense plan" in r.getMessage()]
+    assert len(refused) == 1 and "at least 16" in refused[0]
+    for packed in runs:
+        assert _worst(packed, alone) <= ATOL
+    assert _worst(leaked, alone) > 100 * ATOL

@@ -11,7 +11,10 @@ the wrapped attention function runs, for that layer:
   built once per mask per batch; it applies soft-capping in its score modifier and sinks through the log-sum-exp.
   Used for sliding windows, chunks, overlays, soft-capping and sinks;
 - ``dense``: the original attention function with the exact dense mask (no varlen kernel or no flex here, attention
-  dropout in training, or a head size the kernels do not take). Exact, quadratic in memory.
+  dropout in training, or inputs flex attention cannot compile: :func:`verify_flex`). Exact, quadratic in memory.
+
+A flex call that raises at run time (inductor failing to lower it on this GPU, say) is caught once per process: a
+warning with the exception, that call recomputed on the dense plan, and the dense plan for every later flex layer.
 
 The layer's mask kind is read off its mask function by evaluating it on the positions [0, n) x [0, n) that occur
 inside documents (n covers the window and a margin), against plain causal and causal-with-window; anything else is
@@ -35,16 +38,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltapack.ops.fallback import KernelFailure
+
 logger = logging.getLogger("deltapack")
 
-__all__ = ["PackedMask", "mask_kind", "packed_mask", "register_model", "run_packed_attention", "unregister_model"]
+__all__ = [
+    "PackedMask",
+    "mask_kind",
+    "packed_mask",
+    "register_model",
+    "run_packed_attention",
+    "unregister_model",
+    "verify_flex",
+]
 
 PLANS = ("varlen", "flex", "dense")
 PLAN_DEVICES = ("cuda",)  # devices where masks become PackedMask (tests add "cpu" to run the plan's dense path)
+FLEX_DEVICES = ("cuda",)  # devices where the flex plan may run (tests add "cpu" to force it)
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLEX_MIN_HEAD_DIM = 16  # inductor's flex templates use tl.dot, which needs head dims of at least 16
 _HOOKED = ("sdpa", "flex_attention")  # implementations whose attention function deltapack wraps
 _MAX_PROBE = 8192  # positions the mask-kind probe evaluates at most (per side)
 _configs: dict[int, weakref.ref] = {}  # id(config) -> config of models whose attention runs through the registry
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, ...]] = set()
+_flex_failure = KernelFailure("flex attention", "attention with windows, chunks, soft-capping or sinks")
 
 
 def register_model(model: nn.Module) -> bool:
@@ -155,20 +172,51 @@ def _flex_available() -> bool:
     return True
 
 
-def choose_plan(module: nn.Module, query: torch.Tensor, value: torch.Tensor, mask: PackedMask, kw: dict) -> str:
-    """The kernel of one layer's attention: varlen, flex or dense (see the module docstring)."""
+def verify_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[bool, str]:
+    """Whether flex attention can compile this layer's attention (reads shapes, dtypes and devices only).
+
+    query: [1, H, T, D]; key: [1, Hkv, T, D]; value: [1, Hkv, T, Dv]. Checks what torch's flex attention checks up
+    front and its inductor lowering needs: a device in :data:`FLEX_DEVICES`, fp16 / bf16 / fp32 alike for q, k, v,
+    4-d inputs, equal q / k head dims, D and Dv at least :data:`FLEX_MIN_HEAD_DIM`, H a multiple of Hkv; and that no
+    flex call failed earlier in this process.
+    """
+    if _flex_failure:
+        return False, f"an earlier flex call failed in this process: {_flex_failure.reason}"
+    if query.device.type not in FLEX_DEVICES:
+        return False, f"query is on {query.device.type}; the flex plan runs on {', '.join(FLEX_DEVICES)}"
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) != 1 or query.dtype not in FLEX_DTYPES:
+        return False, f"q, k, v are {query.dtype}, {key.dtype}, {value.dtype}; flex takes one of fp16, bf16, fp32"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False, f"q, k, v have {query.dim()}, {key.dim()}, {value.dim()} dims; flex takes 4-d inputs"
+    dq, dk, dv = query.shape[-1], key.shape[-1], value.shape[-1]
+    if dq != dk:
+        return False, f"query head dim {dq} != key head dim {dk}; flex needs them equal"
+    if min(dq, dv) < FLEX_MIN_HEAD_DIM:
+        return False, f"head dims {dq} (q, k) and {dv} (v); flex's Triton kernels need at least {FLEX_MIN_HEAD_DIM}"
+    if query.shape[1] % key.shape[1] != 0:
+        return False, f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key-value heads"
+    return True, ""
+
+
+def choose_plan(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: PackedMask, kw: dict
+) -> tuple[str, str]:
+    """(plan, why not flex) of one layer's attention: varlen, flex or dense (see the module docstring); the reason is
+    empty unless flex was the layer's plan and :func:`verify_flex` refused it."""
     from deltapack.ops.attention import resolve_attention_backend
 
     if module.training and float(kw.get("dropout") or 0.0) > 0:
-        return "dense"
+        return "dense", ""
     modifiers = kw.get("softcap") is not None or kw.get("s_aux") is not None
     if mask.kind == "causal" and not modifiers:
         probe = query.new_empty(0, 1, max(query.shape[-1], value.shape[-1]))
         if resolve_attention_backend(None, probe) != "reference":
-            return "varlen"
-    if _flex_available() and query.is_cuda:
-        return "flex"
-    return "dense"
+            return "varlen", ""
+    if not _flex_available():
+        return "dense", ""
+    ok, reason = verify_flex(query, key, value)
+    return ("flex", "") if ok else ("dense", reason)
 
 
 def run_packed_attention(
@@ -190,21 +238,35 @@ def run_packed_attention(
     Returns:
         ([1, T, H, Dv] in the dtype of query, None), as transformers' attention functions return.
     """
-    plan = choose_plan(module, query, value, mask, kw)
-    name = type(module).__name__
-    if (name, plan) not in _logged:
-        _logged.add((name, plan))
-        logger.info("deltapack: %s runs packed attention on the %s plan (%s mask)", name, plan, mask.kind)
+    plan, refused = choose_plan(module, query, key, value, mask, kw)
+    _log_plan(type(module).__name__, plan, mask.kind, refused)
+    kw.pop("attention_mask", None)
     if plan == "varlen":
         return _varlen(query, key, value, mask, kw.get("scaling")), None
     if plan == "flex":
-        from transformers.integrations.flex_attention import flex_attention_forward
+        from transformers.integrations import flex_attention
 
-        kw.pop("attention_mask", None)
-        kw.pop("sliding_window", None)  # the block mask holds the window
-        return flex_attention_forward(module, query, key, value, mask.block_mask(), **kw)
-    kw.pop("attention_mask", None)
+        flex_kw = {k: v for k, v in kw.items() if k != "sliding_window"}  # the block mask holds the window
+        try:
+            return flex_attention.flex_attention_forward(module, query, key, value, mask.block_mask(), **flex_kw)
+        except Exception as exc:  # noqa: BLE001 - a flex that fails here (inductor, Triton) is refused from now on
+            _flex_failure.record(exc)
+            _log_plan(type(module).__name__, "dense", mask.kind, f"flex raised {type(exc).__name__}")
     return original(module, query, key, value, mask.materialize(), **kw)
+
+
+def _log_plan(name: str, plan: str, kind: str, refused: str) -> None:
+    """One log line per (layer class, plan): info, or a warning naming why flex was refused for the dense plan."""
+    if (name, plan) in _logged:
+        return
+    _logged.add((name, plan))
+    if refused:
+        logger.warning(
+            "deltapack: %s runs packed attention on the %s plan (%s mask, exact dense [T, T] mask): %s",
+            name, plan, kind, refused,
+        )  # fmt: skip
+    else:
+        logger.info("deltapack: %s runs packed attention on the %s plan (%s mask)", name, plan, kind)
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask, scale: float | None) -> torch.Tensor:
