@@ -202,7 +202,8 @@ def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: l
         "overrides": overrides,
         "tokens": sum(lengths),
         "documents": len(lengths),
-        "plans": sorted({m.split(" plan")[0].split("the ")[-1] for m in records if " plan" in m}),
+        "plans": sorted({m.split(" plan")[0].split("the ")[-1] for m in records if "runs packed attention on" in m}),
+        "flex_failure": attention_plan._flex_failure.reason or None,  # a flex call that raised: the dense plan ran
         "packed_vs_fp32_alone": err,
         "bf16_alone_vs_fp32_alone": floor,
         "exact_within_bf16_noise": err <= 2 * floor + 1e-3,
@@ -252,36 +253,51 @@ def main() -> None:
     deltapack.patch(model)
     batch, doc_ids, places = deltapack_batch(rows, row)
     batch = to(batch, device)
-    modes["deltapack"] = time_passes(
-        model,
-        lambda: [{**batch, "boundaries": Boundaries.from_document_ids(doc_ids).to(device)}],
-        device,
-        reps=args.reps,
+    modes["deltapack"] = attempt(
+        lambda: time_passes(
+            model,
+            lambda: [{**batch, "boundaries": Boundaries.from_document_ids(doc_ids).to(device)}],
+            device,
+            reps=args.reps,
+        )
     )
     for m in modes.values():
         if "seconds" in m:
             m["tokens_per_s"] = sum(lengths) / m["seconds"]
     speed = {"modes": modes}
     for base in ("padded", "hf_packed"):
-        if "tokens_per_s" in modes[base]:
+        if "tokens_per_s" in modes[base] and "tokens_per_s" in modes["deltapack"]:
             speed[f"vs_{base}"] = modes["deltapack"]["tokens_per_s"] / modes[base]["tokens_per_s"]
     result["speed"] = speed
     write(args.out, result)
 
     model.zero_grad(set_to_none=True)
     model.eval()
-    result["exact"] = exactness(model, batch, doc_ids, places, device, samples=4 if args.dry else 12)
-    deltapack.unpatch(model)
-    del model
+    result["exact"] = attempt(lambda: exactness(model, batch, doc_ids, places, device, samples=4 if args.dry else 12))
+    write(args.out, result)
+    deltapack.unpatch(model)  # a no-op when the exactness stage failed unpatched
+    model = None  # frees the 1B model before the variants
     if device == "cuda":
         torch.cuda.empty_cache()
     variant_lengths = lengths[: 12 if args.dry else 24]
-    result["variants"] = [
-        variant_check("gpt_oss", "flex_attention" if device == "cuda" else "eager", {"sliding_window": 128},
-                      device, variant_lengths),
-        variant_check("gemma3_text", "sdpa", {"sliding_window": 128}, device, variant_lengths),
-    ]  # fmt: skip
-    write(args.out, result)
+    result["variants"] = []
+    for arch, impl in (("gpt_oss", "flex_attention" if device == "cuda" else "eager"), ("gemma3_text", "sdpa")):
+        overrides = {"sliding_window": 128}
+        got = attempt(lambda: variant_check(arch, impl, overrides, device, variant_lengths))  # noqa: B023
+        result["variants"].append({"arch": arch, "attn_implementation": impl, "overrides": overrides, **got})
+        write(args.out, result)
+
+
+def attempt(stage) -> dict:
+    """``stage()``, or {"error": ...} when it raises, so that one failing stage never loses the others' numbers."""
+    try:
+        return stage()
+    except Exception as err:  # noqa: BLE001 - recorded in the JSON; the next stage runs
+        logging.getLogger("deltapack").exception("bench_llama: a stage failed")
+        return {"error": repr(err)[:2000]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
