@@ -288,7 +288,7 @@ def test_flex_failure_is_caught_once_and_recomputed_exactly(monkeypatch, caplog)
     finally:
         attention_plan.unregister_model(model)
     assert len(calls) == 1  # the first layer's call; refused from then on
-    failures = [r for r in caplog.records if "flex attention raised" in r.getMessage()]
+    failures = [r for r in caplog.records if "flex attention failed" in r.getMessage()]
     assert (
         len(failures) == 1 and failures[0].levelname == "WARNING" and "NoValidChoicesError" in failures[0].getMessage()
     )

@@ -251,7 +251,7 @@ def run_packed_attention(
             return flex_attention.flex_attention_forward(module, query, key, value, mask.block_mask(), **flex_kw)
         except Exception as exc:  # noqa: BLE001 - a flex that fails here (inductor, Triton) is refused from now on
             _flex_failure.record(exc)
-            _log_plan(type(module).__name__, "dense", mask.kind, f"flex raised {type(exc).__name__}")
+            _log_plan(type(module).__name__, "dense", mask.kind, f"flex failed ({type(exc).__name__})")
     return original(module, query, key, value, mask.materialize(), **kw)
 
 
