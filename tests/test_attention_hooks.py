@@ -293,6 +293,8 @@ def test_flex_failure_is_caught_once_and_recomputed_exactly(monkeypatch, caplog)
         len(failures) == 1 and failures[0].levelname == "WARNING" and "NoValidChoicesError" in failures[0].getMessage()
     )
     assert attention_plan._flex_failure
+    plans = [r.getMessage() for r in caplog.records if "runs packed attention on" in r.getMessage()]
+    assert len(plans) == 1 and "on the dense plan" in plans[0] and "RuntimeError" in plans[0]  # never "flex"
     for packed in runs:
         assert _worst(packed, alone) <= ATOL
     assert _worst(leaked, alone) > 100 * ATOL

@@ -239,19 +239,23 @@ def run_packed_attention(
         ([1, T, H, Dv] in the dtype of query, None), as transformers' attention functions return.
     """
     plan, refused = choose_plan(module, query, key, value, mask, kw)
-    _log_plan(type(module).__name__, plan, mask.kind, refused)
+    name = type(module).__name__
     kw.pop("attention_mask", None)
-    if plan == "varlen":
-        return _varlen(query, key, value, mask, kw.get("scaling")), None
     if plan == "flex":
         from transformers.integrations import flex_attention
 
         flex_kw = {k: v for k, v in kw.items() if k != "sliding_window"}  # the block mask holds the window
         try:
-            return flex_attention.flex_attention_forward(module, query, key, value, mask.block_mask(), **flex_kw)
+            out = flex_attention.flex_attention_forward(module, query, key, value, mask.block_mask(), **flex_kw)
         except Exception as exc:  # noqa: BLE001 - a flex that fails here (inductor, Triton) is refused from now on
             _flex_failure.record(exc)
-            _log_plan(type(module).__name__, "dense", mask.kind, f"flex failed ({type(exc).__name__})")
+            plan, refused = "dense", f"flex failed ({type(exc).__name__})"
+        else:
+            _log_plan(name, plan, mask.kind, refused)  # logged once it ran, so the log names the plan that ran
+            return out
+    _log_plan(name, plan, mask.kind, refused)
+    if plan == "varlen":
+        return _varlen(query, key, value, mask, kw.get("scaling")), None
     return original(module, query, key, value, mask.materialize(), **kw)
 
 
