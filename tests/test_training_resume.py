@@ -3,7 +3,6 @@ losses, learning rates, gradient norms and final weights); damaged or foreign ch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -14,42 +13,18 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import deltapack
 from deltapack.cli import main
 from deltapack.train.checkpoint import MARKER, checkpoints
 from deltapack.train.loop import batch_rows_at
+from runs import assert_same_run
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 # a linear schedule with warmup and weight decay, so that the scheduler and optimizer states matter
 RUN = ["--max-tokens", "128", "--batch-rows", "2", "--lr-scheduler-type", "linear", "--warmup-steps", "3"]
 RUN += ["--weight-decay", "0.1", "--save-every", "4"]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_close(a: float | None, b: float | None, what: str) -> None:
-    assert (a is None) == (b is None), what
-    if a is not None:
-        assert abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12), f"{what}: {a} vs {b}"
-
-
-def assert_same_run(reference: Path, resumed: Path) -> None:
-    """Same per-step loss, lr and gradient norm in metrics.jsonl, and the same final weights (relative <= 1e-6)."""
-    ref, got = metrics(reference), metrics(resumed)
-    assert [m["step"] for m in got] == [m["step"] for m in ref]
-    for a, b in zip(ref, got, strict=True):
-        for key in ("loss", "lr", "grad_norm"):
-            assert_close(a[key], b[key], f"step {a['step']} {key}")
-    w_ref, w_got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert w_ref.keys() == w_got.keys()
-    for name, tensor in w_ref.items():
-        rel = (w_got[name] - tensor).norm() / tensor.norm().clamp_min(1e-12)
-        assert rel <= 1e-6, f"{name}: relative difference {rel:.2e}"
 
 
 def train(*argv: str) -> int:

@@ -11,6 +11,9 @@ It is written to ``OUTPUT/.checkpoint-STEP.tmp`` and renamed when complete, so a
 temporary folder that is never loaded. Before loading, every file listed in ``complete.json`` must be there with its
 recorded size (a truncated file is refused). The data order is a pure function of the seed and the step
 (:func:`deltapack.train.loop.batch_rows_at`), so the step is the whole data position.
+
+A checkpoint loads on any number of processes, with or without FSDP or context parallelism: DCP reshards the model
+and optimizer states to the layout of the loading run, and every global batch is the same whatever the layout.
 """
 
 from __future__ import annotations
@@ -196,13 +199,8 @@ def load_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path).expanduser()
-    manifest = verify_checkpoint(path)
+    verify_checkpoint(path)
     rank, world = _rank_world()
-    if manifest.get("world_size", 1) != world:
-        raise CheckpointError(
-            f"deltapack train: checkpoint {str(path)!r} was written by {manifest.get('world_size')} processes; "
-            f"resuming on {world} is not supported yet (expected the same process count)"
-        )
     model_state, optim_state = get_state_dict(model, optimizer)
     states = {"model": model_state, "optim": optim_state}
     try:
@@ -210,7 +208,9 @@ def load_checkpoint(
     except Exception as err:  # DCP raises its own CheckpointException for unreadable shards
         raise CheckpointError(f"deltapack train: checkpoint {str(path)!r} could not be read: {err}") from err
     set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
-    trainer = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+    own = path / f"trainer_state_rank{rank}.pt"
+    # on more processes than wrote it, the new ranks take rank 0's RNG states (they matter for dropout only)
+    trainer = torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
     return {"step": trainer["step"], "state": trainer["state"]}

@@ -130,8 +130,14 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps
 
 def _run_key(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it (the data order and the optimizer)."""
-    keys = ("seed", "batch_rows", "gradient_accumulation_steps", "max_tokens", "eval_split", "lora", "cp", "fsdp")
+    keys = ("seed", "batch_rows", "gradient_accumulation_steps", "max_tokens", "eval_split", "lora")
     return {k: getattr(args, k) for k in keys}
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
@@ -141,7 +147,10 @@ def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, schedule
     if args.resume == "latest":
         path = latest_checkpoint(args.output)
         if path is None:
-            print(f"deltapack train: no complete checkpoint in {args.output!r}; starting from step 0", file=sys.stderr)
+            if _is_rank0():
+                print(
+                    f"deltapack train: no complete checkpoint in {args.output!r}; starting at step 0", file=sys.stderr
+                )
             return None
     else:
         path = Path(args.resume).expanduser()
@@ -153,7 +162,8 @@ def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, schedule
         raise CheckpointError(
             f"deltapack train: checkpoint {str(path)!r} is of a different run: {detail}; expected the same settings"
         )
-    print(f"deltapack train: resuming from {path} (step {loaded['step']})", file=sys.stderr)
+    if _is_rank0():
+        print(f"deltapack train: resuming from {path} (step {loaded['step']})", file=sys.stderr)
     return loaded
 
 
