@@ -232,7 +232,8 @@ def main() -> None:
         save(args.out)
     from deltapack.ops import kda as kda_module
 
-    ROOT["kda_fla_failure"] = list(kda_module._fla_failure)  # a kernel failure the reference covered, if any
+    failure = kda_module._fla_failure  # a kernel failure the reference covered, if any
+    ROOT["kda_fla_failure"] = [failure.reason] if failure else []
     write(args.out, ROOT)
 
 

@@ -1,11 +1,13 @@
-"""Token-by-token oracles of the Mamba scans, in float64: slow and plain, what the chunked references and the fast
-paths are checked against (CPU tests and GPU tests alike)."""
+"""Token-by-token oracles of the recurrences (the Mamba scans in float64, KDA in the dtype of its inputs): slow and
+plain, what the chunked references and the fast paths are checked against (CPU tests and GPU tests alike)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from deltapack.ops.kda import _check as _check_kda
+from deltapack.ops.reference import l2norm
 from deltapack.ops.segments import Segments
 from deltapack.ops.selective_scan import _check as _check_selective_scan
 from deltapack.ops.selective_scan import _process_delta
@@ -84,3 +86,35 @@ def selective_scan_recurrent_ref(
     if z is not None:
         y = y * F.silu(z[0].double())
     return y.unsqueeze(0).to(u.dtype)
+
+
+def kda_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    segments: Segments,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Token-by-token form of ``kda_ref`` (same arguments, in the dtype of the inputs): slow, an oracle."""
+    _check_kda(q, k, v, g, beta, segments)
+    total, heads, head_k = q.shape[1:]
+    starts = set(segments.cu_seqlens_host[:-1])
+    scale = head_k**-0.5 if scale is None else scale
+    group = v.shape[2] // heads
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q, k = q.repeat_interleave(group, dim=2) * scale, k.repeat_interleave(group, dim=2)
+    state = q.new_zeros(v.shape[2], head_k, v.shape[3])
+    outs = []
+    for t in range(total):
+        if t in starts:
+            state = torch.zeros_like(state)
+        state = state * g[0, t].exp().unsqueeze(-1)
+        pred = (state * k[0, t].unsqueeze(-1)).sum(-2)
+        state = state + k[0, t].unsqueeze(-1) * ((v[0, t] - pred) * beta[0, t].unsqueeze(-1)).unsqueeze(-2)
+        outs.append((state * q[0, t].unsqueeze(-1)).sum(-2))
+    return torch.stack(outs).unsqueeze(0)

@@ -8,7 +8,9 @@ import torch
 from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
 
 from deltapack.ops import Segments
-from deltapack.ops.kda import kda, kda_recurrent_ref, kda_ref
+from deltapack.ops.fallback import KernelFailure
+from deltapack.ops.kda import kda, kda_ref
+from oracles import kda_recurrent_ref
 
 LENGTHS = {
     "one-token": [1],
@@ -132,7 +134,7 @@ def test_a_kernel_that_raises_falls_back_to_the_reference_once(stage, monkeypatc
     failure is remembered, and the verifier refuses the kernel from then on (never a crash, never a leak)."""
     from deltapack.ops import kda as kda_module
 
-    monkeypatch.setattr(kda_module, "_fla_failure", [])
+    monkeypatch.setattr(kda_module, "_fla_failure", KernelFailure("FLA's chunk_kda", "kda"))
     lengths = [4, 1, 6]
     seg = segments(lengths)
     inputs = kda_inputs(sum(lengths), seed=5)
@@ -152,9 +154,9 @@ def test_a_kernel_that_raises_falls_back_to_the_reference_once(stage, monkeypatc
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), inputs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert kda_module._fla_failure and stage in kda_module._fla_failure[0]
+    assert kda_module._fla_failure and stage in kda_module._fla_failure.reason
     ok, reason = kda_module._verify_fla(*[t.detach() for t in inputs], segments=seg)
-    assert not ok and reason == kda_module._fla_failure[0]
+    assert not ok and reason == kda_module._fla_failure.reason
 
 
 @pytest.mark.parametrize("off_by", [1.0, 1.1])
@@ -163,7 +165,7 @@ def test_first_use_check_refuses_a_kernel_that_is_off(off_by, monkeypatch):
     accepted (once per head shape), one that is off by 10% is refused for the process with the reason kept."""
     from deltapack.ops import kda as kda_module
 
-    monkeypatch.setattr(kda_module, "_fla_failure", [])
+    monkeypatch.setattr(kda_module, "_fla_failure", KernelFailure("FLA's chunk_kda", "kda"))
     monkeypatch.setattr(kda_module, "_checked", set())
 
     def stand_in(*xs, use_qk_l2norm_in_kernel, cu_seqlens, cu_seqlens_cpu):
@@ -175,5 +177,5 @@ def test_first_use_check_refuses_a_kernel_that_is_off(off_by, monkeypatch):
     assert accepted == (off_by == 1.0)
     assert bool(kda_module._fla_failure) == (off_by != 1.0)
     if not accepted:
-        assert "off" in kda_module._fla_failure[0]
+        assert "off" in kda_module._fla_failure.reason
     assert kda_module._checked_on_first_use(stand_in, q, v, g, beta) == accepted  # checked once per shape

@@ -10,11 +10,11 @@ from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
 from transformers.models.xlstm import modeling_xlstm
 
 from deltapack.ops import Segments
+from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.lightning import lightning_attention, lightning_attention_ref
 from deltapack.ops.mlstm import mlstm, mlstm_ref
 from deltapack.ops.rg_lru import rg_lru_scan, rg_lru_scan_ref
 from deltapack.ops.token_shift import token_shift
-from deltapack.ops.varlen import check_fast_backend
 from deltapack.ops.wkv import wkv, wkv_ref
 
 # length 1, shorter than a chunk, chunk-aligned, ragged, longer than two chunks (chunks of 8 in the chunked ops)

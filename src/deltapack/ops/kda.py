@@ -16,22 +16,20 @@ C = chunks, L = chunk length.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from deltapack.ops.dispatch import Backend, register_op
-from deltapack.ops.reference import _chunk_layout, l2norm
+from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.fallback import KernelFailure, check_fast_backend
+from deltapack.ops.fla import verify_chunked
+from deltapack.ops.reference import _chunk_layout, delta_rule_across_chunks, l2norm
 from deltapack.ops.segments import Segments
-from deltapack.ops.varlen import check_fast_backend, check_stream
+from deltapack.ops.varlen import check_stream
 
-__all__ = ["KDA", "kda", "kda_recurrent_ref", "kda_ref"]
-
-logger = logging.getLogger("deltapack")
-
-_FAST_DTYPES = (torch.bfloat16, torch.float16)
-_MAX_HEAD_DIM = 256  # FLA's KDA kernels take K <= 256
+__all__ = ["KDA", "kda", "kda_ref"]
 
 
 def _check(
@@ -128,67 +126,15 @@ def kda_ref(
     k_dec = k_HCLK * (cum_HCLK[:, :, -1:] - cum_HCLK).exp()
     chunk_decay = cum_HCLK[:, :, -1].exp().unsqueeze(-1)  # [Hv, C, K, 1]
 
-    num_chunks = q_HCLK.shape[1]
-    starts = {c: n for n, c in enumerate(first_chunk)}
-    doc_end_chunk = {c - 1 for c in first_chunk[1:]} | {num_chunks - 1}
-    state = q.new_zeros(num_v_heads, head_k, head_v)
-    outs, finals = [], []
-    for c in range(num_chunks):
-        if c in starts:
-            state = torch.zeros_like(state) if initial_state is None else initial_state[starts[c]].float()
-        v_new = u[:, c] - w[:, c] @ state
-        outs.append(q_dec[:, c] @ state + attn[:, c] @ v_new)
-        state = state * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new
-        if output_final_state and c in doc_end_chunk:
-            finals.append(state)
-
-    o = torch.stack(outs, dim=1).reshape(num_v_heads, padded_len, head_v).index_select(1, dest)
+    o, final = delta_rule_across_chunks(
+        u, w, q_dec, attn, k_dec, chunk_decay, first_chunk, initial_state, output_final_state
+    )
+    o = o.reshape(num_v_heads, padded_len, head_v).index_select(1, dest)
     o = o.transpose(0, 1).unsqueeze(0).to(out_dtype)
-    return o, (torch.stack(finals) if output_final_state else None)
+    return o, final
 
 
-def kda_recurrent_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-) -> torch.Tensor:
-    """Token-by-token form of :func:`kda_ref` (same arguments, in the dtype of the inputs): slow, an oracle."""
-    _check(q, k, v, g, beta, segments)
-    total, heads, head_k = q.shape[1:]
-    starts = set(segments.cu_seqlens_host[:-1])
-    scale = head_k**-0.5 if scale is None else scale
-    group = v.shape[2] // heads
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q, k = q.repeat_interleave(group, dim=2) * scale, k.repeat_interleave(group, dim=2)
-    state = q.new_zeros(v.shape[2], head_k, v.shape[3])
-    outs = []
-    for t in range(total):
-        if t in starts:
-            state = torch.zeros_like(state)
-        state = state * g[0, t].exp().unsqueeze(-1)
-        pred = (state * k[0, t].unsqueeze(-1)).sum(-2)
-        state = state + k[0, t].unsqueeze(-1) * ((v[0, t] - pred) * beta[0, t].unsqueeze(-1)).unsqueeze(-2)
-        outs.append((state * q[0, t].unsqueeze(-1)).sum(-2))
-    return torch.stack(outs).unsqueeze(0)
-
-
-_MAX_CHUNKS = 65535  # CUDA's grid-axis-y limit; FLA puts the chunk index there
-
-
-_fla_failure: list[str] = []  # the first run-time failure of FLA's chunk_kda in this process, if any
-
-
-def _fall_back(stage: str, exc: BaseException) -> None:
-    if not _fla_failure:
-        _fla_failure.append(f"FLA's chunk_kda failed its {stage} ({type(exc).__name__}: {exc})")
-        logger.warning("deltapack: %s; kda runs on the exact reference from now on", _fla_failure[0])
+_fla_failure = KernelFailure("FLA's chunk_kda", "kda")  # its first run-time failure in this process, if any
 
 
 class _WithReference(torch.autograd.Function):
@@ -205,7 +151,7 @@ class _WithReference(torch.autograd.Function):
             try:
                 ctx.out = fast(*ctx.leaves)
             except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-                _fall_back("forward", exc)
+                _fla_failure.record(exc, "forward")
                 ctx.out = ref(*ctx.leaves)
         return ctx.out.detach()
 
@@ -215,7 +161,7 @@ class _WithReference(torch.autograd.Function):
         try:
             grads = torch.autograd.grad(ctx.out, wanted, grad_out, allow_unused=True)
         except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-            _fall_back("backward", exc)
+            _fla_failure.record(exc, "backward")
             with torch.enable_grad():
                 grads = torch.autograd.grad(ctx.ref(*ctx.leaves), wanted, grad_out, allow_unused=True)
         ctx.out = None
@@ -265,7 +211,7 @@ def _checked_on_first_use(chunk_kda: Callable[..., tuple], q: torch.Tensor, v: t
     try:
         check_fast_backend("FLA's chunk_kda", fast, lambda *xs: kda_ref(*xs, segments=probe)[0], inputs)
     except RuntimeError as exc:
-        _fall_back("first-use check", exc)
+        _fla_failure.record(exc, "first-use check")
         return False
     return not _fla_failure
 
@@ -274,19 +220,11 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     from fla.ops.kda import chunk_kda
 
     def run(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
-        *,
-        segments: Segments,
-        scale: float | None = None,
-        use_qk_l2norm: bool = True,
-        output_final_state: bool = False,
-        initial_state: torch.Tensor | None = None,
-        chunk_size: int = 16,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: Segments, **options: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        scale, use_qk_l2norm = options.get("scale"), options.get("use_qk_l2norm", True)
+        output_final_state, initial_state = options.get("output_final_state", False), options.get("initial_state")
+
         # the decay and beta come in as the model forms them; the L2 norm runs in the kernel, as transformers calls it
         def fast(*inputs: torch.Tensor) -> torch.Tensor:
             o, _ = chunk_kda(
@@ -321,29 +259,17 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
             try:  # no backward to come: no graph to keep
                 return fast(q, k, v, g, beta), None
             except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-                _fall_back("forward", exc)
+                _fla_failure.record(exc, "forward")
                 return ref(q, k, v, g, beta), None
         return _WithReference.apply(fast, ref, q, k, v, g, beta), None
 
     return run
 
 
-def _verify_fla(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, segments: Segments, **_
-) -> tuple[bool, str]:
+def _verify_fla(q: Tensor, k: Tensor, v: Tensor, *_: Tensor, segments: Segments, **__: object) -> tuple[bool, str]:
     if _fla_failure:
-        return False, _fla_failure[0]
-    if not q.is_cuda:
-        return False, f"q is on {q.device.type}; FLA runs on CUDA"
-    if q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        # fp32 takes the reference, as for the gated delta rule: FLA's Triton dots default to tf32
-        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; FLA's chunk_kda is within bounds for bf16 / fp16"
-    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
-        return False, f"head dims {q.shape[-1]}, {v.shape[-1]}; FLA's KDA kernels take at most {_MAX_HEAD_DIM}"
-    chunks = sum(-(-n // 64) for n in segments.doc_lengths)
-    if chunks > _MAX_CHUNKS:
-        return False, f"{chunks} chunks of 64 tokens; FLA launches at most {_MAX_CHUNKS} per call"
-    return True, ""
+        return False, _fla_failure.reason
+    return verify_chunked(q, k, v, segments, "FLA's chunk_kda")
 
 
 KDA = register_op("kda", kda_ref)
@@ -352,34 +278,12 @@ KDA.add_backend(
 )
 
 
-def kda(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    output_final_state: bool = False,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+kda = public_function(
+    KDA,
     """KDA over a packed stream, state reset per document (arguments and results as in :func:`kda_ref`).
 
     Backends: "fla" (CUDA, bf16 / fp16, head dims <= 256: FLA's ``chunk_kda`` with ``cu_seqlens`` and the host
     offsets) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
-    """
-    _check(q, k, v, g, beta, segments)
-    return KDA(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        segments=segments,
-        scale=scale,
-        use_qk_l2norm=use_qk_l2norm,
-        output_final_state=output_final_state,
-        backend=backend,
-    )
+    """,
+    check=_check,
+)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from deltapack.ops.fallback import check_fast_backend  # noqa: F401 - kda imports it from here (for now)
 from deltapack.ops.segments import Segments
 
 
