@@ -19,17 +19,21 @@ SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16
 # the special tokens of the families whose tiny configs are hand-made field by field
 IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-# what the three families share: 4 layers (3 GDN, 1 full attention), 2 key / 4 value GDN heads, a 4-tap conv
-_HYBRID = dict(
-    **SMALL,
-    num_hidden_layers=4,
-    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-    **SMALL_ATTENTION,
+# the GDN layer of every tiny GDN hybrid: 2 key / 4 value heads of 16, a 4-tap conv
+GDN_LAYER = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     linear_conv_kernel_dim=4,
+)
+# what the three families share: 4 layers (3 GDN, 1 full attention)
+_HYBRID = dict(
+    **SMALL,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    **SMALL_ATTENTION,
+    **GDN_LAYER,
 )
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 

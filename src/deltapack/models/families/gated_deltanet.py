@@ -15,19 +15,9 @@ from torch import nn
 from deltapack.boundaries import Boundaries
 from deltapack.models.gated_deltanet import packed_gdn_forward
 from deltapack.models.layers import Family, PackedLayer, register_family
-from deltapack.tiny import IDS, register_tinies
+from deltapack.tiny import GDN_LAYER, IDS, register_tinies
 
-_GDN = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    linear_conv_kernel_dim=4,
-)
+_GDN = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, **GDN_LAYER)
 TINY = {
     "olmo_hybrid": dict(
         model_type="olmo_hybrid",
