@@ -263,11 +263,12 @@ def test_gdn_ops_are_fn_ref_twins():
 def test_public_functions_are_fn_ref_twins_and_bind_like_written_signatures():
     """Ops whose public function is built from the reference (``public_function``): the reference's signature plus
     ``backend=None``, named after the op, and a wrong call fails as a written signature would, before any backend."""
-    from deltapack.ops import lightning, mlstm, rg_lru, selective_scan, ssd
+    from deltapack.ops import kda, lightning, mlstm, rg_lru, selective_scan, ssd
 
     twins = [(ssd.ssd, ssd.ssd_ref), (selective_scan.selective_scan, selective_scan.selective_scan_ref)]
     twins += [(lightning.lightning_attention, lightning.lightning_attention_ref), (mlstm.mlstm, mlstm.mlstm_ref)]
-    twins += [(rg_lru.rg_lru_scan, rg_lru.rg_lru_scan_ref)]
+    twins += [(rg_lru.rg_lru_scan, rg_lru.rg_lru_scan_ref), (kda.kda, kda.kda_ref)]
+    twins += [(ops.causal_conv1d, ops.causal_conv1d_ref), (ops.gated_delta_rule, ops.gated_delta_rule_ref)]
     for op, ref in twins:
         params = list(inspect.signature(op).parameters.values())
         assert params[:-1] == list(inspect.signature(ref).parameters.values())
