@@ -85,3 +85,30 @@ def test_eval_split_is_held_out_and_evaluated_every_n_steps(tmp_path: Path, caps
     assert all(math.isfinite(m["eval_loss"]) for m in evals) and report["eval_loss"] == evals[-1]["eval_loss"]
     assert main(["train", *BASE, "--eval-split", "1.5"]) == 2
     assert "--eval-split 1.5; expected a fraction" in capsys.readouterr().err
+
+
+def test_tensorboard_gets_the_metrics_when_installed(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+    import types
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class Writer:  # stands in for tensorboard's SummaryWriter (tensorboard itself is optional)
+        def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+            assert log_dir == str(tmp_path / "out" / "runs")
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    _, lines = run(capsys, tmp_path, "--batch-rows", "2", "--eval-split", "0.1")
+    logged = {(tag, step): value for tag, value, step in scalars}
+    for m in lines:
+        if "eval_loss" in m:
+            assert logged[("eval/loss", m["step"])] == m["eval_loss"]
+        else:
+            assert logged[("train/lr", m["step"])] == m["lr"]
+            assert m["loss"] is None or logged[("train/loss", m["step"])] == m["loss"]
