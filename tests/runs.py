@@ -23,7 +23,7 @@ def assert_same_run(reference: Path, resumed: Path, rel: float = 1e-6) -> None:
     ref, got = metrics(reference), metrics(resumed)
     assert [m["step"] for m in got] == [m["step"] for m in ref]
     for a, b in zip(ref, got, strict=True):
-        for key in ("loss", "lr", "grad_norm"):
+        for key in ("loss", "lr", "grad_norm", "eval_loss"):
             assert_close(a.get(key), b.get(key), f"step {a['step']} {key}", rel)
     w_ref, w_got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert w_ref.keys() == w_got.keys()

@@ -1,6 +1,7 @@
 """``deltapack train`` on 2 processes (gloo, CPU), with context parallelism 2 and with FSDP2: a run killed with
 SIGKILL (the whole torchrun process group, as a pre-emption does) between two checkpoints and resumed equals an
-uninterrupted run; a checkpoint written by 2 processes resumes on 1 with the same loss curve within fp32 noise.
+uninterrupted run (losses, eval losses, learning rates, gradient norms, weights); a checkpoint written by 2
+processes resumes on 1 with the same loss curve within fp32 noise.
 
 Each case launches torchrun three times (~15 s each: two processes importing transformers)."""
 
@@ -28,7 +29,7 @@ pytestmark = [
 ]
 
 RUN = ["--max-tokens", "256", "--batch-rows", "2", "--steps", "8", "--save-every", "2"]
-RUN += ["--lr-scheduler-type", "cosine", "--warmup-steps", "2"]
+RUN += ["--lr-scheduler-type", "cosine", "--warmup-steps", "2", "--eval-split", "0.05", "--eval-steps", "4"]
 
 
 def _env() -> dict[str, str]:
@@ -99,8 +100,13 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(layout: lis
     capsys.readouterr()
     assert main(["train", *RUN, "--output", str(single), "--resume"]) == 0
     assert f"resuming from {single / f'checkpoint-{step}'}" in capsys.readouterr().err
-    assert [m["step"] for m in metrics(single)] == list(range(step + 1, 9))
-    ref = {m["step"]: m for m in metrics(reference)}
+    assert [m["step"] for m in metrics(single) if "loss" in m] == list(range(step + 1, 9))
+    ref = {m["step"]: m for m in metrics(reference) if "loss" in m}
+    ref_eval = {m["step"]: m["eval_loss"] for m in metrics(reference) if "eval_loss" in m}
+    assert ref_eval.keys() == {4, 8}
     for m in metrics(single):
+        if "eval_loss" in m:
+            assert_close(m["eval_loss"], ref_eval[m["step"]], f"step {m['step']} eval loss", rel=1e-5)
+            continue
         assert_close(m["loss"], ref[m["step"]]["loss"], f"step {m['step']} loss", rel=1e-5)
         assert_close(m["lr"], ref[m["step"]]["lr"], f"step {m['step']} lr")
