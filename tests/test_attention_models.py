@@ -27,6 +27,7 @@ SUBSET: dict[str, dict] = {
     "gemma2": {"sliding_window": 3},  # soft-capping, eager
     "llama4_text": {"attention_chunk_size": 3},
     "gpt2": {},
+    "gpt_neo": {"window_size": 3},  # local layers: a row-position window buffer inside the attention
     "opt": {},
     "bloom": {},
     "falcon": {},

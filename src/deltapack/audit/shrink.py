@@ -85,6 +85,8 @@ HYBRIDS: dict[str, dict[str, Any]] = {
 CONSISTENT: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8, "head_dim": 16},
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_expand": 2},
+    # the per-layer pattern is stored as [[types, repeats]] and must multiply out to the layer count
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2, "window_size": 4},
 }
 
 _ALWAYS = ("head_dim", "num_key_value_heads", "num_experts_per_tok")

@@ -39,7 +39,8 @@ ATTENTION_TYPES = (
     "mixtral", "modernbert-decoder", "olmo3", "phi3", "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3",
     "qwen3_moe", "smollm3", "starcoder2", "vaultgemma",
     # learned absolute positions read from position_ids
-    "biogpt", "ctrl", "git", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "moss_transcribe_diarize", "opt", "xglm",
+    "biogpt", "ctrl", "git", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "moss_transcribe_diarize",
+    "opt", "xglm",
     # encoder architectures run as decoders; with is_decoder=False their attention is bidirectional, and the mask
     # hooks keep it bidirectional within each document (exact against the document alone, as the audit checks)
     "bert", "bert-generation", "big_bird", "electra", "ernie", "megatron-bert", "rembert", "roc_bert", "roformer",
