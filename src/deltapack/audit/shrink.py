@@ -87,6 +87,13 @@ CONSISTENT: dict[str, dict[str, Any]] = {
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_expand": 2},
     # the per-layer pattern is stored as [[types, repeats]] and must multiply out to the layer count
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2, "window_size": 4},
+    # its attention reads attn_config.rope_theta and clamps by clip_qkv, which released checkpoints set and the
+    # default config lacks
+    "dbrx": {
+        "n_heads": HEADS,
+        "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": INTERMEDIATE},
+    },
 }
 
 _ALWAYS = ("head_dim", "num_key_value_heads", "num_experts_per_tok")
@@ -180,7 +187,9 @@ def shrink_config(config: Any, arch: str | None = None, fields: dict[str, Any] |
     for name in getattr(cls, "sub_configs", {}) or {}:
         sub = getattr(config, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            overrides[name] = {**sub.to_dict(), **_overrides(sub, None)}
+            # defaults some sub-config classes refuse to take back as arguments (dbrx's, transformers 5.17) dropped
+            kept = {k: v for k, v in sub.to_dict().items() if k not in ("_name_or_path", "output_attentions")}
+            overrides[name] = {**kept, **_overrides(sub, None), **overrides.get(name, {})}
     # a default config is rebuilt from the overrides alone (its __init__ derives the rest); a config read from a
     # file keeps its own fields
     base = {k: v for k, v in (fields or {}).items() if k in _constructor_fields(config)}
