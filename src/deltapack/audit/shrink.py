@@ -73,6 +73,8 @@ SMALL: dict[str, Any] = {
     "max_position_embeddings": 256,
     "n_positions": 256,
     "sliding_window": 64,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 16,
 }
 
 # architectures whose default config has none of their characteristic layers: the layer types to audit
@@ -159,7 +161,7 @@ def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
     keep_layers = out.get("num_hidden_layers")
     for k, v in fields.items():  # per-layer settings keyed by layer index: keep those of the kept layers
         if isinstance(v, dict) and v and keep_layers and all(str(i).isdigit() for i in v):
-            out[k] = {i: x for i, x in v.items() if int(i) < keep_layers}
+            out[k] = {i: _scaled(x, fields, out) for i, x in v.items() if int(i) < keep_layers}
     if "is_decoder" in fields:  # encoder architectures used as causal LMs (bert, roberta, ...) must be causal
         out["is_decoder"] = True
     if "qk_rope_head_dim" in out:  # MLA: head_dim is the rotary part; as in real MLA configs, kv heads = heads
@@ -174,6 +176,19 @@ def _overrides(config: Any, arch: str | None) -> dict[str, Any]:
         if isinstance(fields.get(name), int) and name not in out:
             out[name] = min(fields[name], out.get("num_hidden_layers", 2))
     return out
+
+
+def _scaled(layer: Any, fields: dict[str, Any], out: dict[str, Any]) -> Any:
+    """One layer's own settings with its sizes shrunk as the global ones were (head_dim 512 where the global is 256
+    and is shrunk to 16 becomes 32)."""
+    if not isinstance(layer, dict):
+        return layer
+    scaled = dict(layer)
+    for k, v in layer.items():
+        big, small = fields.get(k), out.get(k)
+        if type(v) is int and type(big) is int and type(small) is int and big > 0:
+            scaled[k] = max(1, v * small // big)
+    return scaled
 
 
 def shrink_config(config: Any, arch: str | None = None, fields: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
