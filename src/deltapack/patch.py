@@ -36,8 +36,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from deltapack.boundaries import Boundaries
+from deltapack.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_lm_loss, why_not_chunked
 from deltapack.models import attention_hooks
 from deltapack.models.attention import (
     ATTENTION_MODULES,
@@ -83,6 +85,8 @@ _THREAD_BOUNDARIES = "_deltapack_thread_boundaries"
 _PADS_EXACTLY = "_deltapack_pads_exactly"
 # on a registered packed layer: whether its last forward with gradients was a packed one (see the backward guard)
 _LAST_PACKED = "_deltapack_last_packed"
+# on an entry model patched with chunked_loss: the tokens per chunk of the LM head + cross-entropy
+_CHUNKED_LOSS = "_deltapack_chunked_loss"
 
 
 _target = base_model  # the transformers model inside a PEFT wrapper (or the model itself)
@@ -92,17 +96,27 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(_target(model), _STATE, None) is not None
 
 
-def patch(model: ModelT) -> ModelT:
+def patch(model: ModelT, chunked_loss: bool | int = False) -> ModelT:
     """Make packed batches exact on ``model``; returns it.
 
     ``model`` is a causal LM of a supported model type (:func:`deltapack.models.layers.supported_model_types`):
     its ``*ForCausalLM`` class or its decoder stack. Idempotent; :func:`unpatch` restores the original forwards.
     A PEFT-wrapped model is patched through its base model. Raises ValueError, naming what is supported, for any
     other model.
+
+    ``chunked_loss``: True (4096 tokens per chunk) or a number of tokens per chunk: a packed call with ``labels``
+    computes the LM head and the cross-entropy in chunks (:mod:`deltapack.chunked_loss`), so the [tokens, vocab]
+    logits never exist in full; its output's ``logits`` is None. Pass ``return_logits=True`` to the call to get
+    the logits (the model's own path then runs). Only where the model's loss is plain causal-LM cross-entropy
+    (:func:`deltapack.chunked_loss.why_not_chunked`: transformers' ``ForCausalLMLoss``, no logit scaling or
+    soft-capping, no router auxiliary loss); otherwise, and for unpacked calls, the model's own forward runs.
     """
     target = _target(model)
     if is_patched(target):
         return model
+    if chunked_loss is not False and (isinstance(chunked_loss, bool) or int(chunked_loss) < 1):
+        if chunked_loss is not True:
+            raise ValueError(f"deltapack: chunked_loss={chunked_loss!r}; expected True, False or tokens per chunk >= 1")
     arch, stacks = _decoder_stacks(target)
     pads_exactly = family_of(str(target.config.model_type)).pads_exactly
     layers = tuple(m for stack in stacks for m in stack.modules() if isinstance(m, GradientCheckpointingLayer))
@@ -126,6 +140,8 @@ def patch(model: ModelT) -> ModelT:
         target.__dict__[_ENTRY_TEXT_MODELS] = stacks
         target.__dict__[_THREAD_BOUNDARIES] = arch is not None
         target.__dict__[_PADS_EXACTLY] = pads_exactly
+        if chunked_loss is not False:
+            target.__dict__[_CHUNKED_LOSS] = DEFAULT_CHUNK_TOKENS if chunked_loss is True else int(chunked_loss)
     attention_hooks.attach(target)
     object.__setattr__(target, _STATE, _PatchState(arch, wrapped))
     return model
@@ -171,6 +187,7 @@ def unpatch(model: ModelT) -> ModelT:
     if state is None:
         return model
     target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
+    target.__dict__.pop(_CHUNKED_LOSS, None)
     attention_hooks.detach(target)
     for module, attr in reversed(state.wrapped):
         module.__dict__.pop(ATTENTION_MODULES, None)
@@ -250,7 +267,11 @@ def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return through(*args, **kwargs)
     inner = self.__dict__["_deltapack_entry_inner"]
     checked = self.__dict__.get(_ENTRY_TEXT_MODELS, ())
-    return _route(inner, inner, args, kwargs, checked=checked, thread=self.__dict__.get(_THREAD_BOUNDARIES, True))
+    chunk = self.__dict__.get(_CHUNKED_LOSS, 0)
+    if chunk and kwargs.pop("return_logits", False):
+        chunk = 0  # the caller asks for the logits: the model's own path
+    thread = self.__dict__.get(_THREAD_BOUNDARIES, True)
+    return _route(inner, inner, args, kwargs, checked=checked, thread=thread, chunk=chunk)
 
 
 def _route(
@@ -261,6 +282,7 @@ def _route(
     checked: tuple[nn.Module, ...] = (),
     thread: bool = True,
     router_rows: bool = False,
+    chunk: int = 0,
 ) -> Any:
     """Run a call through ``inner`` unchanged when it describes no packing, else unpadded through ``packed``.
 
@@ -272,6 +294,7 @@ def _route(
     boundaries down as the ``boundaries`` keyword (see :func:`_packed_call`).
     ``router_rows``: the decoder stack called directly (as TRL's fused LM head does): its caller weights router
     logits by its own [B, T] ``attention_mask``, so they come back one row per position of the batch.
+    ``chunk``: tokens per chunk of the chunked loss of a packed call with labels (0: the model's own loss).
     """
     unchanged = functools.partial(_unchanged, inner, args, kwargs, checked)
     call = _as_kwargs(inner, args, kwargs)
@@ -326,7 +349,7 @@ def _route(
             f"deltapack: boundaries are on {bounds.device} and the inputs on {device}; expected both on one device "
             "(Boundaries.to(device))"
         )
-    return _packed_call(packed, call, bounds, thread, router_rows)
+    return _packed_call(packed, call, bounds, thread, router_rows, chunk)
 
 
 def _wants_router_logits(inner: Callable[..., Any], call: dict[str, Any]) -> bool:
@@ -436,7 +459,12 @@ def _padding_only(bounds: Boundaries) -> bool:
 
 
 def _packed_call(
-    inner: Callable[..., Any], call: dict[str, Any], bounds: Boundaries, thread: bool = True, router_rows: bool = False
+    inner: Callable[..., Any],
+    call: dict[str, Any],
+    bounds: Boundaries,
+    thread: bool = True,
+    router_rows: bool = False,
+    chunk: int = 0,
 ) -> Any:
     """Run ``inner`` on the unpadded stream inside the packing scope; outputs back in the [B, T] layout.
 
@@ -445,6 +473,7 @@ def _packed_call(
     signature names, and labels already shifted per document in the form every causal-LM loss shifts back (the
     target of token t sits at t + 1), so the model's own loss, whatever its code, reads the right targets.
     ``router_rows``: router logits back one row per position of the [B, T] batch (see :func:`_route`).
+    ``chunk``: with labels, the loss in chunks of this many tokens where :func:`why_not_chunked` allows (0: never).
     """
     for name in ("pixel_values", "pixel_values_videos"):
         if call.get(name) is not None:
@@ -491,12 +520,41 @@ def _packed_call(
         raise ValueError("deltapack: shift_labels without labels; expected labels [B, T] (deltapack shifts them)")
     if thread:
         new["boundaries"] = bounds
+    model = getattr(inner, "__self__", None)
+    if chunk and new.get("labels") is not None and model is not None:
+        stacks = model.__dict__.get(_ENTRY_TEXT_MODELS, ())
+        stack = stacks[0] if len(stacks) == 1 else None
+        if why_not_chunked(model, stack, new) is None:
+            with packing_scope(bounds):
+                out = _chunked_loss_call(model, stack, new, shifted, chunk)
+            return _repad_outputs(out, bounds, router_rows)
     with packing_scope(bounds):
         out = inner(**new)
     out = _repad_outputs(out, bounds, router_rows)
     if not keep_all and getattr(out, "logits", None) is not None:
         out["logits"] = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
     return out
+
+
+def _chunked_loss_call(
+    model: nn.Module, stack: nn.Module, new: dict[str, Any], shift_labels_1T: torch.Tensor, chunk: int
+) -> CausalLMOutputWithPast:
+    """The decoder stack on the stream, then the LM head and ``ForCausalLMLoss`` in chunks of ``chunk`` tokens.
+
+    shift_labels_1T: [1, total] int64, the target of token t at t (-100 at each document's last token).
+    Returns the loss, no logits, and the stack's hidden states / attentions as the model's own forward would.
+    """
+    loss_only = ("labels", "shift_labels", "logits_to_keep", "num_items_in_batch")
+    out = stack(**{k: v for k, v in new.items() if k not in loss_only})
+    loss = chunked_lm_loss(
+        model.lm_head, out.last_hidden_state, shift_labels_1T, new.get("num_items_in_batch"), chunk=chunk
+    )
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        hidden_states=getattr(out, "hidden_states", None),
+        attentions=getattr(out, "attentions", None),
+    )
 
 
 def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
