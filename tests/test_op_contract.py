@@ -307,7 +307,7 @@ def test_context_parallel_segments_refuse_an_op_they_cannot_keep_exact():
 SRC = Path(deltapack.__file__).parent
 # each top-level part of the package may import only parts of a lower or the same rank (the package root, the
 # public API, is reached only from inside functions)
-RANKS = {"ops": 0, "diagnostics": 0, "boundaries": 1, "data": 2, "models": 2, "tiny": 2, "patch": 3}
+RANKS = {"ops": 0, "diagnostics": 0, "boundaries": 1, "data": 2, "models": 2, "tiny": 2, "chunked_loss": 2, "patch": 3}
 RANKS |= {"distributed": 4, "audit": 4}
 RANKS |= {"train": 5, "cli": 6}
 
