@@ -31,7 +31,8 @@ ATTENTION_TYPES = (
     "nanochat", "nemotron", "olmo", "olmo2", "olmoe", "persimmon", "phi", "seed_oss", "solar_open", "stablelm",
     "youtu", "falcon", "dbrx",
     # multi-head latent attention (own value head size)
-    "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "minicpm3", "sarvam_mla", "sarvam_moe",
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "longcat_flash", "minicpm3", "sarvam_mla",
+    "sarvam_moe",
     # sliding windows (some layers or all), soft-capping, sinks, chunked attention
     "afmoe", "beam", "cohere2", "cohere2_moe", "doge", "exaone4", "exaone_moe", "flint", "gemma2", "gemma3",
     "gemma3_text", "gpt_oss", "granite_swa", "granitemoe_swa", "hy_v4",
