@@ -96,6 +96,7 @@ CONSISTENT: dict[str, dict[str, Any]] = {
         "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": INTERMEDIATE},
     },
+    "zaya": {"num_experts_per_tok": 1},  # its config validator allows top-1 routing only
     "longcat_flash": {"ffn_hidden_size": INTERMEDIATE, "expert_ffn_hidden_size": 32, "zero_expert_num": 2},
 }
 
