@@ -97,6 +97,8 @@ CONSISTENT: dict[str, dict[str, Any]] = {
         "ffn_config": {"ffn_hidden_size": INTERMEDIATE},
     },
     "zaya": {"num_experts_per_tok": 1},  # its config validator allows top-1 routing only
+    # the default config leaves its experts unset
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "longcat_flash": {"ffn_hidden_size": INTERMEDIATE, "expert_ffn_hidden_size": 32, "zero_expert_num": 2},
 }
 
