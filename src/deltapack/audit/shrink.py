@@ -99,6 +99,14 @@ CONSISTENT: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1},  # its config validator allows top-1 routing only
     # the default config leaves its experts unset
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    # the default config leaves rope_parameters empty where the model reads one entry per layer type (5.17 splits
+    # the rotary frequencies into sections: 8 = 2 + 2 + 4 for head_dim 16)
+    "cohere_compass_text": {
+        "rope_parameters": {
+            t: {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]}
+            for t in ("full_attention", "sliding_attention")
+        }
+    },
     "longcat_flash": {"ffn_hidden_size": INTERMEDIATE, "expert_ffn_hidden_size": 32, "zero_expert_num": 2},
 }
 

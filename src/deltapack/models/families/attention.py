@@ -29,7 +29,7 @@ ATTENTION_TYPES = (
     "internlm3", "iquestcoder", "jais2", "jetmoe", "llama", "minimax_m2", "minimax_m3_vl_text", "mllama",
     "mllama_text_model", "moshi",
     "nanochat", "nemotron", "olmo", "olmo2", "olmoe", "persimmon", "phi", "seed_oss", "solar_open", "stablelm",
-    "youtu", "falcon", "dbrx", "dots1",
+    "youtu", "falcon", "dbrx", "dots1", "cohere_compass_text",
     # multi-head latent attention (own value head size)
     "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "longcat_flash", "minicpm3", "sarvam_mla",
     "sarvam_moe",
