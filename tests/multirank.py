@@ -47,6 +47,9 @@ def _rank(rank: int, checks: Checks, port: int, out_dir: str, world: int, backen
     results: dict[str, float] = {}
     try:
         checks(rank, results, out_dir)
+        # every rank done before any tears its connections down (a rank that exits mid-teardown of the other's gloo
+        # pairs can abort it: "terminate called without an active exception")
+        dist.barrier()
     finally:
         save(rank, results, out_dir)
         dist.destroy_process_group()
