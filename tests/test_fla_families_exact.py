@@ -5,19 +5,17 @@ patched model is bit-identical to the unpatched one, ``generate()`` included; ``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import __version__
 
-import deltapack
 from deltapack.audit import audit
 from deltapack.tiny import available, tiny_model
+from helpers import alone_logits, doc_loss_sum, grads_of, patched
 from helpers import installed as buildable
 from packing import build, max_doc_diff
 
@@ -45,23 +43,9 @@ def model_of(arch: str, attn: str = "sdpa"):
     return tiny_model(arch, attn_implementation=attn)
 
 
-@contextlib.contextmanager
-def patched(model):
-    deltapack.patch(model)
-    try:
-        yield model
-    finally:
-        deltapack.unpatch(model)
-
-
 def random_docs(lengths, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]  # 0-2: pad, bos, eos
-
-
-def alone_logits(model, docs):
-    with torch.no_grad():
-        return [model(torch.tensor([d])).logits[0] for d in docs]
 
 
 def unpatched_diff(model, packed, alone):
@@ -112,16 +96,6 @@ def test_every_arch_is_exact_with_padding_on_both_sides(arch, attn):
         assert unpatched_diff(model, packed, alone) > LEAK
         with patched(model), torch.no_grad():
             assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
-
-
-def doc_loss_sum(logits, doc):
-    return F.cross_entropy(logits[: len(doc) - 1], torch.tensor(doc[1:], dtype=torch.long), reduction="sum")
-
-
-def grads_of(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("arch", PARAMS)

@@ -6,20 +6,18 @@ packed stream each document's rows and input gradients equal the layer run on th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import deltapack
 from deltapack.audit import audit
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import packed_layer_of
 from deltapack.tiny import tiny_model
+from helpers import doc_loss_sum, grads_of, norm_rel, patched, random_docs
 from packing import build, max_doc_diff
 
 ARCHS = ("minimax", "recurrent_gemma", "rwkv", "xlstm")
@@ -32,20 +30,6 @@ LEAK = 1e-3
 def model_of(arch: str, attn: str = "sdpa"):
     """A tiny fp32 model (long memory); each test leaves it unpatched, in eval mode, without grads."""
     return tiny_model(arch, attn_implementation=attn if arch in WITH_ATTENTION else "eager")
-
-
-@contextlib.contextmanager
-def patched(model):
-    deltapack.patch(model)
-    try:
-        yield model
-    finally:
-        deltapack.unpatch(model)
-
-
-def random_docs(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
 
 
 def alone_logits(model, docs):
@@ -142,20 +126,6 @@ def test_left_padded_rows_are_exact(arch):
         assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
 
 
-def doc_loss_sum(logits, doc):
-    return F.cross_entropy(logits[: len(doc) - 1], torch.tensor(doc[1:], dtype=torch.long), reduction="sum")
-
-
-def grads_of(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_gradient_equals_sum_of_alone(arch):
     model = model_of(arch)
@@ -170,9 +140,9 @@ def test_packed_gradient_equals_sum_of_alone(arch):
         return grads_of(model, loss)
 
     try:
-        assert rel(packed_grads(), reference) > LEAK
+        assert norm_rel(packed_grads(), reference) > LEAK
         with patched(model):
-            assert rel(packed_grads(), reference) <= 1e-4
+            assert norm_rel(packed_grads(), reference) <= 1e-4
     finally:
         model.zero_grad(set_to_none=True)
 
@@ -214,7 +184,7 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
     with patched(model):
         logits = model(**packed.kwargs).logits
         loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-        assert rel(grads_of(model, loss), reference) <= 1e-4
+        assert norm_rel(grads_of(model, loss), reference) <= 1e-4
 
 
 def test_xlstm_chunked_inference_over_a_packed_stream_raises():
