@@ -45,7 +45,7 @@ def upcast(inputs):
     return [t.detach().float().requires_grad_() for t in inputs]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("fla_chunk", marks=needs_fla)])
 def test_lightning_attention_matches_reference(backend):
     lengths = random_lengths(3000, torch.Generator().manual_seed(1))
     segments, gen = segments_of(lengths), torch.Generator(device="cuda").manual_seed(0)

@@ -9,6 +9,8 @@ fallback ``chunk_kimi_delta_attention`` on each document alone.
 
 - :func:`kda_ref`: exact, chunked, pure PyTorch (autograd, any device): the oracle and the CPU path.
 - :func:`kda`: the public op; FLA's ``chunk_kda`` with ``cu_seqlens`` for bf16 / fp16 on CUDA, else the reference.
+  FLA builds its chunk index from the host offsets (a host sync per call); deltapack hands it the batch's device
+  index instead (:mod:`deltapack.ops.fla_index`), so a packed forward+backward makes no host sync.
 
 Legend: T = tokens of the packed stream, N = documents, H / Hv = key / value heads (Hv = r * H), K / V = head dims,
 C = chunks, L = chunk length.
@@ -16,6 +18,7 @@ C = chunks, L = chunk length.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +28,8 @@ from torch import Tensor
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.fla import verify_chunked
+from deltapack.ops.fla_index import host_offsets
+from deltapack.ops.fla_index import install as install_chunk_index
 from deltapack.ops.reference import _chunk_layout, delta_rule_across_chunks, l2norm
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import check_stream
@@ -169,14 +174,6 @@ class _WithReference(torch.autograd.Function):
         return (None, None, *(next(it) if t.requires_grad else None for t in ctx.leaves))
 
 
-def _host_offsets(segments: Segments) -> torch.Tensor:
-    """[N + 1] int64 CPU offsets, one tensor per batch. FLA's chunk_kda takes no precomputed chunk index: it builds
-    one from these and copies it to the GPU (a host sync), memoised by the identity of its arguments (FLA's
-    ``tensor_cache``), so handing every layer of the batch the same two tensors costs that copy once per batch,
-    not once per layer."""
-    return torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
-
-
 _checked: set[tuple] = set()  # the head shapes and dtypes FLA's chunk_kda was checked on in this process
 
 
@@ -203,7 +200,7 @@ def _checked_on_first_use(chunk_kda: Callable[..., tuple], q: torch.Tensor, v: t
         (-rand(1, 76, hv, dk).abs() * 0.5).to(g.dtype),
         rand(1, 76, hv).sigmoid().to(beta.dtype),
     ]
-    cu_cpu = torch.tensor(probe.cu_seqlens_host, dtype=torch.long)
+    cu_cpu = probe.plan(host_offsets)
 
     def fast(*xs: torch.Tensor) -> torch.Tensor:
         return chunk_kda(*xs, use_qk_l2norm_in_kernel=True, cu_seqlens=probe.cu_seqlens, cu_seqlens_cpu=cu_cpu)[0]
@@ -219,6 +216,9 @@ def _checked_on_first_use(chunk_kda: Callable[..., tuple], q: torch.Tensor, v: t
 def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     from fla.ops.kda import chunk_kda
 
+    # the batch's device chunk index instead of the one FLA builds on the host
+    install_chunk_index(importlib.import_module("fla.ops.kda.chunk"))
+
     def run(
         q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, segments: Segments, **options: Any
     ) -> tuple[Tensor, Tensor | None]:
@@ -232,7 +232,7 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
                 scale=scale,
                 use_qk_l2norm_in_kernel=use_qk_l2norm,
                 cu_seqlens=segments.cu_seqlens,
-                cu_seqlens_cpu=segments.plan(_host_offsets),
+                cu_seqlens_cpu=segments.plan(host_offsets),
             )
             return o
 
@@ -253,7 +253,7 @@ def _load_fla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
                 output_final_state=output_final_state,
                 use_qk_l2norm_in_kernel=use_qk_l2norm,
                 cu_seqlens=segments.cu_seqlens,
-                cu_seqlens_cpu=segments.plan(_host_offsets),
+                cu_seqlens_cpu=segments.plan(host_offsets),
             )
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))):
             try:  # no backward to come: no graph to keep
@@ -282,8 +282,9 @@ kda = public_function(
     KDA,
     """KDA over a packed stream, state reset per document (arguments and results as in :func:`kda_ref`).
 
-    Backends: "fla" (CUDA, bf16 / fp16, head dims <= 256: FLA's ``chunk_kda`` with ``cu_seqlens`` and the host
-    offsets) or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
+    Backends: "fla" (CUDA, bf16 / fp16, head dims <= 256: FLA's ``chunk_kda`` with ``cu_seqlens``, the host
+    offsets and the batch's device chunk index, no host sync; see :mod:`deltapack.ops.fla_index`) or "reference";
+    None chooses (see :mod:`deltapack.ops.dispatch`).
     """,
     check=_check,
 )

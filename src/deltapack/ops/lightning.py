@@ -6,13 +6,15 @@ Per head h, document-local positions t >= s:
 
 which is ``MiniMaxLightningAttention``'s block recurrence (its ``query_decay`` / ``key_decay`` / ``diagonal_decay``
 buffers are these powers of ``exp(-slope)`` inside and across blocks). The same recurrence is FLA's simple GLA with a
-constant per-head gate ``g_gamma = -slope`` and ``scale = 1``, which is the CUDA fast path.
+constant per-head gate ``g_gamma = -slope`` and ``scale = 1``: its fused recurrent kernel is the CUDA fast path (no
+host sync), its chunked kernel a second one, asked for by name (see :func:`lightning_attention`).
 
 Legend: T = tokens of the packed stream, H = heads, K / V = key / value head dims, L = chunk length, C = chunks.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -20,6 +22,8 @@ import torch
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.fla import verify_chunked
+from deltapack.ops.fla_index import host_offsets
+from deltapack.ops.fla_index import install as install_chunk_index
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
 
@@ -75,8 +79,44 @@ def lightning_attention_ref(
     return layout.from_chunks(o).to(q.dtype)
 
 
-def _load_fla() -> Callable[..., torch.Tensor]:
+def _probe() -> tuple[list[torch.Tensor], torch.Tensor, Segments]:
+    """A 76-token bf16 probe: a 1-token document, one inside a 64-token chunk, one across."""
+    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [(torch.randn(1, 76, 2, 32, device="cuda", generator=gen) * 0.3).bfloat16() for _ in range(3)]
+    return qkv, torch.tensor([0.1, 0.01], device="cuda"), probe
+
+
+def _checked(name: str, run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``run`` once it passed forward and backward against the reference on the probe (raises otherwise)."""
+    qkv, slope, probe = _probe()
+    check_fast_backend(
+        name,
+        lambda q, k, v: run(q, k, v, slope, segments=probe),
+        lambda q, k, v: lightning_attention_ref(q, k, v, slope, segments=probe),
+        qkv,
+    )
+    return run
+
+
+def _load_fla_recurrent() -> Callable[..., torch.Tensor]:
+    from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+    def run(q, k, v, slope, *, segments: Segments, **_: object) -> torch.Tensor:
+        # one program per (document, head, 64-wide tile of K and V) walks its document token by token with the state
+        # in registers, in fp32; the decay is the constant per-head log gate g_gamma = -slope (no gradient)
+        o, _ = fused_recurrent_simple_gla(
+            q, k, v, g_gamma=-slope.reshape(-1).float(), scale=1.0, cu_seqlens=segments.cu_seqlens
+        )
+        return o
+
+    return _checked("FLA's fused_recurrent_simple_gla", run)
+
+
+def _load_fla_chunk() -> Callable[..., torch.Tensor]:
     from fla.ops.simple_gla import chunk_simple_gla
+
+    install_chunk_index(importlib.import_module("fla.ops.simple_gla.chunk"))
 
     def run(q, k, v, slope, *, segments: Segments, **_: object) -> torch.Tensor:  # chunk_size: FLA's own
         # fp32 q, k, v and a per-token gate: the combination whose backward runs on Hopper (bf16 inputs with a gate
@@ -89,39 +129,45 @@ def _load_fla() -> Callable[..., torch.Tensor]:
             g=g,
             scale=1.0,
             cu_seqlens=segments.cu_seqlens,
-            cu_seqlens_cpu=torch.tensor(segments.cu_seqlens_host, dtype=torch.long),
+            cu_seqlens_cpu=segments.plan(host_offsets),
         )
         return o.to(q.dtype)
 
-    probe = Segments.from_cu_seqlens([0, 1, 6, 76], "cuda")  # a 1-token document, one inside a chunk, one across
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    qkv = [(torch.randn(1, 76, 2, 32, device="cuda", generator=gen) * 0.3).bfloat16() for _ in range(3)]
-    slope = torch.tensor([0.1, 0.01], device="cuda")
-    check_fast_backend(
-        "FLA's chunk_simple_gla",
-        lambda q, k, v: run(q, k, v, slope, segments=probe),
-        lambda q, k, v: lightning_attention_ref(q, k, v, slope, segments=probe),
-        qkv,
-    )
-    return run
+    return _checked("FLA's chunk_simple_gla", run)
 
 
-def _verify_fla(q, k, v, slope, *, segments: Segments, **_: object) -> tuple[bool, str]:
+def _verify_fla_recurrent(q, k, v, slope, *, segments: Segments, **_: object) -> tuple[bool, str]:
+    if not q.is_cuda:
+        return False, f"q is on {q.device.type}; FLA runs on CUDA"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; FLA's recurrent simple GLA is used for bf16 / fp16"
+    if slope.requires_grad:
+        return False, "slope requires a gradient; FLA's g_gamma gets none"
+    return True, ""
+
+
+def _verify_fla_chunk(q, k, v, slope, *, segments: Segments, **_: object) -> tuple[bool, str]:
     return verify_chunked(q, k, v, segments, "FLA's simple GLA")
 
 
 LIGHTNING_ATTENTION = register_op("lightning_attention", lightning_attention_ref)
-LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
+LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla_recurrent, verify=_verify_fla_recurrent, package="fla"))
+LIGHTNING_ATTENTION.add_backend(Backend("fla_chunk", load=_load_fla_chunk, verify=_verify_fla_chunk, package="fla"))
 
 
 lightning_attention = public_function(
     LIGHTNING_ATTENTION,
     """Lightning attention over a packed stream (arguments as :func:`lightning_attention_ref`).
 
-    Backends: "fla" (CUDA, bf16 / fp16 inputs: FLA's ``chunk_simple_gla`` on fp32 q, k, v with the gate -slope per
-    token, ``scale=1`` and ``cu_seqlens``, host offsets given so it does not sync; checked forward and backward
-    against the reference once per process on first use, refused with a warning if it fails) or "reference"; None
-    chooses (see :mod:`deltapack.ops.dispatch`).
+    Backends, each checked forward and backward against the reference once per process on first use and refused
+    with a warning if it fails:
+
+    - "fla" (CUDA, bf16 / fp16, a slope without gradient): FLA's ``fused_recurrent_simple_gla`` with
+      ``g_gamma = -slope``, ``scale=1`` and ``cu_seqlens``; fp32 state, no host sync.
+    - "fla_chunk" (asked for by name only, as it syncs): FLA's ``chunk_simple_gla`` on fp32 q, k, v with the gate
+      -slope per token and the batch's device chunk index; FLA 0.6 still reads its chunk count on the host three
+      times per forward+backward (``chunk_fwd_h`` / ``chunk_bwd_dh``).
+    - "reference" (everything else). None chooses (see :mod:`deltapack.ops.dispatch`).
     """,
     check=_check,
 )
