@@ -91,3 +91,18 @@ def write(path: str | None, result: dict) -> None:
     print(text)
     if path:
         Path(path).write_text(text)
+
+
+def sample_documents(cu_host: list[int] | tuple[int, ...], budget: int = 8192) -> list[int]:
+    """Indices of documents of a packed row to check exactness on: the first, the last, the shortest, the longest and
+    the middle one, then evenly spaced ones while their tokens fit in ``budget`` (the first five always go in)."""
+    n = len(cu_host) - 1
+    length = [cu_host[i + 1] - cu_host[i] for i in range(n)]
+    picks = dict.fromkeys([0, n - 1, min(range(n), key=length.__getitem__), max(range(n), key=length.__getitem__)])
+    picks[n // 2] = None
+    used = sum(length[i] for i in picks)
+    for i in range(0, n, max(1, n // 16)):
+        if i not in picks and used + length[i] <= budget:
+            picks[i] = None
+            used += length[i]
+    return sorted(picks)
