@@ -3,6 +3,7 @@
 # Usage (project root, GPU packages on the path): [OUT=<dir>] bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [fla-families] [recurrences] [llama] [family-tests]
+#   [fla-recurrence-tests]
 #   [probe] (which FLA kernels run fwd+bwd here)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
@@ -73,6 +74,11 @@ for what in "${stages[@]}"; do
     family-tests) stage family-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/gpu/test_mamba_ops_gpu.py tests/gpu/test_kda_gpu.py tests/gpu/test_recurrence_gpu.py \
         tests/gpu/test_attention_plan_gpu.py tests/gpu/test_mamba_models_gpu.py tests/gpu/test_fla_families_gpu.py ;;
+    # the GPU tests of the KDA, short-conv and recurrence families, cheapest first (the KDA op tests use the layer
+    # benchmark's head shapes, so after fla-families they reuse its kernel tuning; the tiny models tune their own)
+    fla-recurrence-tests) stage fla-recurrence-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short \
+        --timeout="${TEST_TIMEOUT:-300}" -m gpu -p no:cacheprovider tests/gpu/test_recurrence_gpu.py \
+        tests/gpu/test_kda_gpu.py tests/gpu/test_fla_families_gpu.py ;;
     probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
