@@ -20,7 +20,7 @@ import argparse
 import statistics
 
 import torch
-from common import document_lengths, documents, e2e_model, environment, load_spec, write
+from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, write
 
 import deltapack
 from deltapack import Boundaries
@@ -42,10 +42,10 @@ def padded_batches(docs: list[torch.Tensor]) -> list[dict]:
     return steps
 
 
-def rows_of(docs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def rows_of(docs: list[torch.Tensor], row: int = ROW) -> list[list[torch.Tensor]]:
     rows, current = [], []
     for d in docs:
-        if current and sum(len(x) for x in current) + len(d) > ROW:
+        if current and sum(len(x) for x in current) + len(d) > row:
             rows.append(current)
             current = []
         current.append(d)
@@ -76,8 +76,8 @@ def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:
     return steps
 
 
-def deltapack_batch(rows: list[list[torch.Tensor]]) -> tuple[dict, torch.Tensor]:
-    ids = torch.zeros(len(rows), ROW, dtype=torch.long)
+def deltapack_batch(rows: list[list[torch.Tensor]], row: int = ROW) -> tuple[dict, torch.Tensor]:
+    ids = torch.zeros(len(rows), row, dtype=torch.long)
     doc_ids = torch.zeros_like(ids)
     for r, row in enumerate(rows):
         col = 0
@@ -173,6 +173,9 @@ def main() -> None:
     for base in ("padded", "hf_packed"):
         if "tokens_per_s" in modes[base]:
             e2e[f"vs_{base}"] = dp / modes[base]["tokens_per_s"]
+    # the deltapack mode's forward+backward (no optimizer step), all 32768 tokens in one batch
+    e2e["mfu_detail"] = mfu(model, total, modes["deltapack"]["seconds"])
+    e2e["mfu"] = e2e["mfu_detail"]["mfu"]
     result["e2e"] = e2e
     write(args.out, result)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 SPEC_PATH = Path(__file__).with_name("e2e-spec.json")
+PEAK_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 / H200 SXM (no sparsity): the denominator of every MFU here
 
 
 def load_spec() -> dict:
@@ -47,6 +48,28 @@ def documents(lengths: list[int], vocab: int = 32000) -> list[torch.Tensor]:
     """The spec's token ids: one generator (seed 0), one randint per document in order."""
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters outside the input embeddings (each tensor once; a tied LM head is the embedding, not counted)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embedding)
+
+
+def mfu(model: torch.nn.Module, tokens: int, seconds: float) -> dict:
+    """Model FLOP utilisation of a forward+backward over ``tokens`` in ``seconds``: 6 x non-embedding parameters x
+    tokens / seconds / :data:`PEAK_BF16_FLOPS` (attention's T^2 work and the embedding lookup not counted)."""
+    params = non_embedding_parameters(model)
+    flop = 6 * params * tokens
+    return {
+        "mfu": flop / seconds / PEAK_BF16_FLOPS,
+        "model_flop": flop,
+        "non_embedding_parameters": params,
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_flops": PEAK_BF16_FLOPS,
+        "formula": "6 x non_embedding_parameters x tokens / seconds / peak_flops",
+    }
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> dict:
