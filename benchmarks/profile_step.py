@@ -1,0 +1,308 @@
+"""Where one packed training step spends its time: the 665M model of e2e-spec.json, bf16, one optimizer step
+(forward, backward, AdamW) on the spec's 32768 real tokens, through ``deltapack.patch``, under the torch profiler.
+
+The batch is ``bench_e2e.py``'s deltapack mode (the documents packed into rows of 8192, one batch, an indexed mask,
+boundaries built beforehand as a collator does). Stages, each written to the JSON as soon as it is done:
+
+1. ``step``: warm-up steps (the first compiles and tunes every kernel: minutes on a cold machine), then the
+   median of timed steps without the profiler, split into forward+backward and the optimizer step; ``mfu`` from
+   the forward+backward time and from the whole step (formula in ``common.mfu``).
+2. ``profile``: one step under the profiler: GPU time by category (matmul, attention, gdn_core, conv,
+   norm_elementwise, copy_cast, loss, optimizer, other), the GPU idle time inside the step (wall time minus the
+   union of kernel intervals: host overhead), by phase (forward, backward, optimizer), and the top kernels.
+   A kernel's category comes from its name and the ops that launched it (the profiler's CPU op stack).
+
+Usage: python benchmarks/profile_step.py [--out profile.json] [--trace trace.json] [--tiny]
+``--tiny``: a 2-layer model of the same layout on 1024 tokens on the CPU (checks the script; the categories are
+then of CPU ops, the numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_e2e import deltapack_batch, rows_of  # noqa: E402
+from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, write  # noqa: E402
+
+import deltapack  # noqa: E402
+from deltapack import Boundaries  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, vocab_size=512,
+            layer_types=["linear_attention"] * 3 + ["full_attention"])  # fmt: skip
+
+# (category, pattern) in order, matched against "kernel name | launching ops" (lower case); the first match wins.
+# The op stack holds the forward ops (aten::*, record_function ranges) and the backward nodes
+# ("autograd::engine::evaluate_function: MmBackward0", "...ChunkGatedDeltaRuleFunctionBackward").
+CATEGORIES = (
+    ("optimizer", r"optimizer\.step|multi_tensor_apply|adamw?\b|_fused_adam|foreach"),
+    ("loss", r"cross_entropy|nll_loss|nlllossbackward|log_softmax|logsoftmax|chunked_lm_loss|forcausallmloss"),
+    ("gdn_core", r"gated_delta|gateddelta|delta_rule|deltarule|solve_tril|chunk_scaled_dot_kkt|recompute_w_u|wy_repr|"
+                 r"wy_fast|chunk_fwd_kernel_o|chunk_bwd_kernel_d|kernel_dhu|kernel_h\b|l2norm|chunk_local_cumsum|"
+                 r"flash_qla|qla"),
+    ("conv", r"causal_conv1d|causalconv|conv1d|convolution|conv_depthwise"),
+    ("attention", r"flash|attention|attn|fmha|sdpa|varlen|flex"),
+    ("matmul", r"gemm|nvjet|xmma|cublas|cutlass|matmul|aten::mm\b|aten::addmm|aten::bmm|aten::linear|mmbackward|"
+               r"addmmbackward|bmmbackward|linear"),
+    ("copy_cast", r"memcpy|memset|copy|_to_copy|aten::to\b|cast|aten::cat|catarraybatched|fill|zero_|aten::clone|"
+                  r"contiguous|index|gather|scatter|embedding"),
+    ("norm_elementwise", r"norm|elementwise|vectorized|reduce|silu|sigmoid|softplus|gelu|exp|mul|add|div|sub|rsqrt|"
+                         r"pow|mean|sum|neg|where|triton_|cumsum|softmax"),
+)  # fmt: skip
+_COMPILED = [(name, re.compile(p)) for name, p in CATEGORIES]
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+PHASES = ("forward", "backward", "optimizer")
+
+
+def categorize(kernel: str, ops: list[str], phase: str | None) -> str:
+    """The category of one kernel from its name and the names of the ops that launched it (outermost first)."""
+    if phase == "optimizer":
+        return "optimizer"
+    text = " | ".join([kernel, *reversed(ops)]).lower()
+    for name, pattern in _COMPILED:
+        if pattern.search(text):
+            return name
+    return "other"
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dict:
+    """The breakdown of one step from a Chrome trace of the profiler (``export_chrome_trace``).
+
+    Device events are the GPU kernels, copies and sets; without any (a CPU run) the leaf CPU ops stand in for them.
+    Each one is tied to the CPU op stack around its launch (by the launch's correlation id), the phase whose
+    ``record_function`` range holds the launch, and a category (:func:`categorize`).
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    cpu = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
+    step = next((e for e in cpu if e["name"] == step_name), None)
+    phases = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in cpu if e["name"] in PHASES}
+    device = [e for e in events if e.get("cat") in DEVICE_CATS]
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})
+    }
+    on_gpu = bool(device)
+    if not on_gpu:  # CPU: leaf ops (no other op inside them on their thread) stand in for kernels
+        by_tid = defaultdict(list)
+        for e in cpu:
+            if e.get("cat") == "cpu_op":
+                by_tid[e["tid"]].append(e)
+        for ops in by_tid.values():
+            ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+            for i, e in enumerate(ops):
+                nxt = ops[i + 1] if i + 1 < len(ops) else None
+                if nxt is None or nxt["ts"] >= e["ts"] + e["dur"]:
+                    device.append(e)
+    # the op stack around a point in time on a thread: ops sorted by start, checked for containment
+    stacks: dict = defaultdict(list)
+    for e in cpu:
+        stacks[e["tid"]].append(e)
+    starts = {}
+    for tid, ops in stacks.items():
+        ops.sort(key=lambda e: e["ts"])
+        starts[tid] = [e["ts"] for e in ops]
+
+    def ops_around(tid, ts: float) -> list[str]:
+        ops = stacks.get(tid, [])
+        i = bisect.bisect_right(starts.get(tid, []), ts)
+        return [e["name"] for e in ops[:i] if e["ts"] + e["dur"] >= ts][-24:]  # outermost first
+
+    def phase_of(ts: float) -> str | None:
+        return next((name for name, (s, e) in phases.items() if s <= ts <= e), None)
+
+    lo, hi = (step["ts"], step["ts"] + step["dur"]) if step else (float("-inf"), float("inf"))
+    by_cat: dict[str, float] = defaultdict(float)
+    by_phase: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    intervals = []
+    for e in device:
+        launch = launches.get(e.get("args", {}).get("correlation")) if on_gpu else e
+        at, tid = (launch["ts"], launch["tid"]) if launch else (e["ts"], None)
+        if not (lo <= at <= hi):
+            continue
+        ops = ops_around(tid, at) if launch else []
+        if not on_gpu:
+            ops = ops[:-1]  # the leaf op itself is the "kernel"
+        phase = phase_of(at)
+        cat = categorize(e["name"], ops, phase)
+        ms = e["dur"] / 1e3
+        by_cat[cat] += ms
+        by_phase[phase or "outside"][cat] += ms
+        k = by_kernel[(e["name"][:160], cat)]
+        k[0] += ms
+        k[1] += 1
+        intervals.append((e["ts"], e["ts"] + e["dur"]))
+    busy_ms = _union_us(intervals) / 1e3
+    if step and intervals:  # the step's wall span: its CPU start to the later of its CPU end and the last kernel end
+        span_ms = (max(hi, max(e for _, e in intervals)) - lo) / 1e3
+    else:
+        span_ms = busy_ms
+    kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])
+    return {
+        "device_events": "cuda kernels, copies and sets" if on_gpu else "leaf CPU ops (no GPU)",
+        "step_wall_ms": span_ms,
+        "gpu_busy_ms": busy_ms,
+        "gpu_idle_ms": span_ms - busy_ms,
+        "kernel_time_ms": sum(by_cat.values()),
+        "by_category_ms": {name: by_cat.get(name, 0.0) for name, _ in CATEGORIES} | {"other": by_cat.get("other", 0.0)},
+        "by_phase_ms": {p: dict(c) for p, c in by_phase.items()},
+        "top_kernels": [{"name": n, "category": c, "ms": ms, "calls": calls} for (n, c), (ms, calls) in kernels[:top]],
+        "other_kernels": [{"name": n, "ms": ms, "calls": calls} for (n, c), (ms, calls) in kernels if c == "other"][
+            :top
+        ],
+    }
+
+
+def label_ops() -> None:
+    """Every deltapack op's forward in a ``deltapack::<op>`` profiler range, so that its kernels (FLA's Triton
+    kernels launch from Python, under no aten op) are told apart; backward nodes carry their Function's name."""
+    from deltapack.ops.dispatch import Op
+
+    run = Op.run
+
+    def labelled(self, *args, **kwargs):
+        with torch.profiler.record_function(f"deltapack::{self.name}"):
+            return run(self, *args, **kwargs)
+
+    Op.run = labelled
+
+
+def train_step(model, batch: dict, make_bounds, optimizer, device: str) -> tuple[float, float]:
+    """One optimizer step with each phase in a record_function range; (forward+backward s, optimizer s)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.profiler.record_function("forward"):
+        loss = model(**batch, boundaries=make_bounds()).loss
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    sync()
+    mid = time.perf_counter()
+    with torch.profiler.record_function("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    return mid - start, time.perf_counter() - mid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    parser.add_argument("--trace", help="also keep the profiler's Chrome trace here (tens of MB)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on 1024 tokens on the CPU")
+    args = parser.parse_args()
+
+    spec = load_spec()
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model("qwen3_5_text", **(spec["model"]["config"] | TINY))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        total, row = 1024, 256
+        lengths = [max(1, n // 16) for n in document_lengths(32768)]
+        lengths = lengths[: next(i for i in range(len(lengths)) if sum(lengths[: i + 1]) >= total) + 1]
+        lengths[-1] -= sum(lengths) - total
+    else:
+        model = e2e_model(spec)
+        total, row = spec["tokens"]["total"], 8192
+        lengths = document_lengths(total)
+    model.train()
+    deltapack.patch(model)
+    label_ops()
+    rows = rows_of(documents(lengths, model.config.vocab_size), row)
+    batch, doc_ids = deltapack_batch(rows, row)
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def make_bounds():  # a collator hands over fresh boundaries with every batch
+        return Boundaries.from_document_ids(doc_ids).to(device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    result: dict = {
+        "env": environment() if device == "cuda" else {"device": "cpu (tiny dry run)", "torch": torch.__version__},
+        "model": "e2e-spec 665M" if not args.tiny else "tiny (dry run)",
+        "tokens": sum(lengths),
+        "documents": len(lengths),
+        "batch_shape": list(batch["input_ids"].shape),
+        "optimizer": "torch.optim.AdamW (defaults, bf16 parameters and states)",
+    }
+    clock = time.perf_counter()
+    try:
+        first = []
+        for _ in range(args.warmup):
+            first.append(sum(train_step(model, batch, make_bounds, optimizer, device)))
+            print(f"warm-up step {len(first)}: {first[-1]:.2f} s (at {time.perf_counter() - clock:.0f} s)", flush=True)
+        timed = [train_step(model, batch, make_bounds, optimizer, device) for _ in range(args.reps)]
+        fwd_bwd = statistics.median(t[0] for t in timed)
+        step = statistics.median(t[0] + t[1] for t in timed)
+        result["step"] = {
+            "warmup_s": first,
+            "forward_backward_s": fwd_bwd,
+            "optimizer_s": statistics.median(t[1] for t in timed),
+            "step_s": step,
+            "all": timed,
+            "tokens_per_s": sum(lengths) / step,
+        }
+        if device == "cuda":
+            result["step"]["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        result["mfu"] = mfu(model, sum(lengths), fwd_bwd)["mfu"]
+        result["mfu_with_optimizer"] = mfu(model, sum(lengths), step)["mfu"]
+        result["mfu_detail"] = mfu(model, sum(lengths), fwd_bwd)
+    except Exception as err:  # noqa: BLE001 - recorded; the profile below may still run
+        result["step"] = {"error": repr(err)[:2000]}
+    write(args.out, result)
+
+    try:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.record_function("profiled_step"):
+                train_step(model, batch, make_bounds, optimizer, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.trace or str(Path(tmp) / "trace.json")
+            prof.export_chrome_trace(path)
+            trace = json.loads(Path(path).read_text())
+        result["profile"] = analyse(trace)
+        if "step_s" in result.get("step", {}):  # the profiler slows the host: the idle time without it
+            result["profile"]["gpu_idle_ms_unprofiled"] = (
+                result["step"]["step_s"] * 1e3 - result["profile"]["gpu_busy_ms"]
+            )
+    except Exception as err:  # noqa: BLE001 - recorded in the JSON
+        result["profile"] = {"error": repr(err)[:2000]}
+    write(args.out, result)
+    print(f"done at {time.perf_counter() - clock:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
