@@ -4,7 +4,8 @@
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [fla-families] [recurrences] [llama] [family-tests]
 #   [fla-recurrence-tests]
-#   [probe] (which FLA kernels run fwd+bwd here)
+#   [probe] (which FLA kernels run fwd+bwd here) [profile] (one packed training step of the e2e model by kernel category)
+#   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
@@ -80,6 +81,12 @@ for what in "${stages[@]}"; do
         --timeout="${TEST_TIMEOUT:-300}" -m gpu -p no:cacheprovider tests/gpu/test_recurrence_gpu.py \
         tests/gpu/test_kda_gpu.py tests/gpu/test_fla_families_gpu.py ;;
     probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
+    # one optimizer step of the e2e model under the torch profiler (GPU time by category, idle time, MFU)
+    profile) stage profile "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py --out "$out/profile.json" ;;
+    gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
+    # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
+    largest-9b) stage largest-9b "${LARGEST_9B_LIMIT:-540}" python benchmarks/largest_row.py --model 9b \
+        --first "${LARGEST_9B_FIRST:-32768}" --out "$out/largest_9b.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;
