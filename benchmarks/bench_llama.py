@@ -1,5 +1,5 @@
 """Attention-only models on one GPU: a Llama-architecture ~1B model, bf16, forward+backward (loss on all tokens)
-over the 32768-token stream of e2e-spec.json, and two attention variants checked against the reference.
+over the 32768-token stream of e2e-spec.json, and attention variants checked against the reference.
 
 Modes (the same documents, all in one run):
 
@@ -10,9 +10,12 @@ Modes (the same documents, all in one run):
   ``deltapack.patch`` (varlen attention with the batch's cu_seqlens, no [T, T] mask).
 
 Exactness: the logits of sampled documents of the deltapack batch against each document alone through the
-unpatched model (bf16), beside the same document alone in bf16 vs fp32 (the bf16 noise floor). Layers: a
-gpt_oss-like model (sinks + sliding window, flex_attention) and a gemma3-like model (sliding and full layers, sdpa),
-packed through the GPU plan vs each document alone through the original model (bf16 errors vs fp32 alone).
+unpatched model (bf16), beside the same document alone in bf16 vs fp32 (the bf16 noise floor), written as soon as
+it is done. Attention variants (``VARIANTS``): a gpt_oss-like model (sinks + sliding window, flex_attention), a
+gemma3-like model (sliding and full layers, sdpa), a gemma2-like one (soft-capped attention, flex_attention) and
+llama on eager attention, packed through the GPU plan vs each document alone through the original model in eager
+(bf16 errors vs fp32 alone); each records the plan that ran (varlen, flex, or the dense mask; eager: the dense mask
+and its warning).
 
 Usage: python benchmarks/bench_llama.py [--out llama.json] [--dry]
 ``--dry``: tiny configs and 2048 tokens on the CPU (checks the script runs; timings meaningless).
@@ -156,8 +159,25 @@ def exactness(model, batch, doc_ids, places, device: str, samples: int = 12) -> 
     }
 
 
+# the attention variants: (model type, attention implementation on a GPU, config overrides). Head dims of 64 (the
+# audit's tiny configs have 16; flex's inductor templates failed to compile one such config on an H200). gemma3
+# keeps attn_logit_softcapping in its config but does not pass it to attention; gemma2 does (soft-capped scores),
+# and both scale the final logits (final_logit_softcapping). llama on eager: the exact dense mask, with a warning.
+VARIANTS = (
+    ("gpt_oss", "flex_attention", {"sliding_window": 128, "head_dim": 64}),  # sinks + sliding window
+    ("gemma3_text", "sdpa", {"sliding_window": 128, "head_dim": 64, "final_logit_softcapping": 30.0}),
+    ("gemma2", "flex_attention", {"sliding_window": 128, "head_dim": 64}),  # soft-capped attention (no sdpa)
+    ("llama", "eager", {"head_dim": 64}),
+)
+
+
 def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: list[int]) -> dict:
-    """A tiny model of ``arch`` (the audit's shrunk config) packed through deltapack vs each document alone."""
+    """A tiny model of ``arch`` (the audit's shrunk config) packed through deltapack vs each document alone.
+
+    The references (each document alone, fp32 and bf16) run eager attention, the exact math on any device;
+    the packed stream runs ``impl`` through deltapack's attention plan. Returns the errors, the plan each layer
+    class logged (``plans``; eager logs none: ``ran`` says what ran then), deltapack's warnings, a flex failure.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from deltapack.audit import shrink
@@ -167,7 +187,7 @@ def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: l
     for k, v in overrides.items():
         setattr(config, k, v)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).to(device).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(device).eval()
     docs = documents(lengths, config.get_text_config().vocab_size)
     ids = torch.cat(docs)[None].to(device)
     bounds = Boundaries.from_cu_seqlens(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), ids.shape)
@@ -175,11 +195,13 @@ def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: l
         ref = [model(d[None].to(device)).logits[0] for d in docs]
         model.to(torch.bfloat16)
         alone = [model(d[None].to(device)).logits[0].float() for d in docs]
+        model.set_attn_implementation(impl)
         deltapack.patch(model)
         attention_plan._logged.clear()
-        records: list[str] = []
+        attention_plan._flex_failure.reason = ""  # each variant gets its own flex try
+        records: list[logging.LogRecord] = []
         handler = logging.Handler()
-        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        handler.emit = records.append  # type: ignore[method-assign]
         logging.getLogger("deltapack").addHandler(handler)
         logging.getLogger("deltapack").setLevel(logging.INFO)
         try:
@@ -193,19 +215,32 @@ def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: l
         finally:
             logging.getLogger("deltapack").removeHandler(handler)
             deltapack.unpatch(model)
+        model.set_attn_implementation("eager")
+        leak = model(ids).logits[0].float()  # unpatched, no packing information: documents attend to each other
+    messages = [r.getMessage() for r in records]
     parts = packed.split(lengths)
     err = max((p - r).abs().max().item() for p, r in zip(parts, ref))
     floor = max((a - r).abs().max().item() for a, r in zip(alone, ref))
+    leaked = max((p - r).abs().max().item() for p, r in zip(leak.split(lengths), ref))
+    plans = sorted({m.split(" plan")[0].split("the ")[-1] for m in messages if "runs packed attention on" in m})
+    eager_dense = any("eager attention on a GPU keeps an exact dense" in m for m in messages)
     return {
         "arch": arch,
         "attn_implementation": impl,
         "overrides": overrides,
         "tokens": sum(lengths),
         "documents": len(lengths),
-        "plans": sorted({m.split(" plan")[0].split("the ")[-1] for m in records if "runs packed attention on" in m}),
+        "plans": plans,
+        "ran": ", ".join(plans)
+        if plans
+        else (
+            "dense (eager's own attention, exact [T, T] mask)" if eager_dense else "dense (no plan logged)"
+        ),  # fmt: skip
+        "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING],
         "flex_failure": attention_plan._flex_failure.reason or None,  # a flex call that raised: the dense plan ran
         "packed_vs_fp32_alone": err,
         "bf16_alone_vs_fp32_alone": floor,
+        "unpatched_leak_vs_fp32_alone": leaked,
         "exact_within_bf16_noise": err <= 2 * floor + 1e-3,
         "first_forward_seconds": seconds,
     }
@@ -281,8 +316,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     variant_lengths = lengths[: 12 if args.dry else 24]
     result["variants"] = []
-    for arch, impl in (("gpt_oss", "flex_attention" if device == "cuda" else "eager"), ("gemma3_text", "sdpa")):
-        overrides = {"sliding_window": 128}
+    for arch, impl, overrides in VARIANTS:
+        if device != "cuda" and impl == "flex_attention":
+            impl = "eager"  # flex attention compiles for CUDA only
         got = attempt(lambda: variant_check(arch, impl, overrides, device, variant_lengths))  # noqa: B023
         result["variants"].append({"arch": arch, "attn_implementation": impl, "overrides": overrides, **got})
         write(args.out, result)
