@@ -234,7 +234,9 @@ def variant_check(arch: str, impl: str, overrides: dict, device: str, lengths: l
         "ran": ", ".join(plans)
         if plans
         else (
-            "dense (eager's own attention, exact [T, T] mask)" if eager_dense else "dense (no plan logged)"
+            "dense (eager's own attention, exact [T, T] mask)"
+            if eager_dense
+            else "dense (no plan logged: the exact mask)"
         ),  # fmt: skip
         "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING],
         "flex_failure": attention_plan._flex_failure.reason or None,  # a flex call that raised: the dense plan ran

@@ -20,7 +20,6 @@ then of CPU ops, the numbers meaningless).
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import re
 import statistics
@@ -91,6 +90,28 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, list[str]]:
+    """For each event of ``points``: the names of the ``ops`` of its thread open at its start, outermost first
+    (keyed by ``id`` of the point). An op holds a point when it starts at or before it and ends at or after it."""
+    by_tid: dict = defaultdict(list)
+    for e in ops:
+        by_tid[e["tid"]].append((e["ts"], 0, -e["dur"], e))
+    for e in points:
+        by_tid[e["tid"]].append((e["ts"], 1, 0, e))
+    stacks: dict[int, list[str]] = {}
+    for items in by_tid.values():
+        items.sort(key=lambda item: item[:3])  # by start; an op before a point at the same time; longer ops first
+        open_ops: list[dict] = []
+        for ts, is_point, _, e in items:
+            while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] < ts:
+                open_ops.pop()
+            if is_point:
+                stacks[id(e)] = [o["name"] for o in open_ops if o is not e]
+            else:
+                open_ops.append(e)
+    return stacks
+
+
 def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dict:
     """The breakdown of one step from a Chrome trace of the profiler (``export_chrome_trace``).
 
@@ -120,19 +141,8 @@ def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dic
                 nxt = ops[i + 1] if i + 1 < len(ops) else None
                 if nxt is None or nxt["ts"] >= e["ts"] + e["dur"]:
                     device.append(e)
-    # the op stack around a point in time on a thread: ops sorted by start, checked for containment
-    stacks: dict = defaultdict(list)
-    for e in cpu:
-        stacks[e["tid"]].append(e)
-    starts = {}
-    for tid, ops in stacks.items():
-        ops.sort(key=lambda e: e["ts"])
-        starts[tid] = [e["ts"] for e in ops]
-
-    def ops_around(tid, ts: float) -> list[str]:
-        ops = stacks.get(tid, [])
-        i = bisect.bisect_right(starts.get(tid, []), ts)
-        return [e["name"] for e in ops[:i] if e["ts"] + e["dur"] >= ts][-24:]  # outermost first
+    # the op stack around each launch: per thread, one sweep in time order over properly nested ops
+    around = _op_stacks(cpu, list(launches.values()) if on_gpu else device)
 
     def phase_of(ts: float) -> str | None:
         return next((name for name, (s, e) in phases.items() if s <= ts <= e), None)
@@ -144,12 +154,10 @@ def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dic
     intervals = []
     for e in device:
         launch = launches.get(e.get("args", {}).get("correlation")) if on_gpu else e
-        at, tid = (launch["ts"], launch["tid"]) if launch else (e["ts"], None)
+        at = launch["ts"] if launch else e["ts"]
         if not (lo <= at <= hi):
             continue
-        ops = ops_around(tid, at) if launch else []
-        if not on_gpu:
-            ops = ops[:-1]  # the leaf op itself is the "kernel"
+        ops = around.get(id(launch), []) if launch else []  # on the CPU: the ops around the leaf op
         phase = phase_of(at)
         cat = categorize(e["name"], ops, phase)
         ms = e["dur"] / 1e3
