@@ -82,7 +82,9 @@ for what in "${stages[@]}"; do
         tests/gpu/test_kda_gpu.py tests/gpu/test_fla_families_gpu.py ;;
     probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
     # one optimizer step of the e2e model under the torch profiler (GPU time by category, idle time, MFU)
-    profile) stage profile "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py --out "$out/profile.json" ;;
+    # (PROFILE_TRACE=<file.json.gz>: also keep the profiler's trace)
+    profile) stage profile "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py --out "$out/profile.json" \
+        ${PROFILE_TRACE:+--trace "$PROFILE_TRACE"} ;;
     gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
     # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
     largest-9b) stage largest-9b "${LARGEST_9B_LIMIT:-540}" python benchmarks/largest_row.py --model 9b \

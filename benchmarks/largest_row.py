@@ -135,7 +135,7 @@ def main() -> None:
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.try_timeout, env=os.environ)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            lines = [line for line in proc.stdout.splitlines() if line.startswith('{"tokens"')]
             record = json.loads(lines[-1]) if lines else {"tokens": tokens, "ok": False, "rc": proc.returncode,
                                                            "error": proc.stderr[-1500:]}  # fmt: skip
         except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ then of CPU ops, the numbers meaningless).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import statistics
@@ -223,7 +224,7 @@ def train_step(model, batch: dict, make_bounds, optimizer, device: str) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
-    parser.add_argument("--trace", help="also keep the profiler's Chrome trace here (tens of MB)")
+    parser.add_argument("--trace", help="also keep the profiler's Chrome trace here (.gz: gzipped; tens of MB)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on 1024 tokens on the CPU")
@@ -298,9 +299,13 @@ def main() -> None:
             with torch.profiler.record_function("profiled_step"):
                 train_step(model, batch, make_bounds, optimizer, device)
         with tempfile.TemporaryDirectory() as tmp:
-            path = args.trace or str(Path(tmp) / "trace.json")
-            prof.export_chrome_trace(path)
-            trace = json.loads(Path(path).read_text())
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            text = path.read_text()
+        trace = json.loads(text)
+        if args.trace:  # kept for a closer look (Perfetto / chrome://tracing read it gzipped too)
+            with gzip.open(args.trace, "wt") if args.trace.endswith(".gz") else open(args.trace, "w") as f:
+                f.write(text)
         result["profile"] = analyse(trace)
         if "step_s" in result.get("step", {}):  # the profiler slows the host: the idle time without it
             result["profile"]["gpu_idle_ms_unprofiled"] = (
