@@ -15,10 +15,11 @@ bf16, the patched bf16 layer and the unpatched bf16 layer on each document alone
 layer on the reference, so the fast path's error is judged against bf16's own, and the unpatched layer's leak on one
 row), the patched timing (1 warm-up, --reps timed); then the unpatched first call and timing: the unpatched layers
 that are per-token Python loops (recurrent_gemma's scan, RWKV's WKV without its CUDA kernel) take seconds a call and
-are timed on one more call, which "unpatched_timing_note" says. Last: the minimax layer on the chunked lightning
-backend (FLA's chunk_simple_gla, asked for by name since it syncs inside FLA).
+are timed on one more call, which "unpatched_timing_note" says. Last, with --lightning-chunk: the minimax layer on
+the chunked lightning backend (FLA's chunk_simple_gla, asked for by name since it syncs inside FLA).
 
 Usage: python benchmarks/bench_recurrences.py [--out recurrences.json] [--reps 3] [--only rwkv_time_mix,...]
+       [--lightning-chunk]
        python benchmarks/bench_recurrences.py --dry   (tiny dims, 512 tokens, CPU, fp32: checks the script runs)
 """
 
@@ -300,9 +301,10 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated layer names", default=",".join(LAYERS))
     parser.add_argument("--dry", action="store_true", help="tiny dims, 512 tokens, CPU, fp32")
     parser.add_argument(
-        "--no-lightning-chunk",
+        "--lightning-chunk",
         action="store_true",
-        help="skip the last stage: the minimax layer on the chunked lightning backend (FLA's chunk_simple_gla)",
+        help="a last stage: the minimax layer on the chunked lightning backend (FLA's chunk_simple_gla; its first "
+        "call compiles TileLang kernels, about a minute on a cold machine)",
     )
     parser.add_argument(
         "--rwkv-cuda-kernel",
@@ -337,7 +339,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(f"{name} done in {time.perf_counter() - start:.1f} s", flush=True)
         save(result)
-    if not (args.dry or args.no_lightning_chunk) and "minimax_lightning" in args.only.split(","):
+    if args.lightning_chunk and not args.dry and "minimax_lightning" in args.only.split(","):
         out = result["minimax_lightning_fla_chunk"] = {}
         try:
             lightning_chunk_backend(lengths, args.reps, out, lambda: save(result))

@@ -3,7 +3,7 @@
 # Usage (project root, GPU packages on the path): [OUT=<dir>] bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [fla-families] [recurrences] [llama] [family-tests]
-#   [fla-recurrence-tests]
+#   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
 #   [probe] (which FLA kernels run fwd+bwd here) [profile] (one packed training step of the e2e model by kernel category)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
@@ -70,7 +70,7 @@ for what in "${stages[@]}"; do
     fla-families) stage fla-families "${FAMILY_LIMIT:-240}" python benchmarks/bench_fla_families.py \
         --out "$out/fla_families.json" ;;
     recurrences) stage recurrences "${FAMILY_LIMIT:-240}" python benchmarks/bench_recurrences.py \
-        --out "$out/recurrences.json" ;;
+        --out "$out/recurrences.json" ${RECURRENCES_ARGS:-} ;;
     llama) stage llama "${FAMILY_LIMIT:-240}" python benchmarks/bench_llama.py --out "$out/llama.json" ;;
     family-tests) stage family-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/gpu/test_mamba_ops_gpu.py tests/gpu/test_kda_gpu.py tests/gpu/test_recurrence_gpu.py \
