@@ -19,6 +19,8 @@ scale 1 and the batch's ``cu_seqlens``, CUDA only; asked for by name, see :func:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deltapack.ops import simple_gla_fla
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
 
 __all__ = ["SSD", "ssd", "ssd_ref"]
+
+logger = logging.getLogger("deltapack")
 
 
 def _check(
@@ -175,11 +180,22 @@ def _segsum(v: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the CUDA backend
+Gla = Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]
+
+
+def _gla_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+    """:func:`gated_linear_attention_ref` with the shapes of a ``Gla`` (q, k: [1, T, G, N]; v: [1, T, H, P];
+    g: [1, T, H]), in the dtype of v."""
+    cdt = acc_dtype(v)
+    out = gated_linear_attention_ref(q[0].to(cdt), k[0].to(cdt), v[0].to(cdt), g[0].to(cdt), segments, 64)
+    return out.unsqueeze(0).to(v.dtype)
+
+
 class _GatedLinearAttention(torch.autograd.Function):
     """o = simple GLA(q, k, v, g) with scale 1 per document, where ``fwd`` computes that forward (a kernel).
 
-    The backward is three more calls of the same forward, so it needs no backward kernel (FLA refuses its gated
-    backward on Hopper with Triton 3.4 - 3.7.0): with D(l, s) the decay from s to l,
+    The backward is three more calls of the same forward, so it needs no backward kernel (the fallback for a GPU
+    where FLA's backward does not run): with D(l, s) the decay from s to l,
         dq_l = sum_{s<=l} D(l, s) (do_l . v_s) k_s    = fwd(do, v, k, g)
         dk_s = sum_{l>=s} D(l, s) (do_l . v_s) q_l    = the same, run backwards in time: fwd(v, do, q, g reversed)
         dv_s = sum_{l>=s} D(l, s) (q_l . k_s) do_l    = fwd(k, q, do, g reversed)
@@ -208,7 +224,8 @@ class _GatedLinearAttention(torch.autograd.Function):
         dq = fwd(do, v, k, g, segments)
         dk = backwards(v, do, q)
         dv = backwards(k, q, do)
-        d_cum = (q.double() * dq.double()).sum(-1) - (k.double() * dk.double()).sum(-1)  # [1, T, H]
+        # per-token dots in the inputs' dtype, the sums along the stream (which cancel) in fp64
+        d_cum = (q * dq).sum(-1, dtype=torch.float64) - (k * dk).sum(-1, dtype=torch.float64)  # [1, T, H]
         after = d_cum.flip(1).cumsum(1).flip(1)  # sum over t' >= t in the stream
         end = segments.cu_seqlens.long()[segments.seq_idx[0].long() + 1]  # [T] end of each token's document
         after = torch.cat([after, torch.zeros_like(after[:, :1])], 1)
@@ -228,27 +245,24 @@ def _reversed_segments(segments: Segments) -> Segments:
     )
 
 
-_FAILURE = KernelFailure("FLA's chunk_simple_gla", "the SSD scan")
+def gla_from_forward_calls(forward_kernel: Gla) -> Gla:
+    """A ``Gla`` whose backward is three more calls of ``forward_kernel(q, k, v, g, segments)`` (q, k per head:
+    [1, T, H, N]), see :class:`_GatedLinearAttention`."""
+
+    def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+        heads = v.shape[2]
+        q, k = (t.repeat_interleave(heads // t.shape[2], dim=2, output_size=heads) for t in (q, k))
+        return _GatedLinearAttention.apply(q, k, v, g, forward_kernel, segments)
+
+    return gla
 
 
-def _fla_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, segments: Segments
-) -> torch.Tensor:
-    """FLA's ``chunk_simple_gla`` forward (scale 1, the batch's offsets). Should the kernel raise at run time (a
-    Triton build it does not support), that is logged once and the exact reference computes this and every later
-    call in the process: never a crash mid-training, never a leak."""
-    if not _FAILURE:
-        try:
-            return _chunk_simple_gla(q, k, v, g, segments)
-        except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-            _FAILURE.record(exc)
-    out = gated_linear_attention_ref(q[0].float(), k[0].float(), v[0].float(), g[0].float(), segments, 64)
-    return out.unsqueeze(0).to(v.dtype)
+_FAILURE = KernelFailure("FLA's simple GLA kernels", "the SSD scan")
 
 
-def _chunk_simple_gla(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, segments: Segments
-) -> torch.Tensor:
+def _chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+    """FLA's public ``chunk_simple_gla`` forward (scale 1, the batch's offsets): a host sync or two per call (its
+    wrapper builds indices on the host and reads a chunk count back); the last resort before the reference."""
     from fla.ops.simple_gla import chunk_simple_gla
 
     o, _ = chunk_simple_gla(
@@ -267,25 +281,77 @@ def _host_offsets(segments: Segments) -> torch.Tensor:
     return torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
 
 
+def _caught(kernel: Gla) -> Gla:
+    """``kernel``, with a run-time failure recorded once (logged) and the exact reference computing this call and
+    every later one: never a crash mid-training, never a leak."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+        if not _FAILURE:
+            try:
+                return kernel(q, k, v, g, segments)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
+                _FAILURE.record(exc)
+        return _gla_ref(q, k, v, g, segments)
+
+    return run
+
+
+def _fla_native(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+    return simple_gla_fla.simple_gla(q, k, v, g, segments)
+
+
+def _fla_native_caught(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
+    """FLA's forward and backward kernels; a failure of either at run time is recorded once and the reference
+    takes over (that call's backward included)."""
+    run = functools.partial(simple_gla_fla.simple_gla, failure=_FAILURE, reference=_gla_ref)
+    return _caught(run)(q, k, v, g, segments)
+
+
+# How the ``fla`` backend computes simple GLA, best first: (name, what the first-use check runs, what runs after).
+# The first whose check passes on this GPU is used for the rest of the process.
+STRATEGIES: tuple[tuple[str, Gla, Gla], ...] = (
+    ("FLA's forward and backward kernels, no host sync", _fla_native, _fla_native_caught),
+    (
+        "FLA's forward kernels, backward from three more forwards, no host sync",
+        gla_from_forward_calls(simple_gla_fla.simple_gla_forward),
+        gla_from_forward_calls(_caught(simple_gla_fla.simple_gla_forward)),
+    ),
+    (
+        "FLA's chunk_simple_gla forward, backward from three more forwards (host syncs in FLA's wrapper)",
+        gla_from_forward_calls(_chunk_simple_gla),
+        gla_from_forward_calls(_caught(_chunk_simple_gla)),
+    ),
+)
+_CHOSEN: list[Gla] = []  # the strategy this process runs, set by the first-use check
+
+
+def ssd_via_gla(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, segments: Segments, **options: Any
+) -> Tensor:
+    """:func:`ssd_ref`'s arguments (``options``: its keywords, and ``gla``), computed as
+    SSD = simple GLA(q = C, k = B, v = dt * x, g = dt * A) + D * x in fp32 (fp64 for fp64 inputs), with
+    ``gla(q, k, v, g, segments)`` (q, k: [1, T, G, N] per group; v: [1, T, H, P]; g: [1, T, H]; autograd) for the
+    scan: default, the strategy the ``fla`` backend chose on this GPU (``chunk_size`` is the kernel's own)."""
+    gla: Gla = options.pop("gla", None) or _CHOSEN[0]
+    D: Tensor | None = options.get("D")
+    cdt = acc_dtype(x)
+    dt_TH = _process_dt(dt[0], **options)
+    x_1THP = x.to(cdt)
+    v_1THP = x_1THP * dt_TH[None, :, :, None]
+    g_1TH = (dt_TH * A.to(cdt)).unsqueeze(0)
+    y_1THP = gla(C.to(cdt), B.to(cdt), v_1THP, g_1TH, segments)
+    if D is not None:
+        y_1THP = y_1THP + D.to(cdt)[:, None] * x_1THP
+    return y_1THP.to(x.dtype)
+
+
 def ssd_via_forward_kernel(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, segments: Segments, **options: Any
 ) -> Tensor:
-    """:func:`ssd_ref`'s arguments (``options``: its keywords, and ``forward_kernel``, default FLA's), computed as
-    SSD = simple GLA(q = C, k = B, v = dt * x, g = dt * A) + D * x with ``forward_kernel(q, k, v, g, segments)`` for
-    the scan and for its backward (``chunk_size`` is the kernel's own)."""
-    forward_kernel: Callable[..., Tensor] = options.pop("forward_kernel", _fla_forward)
-    D: Tensor | None = options.get("D")
-    heads = x.shape[2]
-    rep = heads // B.shape[2]
-    dt_TH = _process_dt(dt[0], **options)
-    q = C.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
-    k = B.repeat_interleave(rep, dim=2, output_size=heads).to(x.dtype)
-    v = (x.to(dt_TH.dtype) * dt_TH[None, :, :, None]).to(x.dtype)
-    g = (dt_TH * A.to(dt_TH.dtype)).unsqueeze(0)
-    y = _GatedLinearAttention.apply(q, k, v, g, forward_kernel, segments)
-    if D is not None:
-        y = y.to(dt_TH.dtype) + D.to(dt_TH.dtype)[:, None] * x.to(dt_TH.dtype)
-    return y.to(x.dtype)
+    """:func:`ssd_via_gla` with the backward built from three more calls of ``options["forward_kernel"]``
+    (``forward_kernel(q, k, v, g, segments)``, q and k per head)."""
+    gla = gla_from_forward_calls(options.pop("forward_kernel"))
+    return ssd_via_gla(x, dt, A, B, C, segments=segments, gla=gla, **options)
 
 
 _FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -295,7 +361,7 @@ def _verify_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **_: obj
     if not x.is_cuda:
         return False, f"x is on {x.device.type}; FLA runs on CUDA"
     if x.dtype not in _FAST_DTYPES:
-        return False, f"x is {x.dtype}; FLA's simple GLA takes bf16 / fp16 / fp32"
+        return False, f"x is {x.dtype}; the FLA path takes bf16 / fp16 / fp32 (and computes in fp32)"
     if x.shape[-1] > 256 or B.shape[-1] > 256:
         return False, f"head dim {x.shape[-1]} / state {B.shape[-1]} above FLA's 256"
     return True, ""
@@ -304,14 +370,15 @@ def _verify_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **_: obj
 def _load_fla() -> Callable[..., torch.Tensor]:
     import fla.ops.simple_gla  # noqa: F401 - fails here, not mid-forward, when FLA is missing
 
-    if torch.cuda.is_available():
-        _check_on_this_gpu()
-    return ssd_via_forward_kernel
+    if torch.cuda.is_available() and not _CHOSEN:
+        _CHOSEN.append(_choose_on_this_gpu())
+    return ssd_via_gla
 
 
-def _check_on_this_gpu() -> None:
-    """Once per process: the kernel path vs the reference (outputs and input gradients, relative L2, fp32 with TF32
-    matmuls) on a small packed stream with the Mamba2 dims; raises (so the reference runs) when it is off."""
+def _choose_on_this_gpu() -> Gla:
+    """Once per process: each strategy in turn vs the reference (outputs and input gradients, relative L2, fp32
+    with TF32 matmuls) on a small packed stream with the Mamba2 dims; the first that passes is used, and one log
+    line says which. Raises (so the reference runs) when none does."""
     gen = torch.Generator().manual_seed(0)
     segments = Segments.from_cu_seqlens([0, 1, 65, 200], device="cuda")
     total, heads, head_dim, groups, state = 200, 4, 64, 2, 128
@@ -322,14 +389,23 @@ def _check_on_this_gpu() -> None:
     inputs = [rnd(1, total, heads, head_dim), rnd(1, total, heads), (-torch.rand(heads, generator=gen) * 0.1).cuda(),
               rnd(1, total, groups, state, scale=0.1), rnd(1, total, groups, state, scale=0.1)]  # fmt: skip
     kw = dict(segments=segments, D=torch.ones(heads, device="cuda"), dt_softplus=True)
-    check_fast_backend(
-        "FLA's chunk_simple_gla (the SSD scan)",
-        lambda *xs: ssd_via_forward_kernel(*xs, **kw),
-        lambda *xs: ssd_ref(*xs, **kw),
-        inputs,
-        tol=1e-2,
-        failure=_FAILURE,
-    )
+    errors = []
+    for name, checked, runs in STRATEGIES:
+        try:
+            check_fast_backend(
+                name,
+                lambda *xs, gla=checked: ssd_via_gla(*xs, gla=gla, **kw),
+                lambda *xs: ssd_ref(*xs, **kw),
+                inputs,
+                tol=1e-2,
+            )
+        except RuntimeError as exc:
+            errors.append(str(exc))
+            logger.warning("deltapack: the SSD scan cannot use %s: %s", name, exc)
+            continue
+        logger.info("deltapack: the SSD scan runs %s", name)
+        return runs
+    raise RuntimeError("; ".join(errors))
 
 
 SSD = register_op("ssd", ssd_ref)
