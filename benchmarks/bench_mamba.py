@@ -5,7 +5,12 @@ SSD: a Nemotron-H mixer (d_model 4096, 128 heads of 64, d_state 128, 8 groups). 
 For each layer:
 - patched: deltapack's packed mixer with the batch's boundaries (exact per document; the backend the op chooses);
 - no_boundaries: the same packed mixer and kernels with the row as one document (what boundaries cost);
-- unpatched: the transformers mixer on the same row, its torch path (one sequence: it leaks);
+- unpatched: the transformers mixer on the same row, its torch path (one sequence: it leaks); Mamba1's torch path
+  is a Python loop over tokens, so it is timed on the first ``--unpatched-tokens`` tokens (default 4096; 0: the whole
+  row) and scaled linearly to the row, which the JSON states (``timed_tokens``, ``scale``, ``measured_ms``);
+- projections: the layer's in_proj and out_proj alone, forward+backward on the same row: the floor no packed layer
+  can go below, with the TFLOP/s reached and the best speed-up over the unpatched layer that floor allows;
+- scan_op (SSD): the scan op alone, forward+backward, with the layer's shapes (fp32, as the layer calls it);
 - exactness on sampled documents: the kernel path vs the reference op (outputs and input gradients, fp32 inputs),
   and the packed layer's rows vs the transformers mixer run on each sampled document alone;
 - host syncs of the patched forward+backward with boundaries built beforehand (as a collator builds them).
@@ -31,6 +36,7 @@ from deltapack import Boundaries
 from deltapack.diagnostics import count_host_syncs
 from deltapack.models.families.selective_scan import NORMED
 from deltapack.models.mamba import packed_scan_mixer, packed_ssd_mixer
+from deltapack.ops import ssd as ssd_ops
 from deltapack.ops.selective_scan import SELECTIVE_SCAN, selective_scan, selective_scan_ref
 from deltapack.ops.ssd import SSD, ssd, ssd_ref
 
@@ -126,7 +132,7 @@ def layer_stages(name, layer, packed_fn, op, args, result, out_path, reps):
     dy = torch.randn_like(x)
     bounds = Boundaries.from_cu_seqlens(torch.tensor(cu), (1, total)).to(device)
     one_doc = Boundaries.from_cu_seqlens(torch.tensor([0, total]), (1, total)).to(device)
-    res = result.setdefault(name, {"documents": len(lengths), "tokens": total})
+    res = result.setdefault(name, {"layer": name, "documents": len(lengths), "tokens": total})
 
     def step(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def go() -> None:
@@ -139,42 +145,94 @@ def layer_stages(name, layer, packed_fn, op, args, result, out_path, reps):
     stages = {
         "patched": step(lambda: packed_fn(layer, x, bounds)),
         "no_boundaries": step(lambda: packed_fn(layer, x, one_doc)),
-        "unpatched": step(lambda: layer(x)),
+        "projections": step(lambda: layer.out_proj(layer.in_proj(x)[..., : layer.out_proj.in_features])),
     }
-    for stage, fn in stages.items():
-        if stage == "unpatched" and args.skip_unpatched:
-            continue
-        try:
-            # transformers' torch path needs no compiling and takes seconds per call: one call, no warm-up
-            res[stage] = timed(fn, device, 1, warmup=0) if stage == "unpatched" else timed(fn, device, reps)
-            print(f"{name} {stage}: {res[stage]}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - recorded, the next stage still runs
-            res[stage] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            traceback.print_exc()
-        finally:
-            torch.cuda.empty_cache() if device == "cuda" else None
-        save(out_path, result)
-    for a, b in (("patched", "unpatched"), ("patched", "no_boundaries")):
-        if "median_ms" in res.get(a, {}) and "median_ms" in res.get(b, {}):
-            res[f"{a}_over_{b}"] = res[a]["median_ms"] / res[b]["median_ms"]
-
+    if name == "ssd":
+        stages["scan_op"] = scan_op_step(layer, x, bounds)
+    # most telling first, so a stage cut short by a time limit loses the least
+    run_stage(res, "patched", lambda: timed(stages["patched"], device, reps), out_path, result, device)
+    if device == "cuda":
+        run_stage(res, "host_syncs", lambda: count_host_syncs(stages["patched"]), out_path, result, device)
+    for stage in ("projections", "no_boundaries", "scan_op"):
+        if stage in stages:
+            run_stage(res, stage, lambda fn=stages[stage]: timed(fn, device, reps), out_path, result, device)
+    if not args.skip_unpatched:
+        tokens = args.unpatched_tokens.get(name, 0)
+        run_stage(res, "unpatched", lambda: time_unpatched(layer, x, dy, tokens, device), out_path, result, device)
+    summarize(res, layer, total)
     try:  # which backend the op chose for the layer's inputs
         res["backend"] = op.choose(*op_inputs(name, layer, x, bounds), segments=bounds.segments)[0]
     except Exception as exc:  # noqa: BLE001
         res["backend"] = f"error: {exc}"
+    if name == "ssd":
+        chosen = [n for n, _, runs in ssd_ops.STRATEGIES if runs in ssd_ops._CHOSEN]
+        res["fla_strategy"] = chosen[0] if chosen else None
+        res["fla_runtime_failure"] = ssd_ops._FAILURE.reason or None
+    run_stage(res, "exact", lambda: exactness(name, layer, packed_fn, x, cu, lengths), out_path, result, device)
+
+
+def run_stage(res: dict, stage: str, fn: Callable[[], dict], out_path: str | None, result: dict, device: str) -> None:
+    """res[stage] = fn() (a timing), or the error; the JSON is written either way."""
     try:
-        res["exact"] = exactness(name, layer, packed_fn, x, cu, lengths)
-        print(f"{name} exact: {res['exact']}", flush=True)
-    except Exception as exc:  # noqa: BLE001
-        res["exact"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        res[stage] = fn()
+        print(f"{res.get('layer', '')} {stage}: {res[stage]}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - recorded, the next stage still runs
+        res[stage] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         traceback.print_exc()
+    finally:
+        torch.cuda.empty_cache() if device == "cuda" else None
     save(out_path, result)
-    if device == "cuda":
-        try:
-            res["host_syncs"] = count_host_syncs(stages["patched"])
-        except Exception as exc:  # noqa: BLE001
-            res["host_syncs"] = f"error: {exc}"
-        save(out_path, result)
+
+
+def time_unpatched(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, tokens: int, device: str) -> dict:
+    """transformers' mixer (its torch path: seconds per call, nothing to compile): one call, no warm-up, on the
+    whole row, or on its first ``tokens`` tokens scaled linearly to the row (a loop over tokens is linear in them)."""
+    total = x.shape[1]
+    part = total if not tokens or tokens >= total else tokens
+    xs = x[:, :part].detach().requires_grad_()
+
+    def go() -> None:
+        layer.zero_grad(set_to_none=True)
+        layer(xs).backward(dy[:, :part])
+
+    out = timed(go, device, 1, warmup=0)
+    if part < total:
+        scale = total / part
+        out = {**out, "timed_tokens": part, "scale": scale, "measured_ms": out["median_ms"],
+               "median_ms": out["median_ms"] * scale, "min_ms": out["min_ms"] * scale,
+               "note": f"timed on the first {part} tokens, scaled linearly to {total}"}  # fmt: skip
+    return out
+
+
+def scan_op_step(layer: torch.nn.Module, x: torch.Tensor, bounds: Boundaries) -> Callable[[], None]:
+    """The SSD op alone, forward+backward, on random fp32 inputs of the layer's shapes (with the batch's plan)."""
+    inputs = [t.requires_grad_() for t in op_inputs("ssd", layer, x, bounds)]
+    kw = dict(D=layer.D.float(), dt_bias=layer.dt_bias.float(), dt_softplus=True)
+
+    def go() -> None:
+        out = ssd(*inputs, segments=bounds.segments, **kw)
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return go
+
+
+def summarize(res: dict, layer: torch.nn.Module, tokens: int) -> None:
+    """Ratios between the stages, and the floor the projections set."""
+    ms = {k: v["median_ms"] for k, v in res.items() if isinstance(v, dict) and "median_ms" in v}
+    for a, b in (("patched", "unpatched"), ("patched", "no_boundaries"), ("patched", "projections")):
+        if a in ms and b in ms:
+            res[f"{a}_over_{b}"] = ms[a] / ms[b]
+    flop = 6 * tokens * (layer.in_proj.in_features * layer.in_proj.out_features
+                         + layer.out_proj.in_features * layer.out_proj.out_features)  # fmt: skip
+    floor = {"tflop_fwd_bwd": flop / 1e12}
+    if "projections" in ms:
+        floor["tflops_reached"] = flop / 1e12 / (ms["projections"] / 1e3)
+        if "unpatched" in ms:
+            floor["best_speedup_over_unpatched"] = ms["unpatched"] / ms["projections"]
+            floor["10x_reachable"] = ms["unpatched"] / ms["projections"] >= 10
+    if "patched" in ms and "unpatched" in ms:
+        floor["speedup_over_unpatched"] = ms["unpatched"] / ms["patched"]
+    res["floor"] = floor
 
 
 def op_inputs(name: str, layer: torch.nn.Module, x: torch.Tensor, bounds: Boundaries) -> tuple:
@@ -241,10 +299,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=["ssd", "scan"])
     parser.add_argument("--skip-unpatched", action="store_true")
+    parser.add_argument("--unpatched-tokens", type=int, default=4096, help="Mamba1's torch path: tokens timed (0: all)")
     args = parser.parse_args()
     dims = DRY if args.dry else FULL
     args.device = "cpu" if args.dry else "cuda"
     args.tokens = dims["tokens"]
+    args.unpatched_tokens = {
+        "scan": min(args.unpatched_tokens, args.tokens // 4) if args.dry else args.unpatched_tokens
+    }
     dtype = torch.float32 if args.dry else torch.bfloat16
     result: dict = {"dims": dims}
     if not args.dry:

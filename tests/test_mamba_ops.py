@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltapack.ops import Segments
+from deltapack.ops import Segments, simple_gla_fla
 from deltapack.ops.selective_scan import selective_scan, selective_scan_ref
-from deltapack.ops.ssd import gated_linear_attention_ref, ssd, ssd_ref, ssd_via_forward_kernel
+from deltapack.ops.ssd import gated_linear_attention_ref, ssd, ssd_ref, ssd_via_forward_kernel, ssd_via_gla
 from oracles import selective_scan_recurrent_ref, ssd_recurrent_ref
 
 LENGTHS = {
@@ -219,3 +219,37 @@ def test_public_ops_run_the_reference_on_the_cpu_and_refuse_bad_input():
         selective_scan(u, delta, A1[:3], B, C, segments=segments)
     with pytest.raises(ValueError, match="unknown deltapack backend"):
         selective_scan(u, delta, A1, B, C, segments=segments, backend="fla")
+
+
+def test_simple_gla_plan_of_the_segments():
+    """The FLA plan of a batch: chunk offsets and indices for 64-token chunks (every document starts a chunk),
+    built once per batch."""
+    segments = segments_of([1, 64, 65, 130, 3])
+    plan = simple_gla_fla.plan_of(segments)
+    assert plan is simple_gla_fla.plan_of(segments)
+    assert plan.num_docs == 5 and plan.num_chunks == 8
+    assert plan.chunk_offsets.tolist() == [0, 1, 2, 4, 7, 8]
+    assert plan.chunk_indices.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [3, 0], [3, 1], [3, 2], [4, 0]]
+    assert plan.cu_seqlens.dtype == plan.chunk_indices.dtype == plan.chunk_offsets.dtype == torch.int32
+
+
+def test_ssd_fast_path_computes_in_fp32_for_bf16_inputs():
+    """The CUDA path hands its kernels fp32 q, k, v, g whatever the input dtype (the kernels' backward needs fp32 on
+    Hopper, and a bf16 v = dt * x would add a rounding the reference does not make): with the reference's core as the
+    kernel, bf16 inputs give the reference's own result."""
+    lengths = LENGTHS["ragged"]
+    total, heads, head_dim, state = sum(lengths), 4, 3, 5
+    gen = torch.Generator().manual_seed(4)
+    x, dt = _rnd(gen, 1, total, heads, head_dim).bfloat16(), _rnd(gen, 1, total, heads).bfloat16()
+    B, C = _rnd(gen, 1, total, 2, state).bfloat16(), _rnd(gen, 1, total, 2, state).bfloat16()
+    A, D = _decay(gen, heads).float(), _rnd(gen, heads).float()
+    seen = []
+
+    def gla(q, k, v, g, segments):
+        seen.append({t.dtype for t in (q, k, v, g)})
+        return gated_linear_attention_ref(q[0], k[0], v[0], g[0], segments, 64).unsqueeze(0)
+
+    kw = dict(segments=segments_of(lengths), D=D, dt_softplus=True)
+    fast = ssd_via_gla(x, dt, A, B, C, gla=gla, **kw)
+    assert seen == [{torch.float32}] and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ssd_ref(x, dt, A, B, C, chunk_size=64, **kw), rtol=0, atol=0)
