@@ -35,10 +35,10 @@ ATTENTION_TYPES = (
     "sarvam_moe",
     # sliding windows (some layers or all), soft-capping, sinks, chunked attention
     "afmoe", "beam", "cohere2", "cohere2_moe", "doge", "exaone4", "exaone_moe", "flint", "gemma2", "gemma3",
-    "gemma3_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "gpt_oss", "granite_swa", "granitemoe_swa", "hy_v4",
-    "kolibri1", "laguna", "llama4", "llama4_text", "mellum", "mimo_v2_flash", "ministral", "ministral3", "mistral",
-    "mixtral", "modernbert-decoder", "olmo3", "phi3", "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "smollm3", "starcoder2", "vaultgemma",
+    "gemma3_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "gpt_oss", "granite_swa",
+    "granitemoe_swa", "hy_v4", "kolibri1", "laguna", "llama4", "llama4_text", "mellum", "mimo_v2_flash", "ministral",
+    "ministral3", "mistral", "mixtral", "modernbert-decoder", "olmo3", "phi3", "phi4_multimodal", "phimoe", "qwen2",
+    "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "starcoder2", "vaultgemma",
     # learned absolute positions read from position_ids
     "biogpt", "ctrl", "git", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "moss_transcribe_diarize",
     "opt", "xglm",
