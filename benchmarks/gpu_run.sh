@@ -2,7 +2,7 @@
 # One sitting on a GPU machine: GPU tests, then the layer, attention and end-to-end benchmarks.
 # Usage (project root, GPU packages on the path): [OUT=<dir>] bash benchmarks/gpu_run.sh [tests] [layer] [attention] [e2e]
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
-#   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [fla-families] [recurrences] [llama] [family-tests]
+#   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [mamba-tests] [fla-families] [recurrences] [llama] [family-tests]
 #   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
 #   [probe] (which FLA kernels run fwd+bwd here) [profile] (one packed training step of the e2e model by kernel category)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
@@ -67,6 +67,8 @@ for what in "${stages[@]}"; do
         python .prev/benchmarks/bench_e2e.py --skip-exact --out "$out/prev_e2e.json" ;;
     # the families' layers, each packed vs the unpatched transformers layer on one 32768-token row
     mamba) stage mamba "${FAMILY_LIMIT:-240}" python benchmarks/bench_mamba.py --out "$out/mamba.json" ;;
+    mamba-tests) stage mamba-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
+        tests/gpu/test_mamba_ops_gpu.py tests/gpu/test_mamba_models_gpu.py ;;
     fla-families) stage fla-families "${FAMILY_LIMIT:-240}" python benchmarks/bench_fla_families.py \
         --out "$out/fla_families.json" ;;
     recurrences) stage recurrences "${FAMILY_LIMIT:-240}" python benchmarks/bench_recurrences.py \
