@@ -34,7 +34,7 @@ ATTENTION_TYPES = (
     "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "longcat_flash", "minicpm3", "sarvam_mla",
     "sarvam_moe",
     # sliding windows (some layers or all), soft-capping, sinks, chunked attention
-    "afmoe", "beam", "cohere2", "cohere2_moe", "doge", "exaone4", "exaone_moe", "flint", "gemma2", "gemma3",
+    "afmoe", "beam", "cohere2", "cohere2_moe", "doge", "dory", "exaone4", "exaone_moe", "flint", "gemma2", "gemma3",
     "gemma3_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "gpt_oss", "granite_swa",
     "granitemoe_swa", "hy_v4", "kolibri1", "laguna", "llama4", "llama4_text", "mellum", "mimo_v2_flash", "ministral",
     "ministral3", "mistral", "mixtral", "modernbert-decoder", "olmo3", "phi3", "phi4_multimodal", "phimoe", "qwen2",
