@@ -1,47 +1,51 @@
 """Tiny random-init configs of the supported architectures, for the audit, the tests and the CPU demo.
 
+The configs are data, in ``tiny.toml`` beside this module (one table per arch, shared field groups named once); each
+family module registers its own with :func:`register_tinies` and :func:`table`, and how to give its model long memory.
+
 The GDN decay is set to long memory (as in trained models): random init draws A in [0.01, 16], which forgets within
 a few tokens and so hides a recurrent-state leak; here A is small, so state carried across a boundary shows.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-# what most tiny configs share: a 128-token vocabulary, 64 wide; attention layers of 4 query heads of 16, 2 key / value
-SMALL = dict(vocab_size=128, hidden_size=64)
-SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-# the special tokens of the families whose tiny configs are hand-made field by field
-IDS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
-# the GDN layer of every tiny GDN hybrid: 2 key / 4 value heads of 16, a 4-tap conv
-GDN_LAYER = dict(
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    linear_conv_kernel_dim=4,
-)
-# what the three families share: 4 layers (3 GDN, 1 full attention)
-_HYBRID = dict(
-    **SMALL,
-    num_hidden_layers=4,
-    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-    **SMALL_ATTENTION,
-    **GDN_LAYER,
-)
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+TABLE = "tiny.toml"  # the configs, one table per arch (see the file's header)
 
-TINY: dict[str, dict[str, Any]] = {
-    "qwen3_5": dict(model_type="qwen3_5_text", intermediate_size=128, **_HYBRID),
-    "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", **_HYBRID, **_MOE),
-    "qwen3_next": dict(model_type="qwen3_next", intermediate_size=128, decoder_sparse_step=1, **_HYBRID, **_MOE),
-}
+
+def _table() -> dict[str, Any]:
+    return tomllib.loads(resources.files("deltapack").joinpath(TABLE).read_text())
+
+
+def _fields(entry: dict[str, Any], groups: dict[str, Any]) -> dict[str, Any]:
+    """An entry of the table with the groups it names (``with``) merged first, in order."""
+    merged: dict[str, Any] = {}
+    for group in entry.get("with", ()):
+        merged.update(_fields(groups[group], groups))
+    merged.update((key, value) for key, value in entry.items() if key != "with")
+    return merged
+
+
+def table(family: str) -> dict[str, dict[str, Any]]:
+    """The tiny configs ``family`` registers, from :data:`TABLE`: {arch: fields}, ``model_type`` included."""
+    groups = _table()["groups"]
+    return {arch: {"model_type": arch, **_fields(entry, groups)} for arch, entry in _table()[family].items()}
+
+
+TINY: dict[str, dict[str, Any]] = table("qwen3")
 
 
 # per arch: how to set its decays to long memory, where set_long_memory's rule (A_log / dt_bias) does not fit

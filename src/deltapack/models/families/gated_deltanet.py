@@ -15,48 +15,9 @@ from torch import nn
 from deltapack.boundaries import Boundaries
 from deltapack.models.gated_deltanet import packed_gdn_forward
 from deltapack.models.layers import Family, PackedLayer, register_family
-from deltapack.tiny import GDN_LAYER, IDS, register_tinies
+from deltapack.tiny import register_tinies, table
 
-_GDN = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, **GDN_LAYER)
-TINY = {
-    "olmo_hybrid": dict(
-        model_type="olmo_hybrid",
-        **IDS,
-        **_GDN,
-        intermediate_size=96,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-    ),
-    "lara_mini": dict(
-        model_type="lara_mini",
-        **IDS,
-        **_GDN,
-        head_dim=16,
-        layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"],
-        sliding_window=6,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    "qwen4_exp": dict(
-        model_type="qwen4_exp_text",
-        **IDS,
-        **_GDN,
-        head_dim=16,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],  # 5.24: indexed
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        hc_count=2,
-        hc_lowrank=8,
-        indexer_n_heads=2,
-        indexer_kv_heads=1,
-        indexer_head_dim=16,
-        indexer_budget=4,
-        indexer_compress_ratio=2,
-    ),
-}
+TINY = table("gated_deltanet")
 
 
 def refuse_ngram_layer(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import check_packed_stream, packed_conv, register_layers
 from deltapack.ops.kda import kda
-from deltapack.tiny import IDS, register_tinies
+from deltapack.tiny import register_tinies, table
 
 
 def packed_kda_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -66,38 +66,8 @@ def set_long_memory(model: nn.Module, seed: int = 0) -> None:
                 module.A_log.copy_(torch.empty(module.A_log.shape).uniform_(1e-3, 2e-2, generator=gen).log())
 
 
-_MLA = dict(num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
-_MOE = dict(num_experts=4, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1)
-_KDA = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, v_head_dim=16)
 # hand-made: transformers' default configs of these two are too big to shrink field by field (MLA, grouped MoE)
-TINY = {
-    "kimi_linear": dict(
-        model_type="kimi_linear",
-        **IDS,
-        **_KDA,
-        **_MLA,
-        **_MOE,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-        linear_num_heads=2,
-        linear_head_dim=16,
-        linear_conv_kernel_dim=4,
-    ),
-    "bailing_hybrid": dict(
-        model_type="bailing_hybrid",
-        **IDS,
-        **_KDA,
-        **_MLA,
-        **_MOE,
-        head_dim=8,
-        first_k_dense_replace=1,
-        layer_group_size=3,  # layers 0, 1, 3 KDA, layer 2 full attention
-        linear_num_heads=2,
-        linear_head_dim=16,
-        short_conv_kernel_size=4,
-        num_mtp_layers=0,
-    ),
-}
+TINY = table("kda")
 
 KDA_LAYERS = (
     "transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention",

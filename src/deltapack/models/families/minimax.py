@@ -8,7 +8,7 @@ from torch import nn
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import register_layers
 from deltapack.ops.lightning import lightning_attention
-from deltapack.tiny import SMALL, SMALL_ATTENTION, register_tiny
+from deltapack.tiny import register_tinies, table
 
 
 def packed_lightning_attention(
@@ -35,20 +35,5 @@ register_layers(
     {"transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention": packed_lightning_attention},
 )
 
-# 4 layers (3 lightning, 1 full attention); block_size 8 so transformers' own block loop crosses blocks. The decay
-# rates are fixed by the layer index (the last layer's is ~1e-5 per token): long memory without any change.
-register_tiny(
-    "minimax",
-    dict(
-        model_type="minimax",
-        **SMALL,
-        **SMALL_ATTENTION,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        block_size=8,
-    ),
-    long_memory=lambda model: None,
-)
+# the decay rates are fixed by the layer index (the last layer's is ~1e-5 per token): long memory without any change
+register_tinies(table("minimax"), long_memory=lambda model: None)

@@ -12,7 +12,7 @@ from deltapack.models.layers import register_layers
 from deltapack.ops import causal_conv1d
 from deltapack.ops.rg_lru import rg_lru_scan
 from deltapack.ops.varlen import starts
-from deltapack.tiny import SMALL, register_tiny
+from deltapack.tiny import register_tinies, table
 
 
 def _gate(x_1TD: torch.Tensor, weight_HWW: torch.Tensor, bias_HW: torch.Tensor) -> torch.Tensor:
@@ -65,20 +65,4 @@ register_layers(
     pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
-# 3 layers (recurrent, recurrent, local attention with an 8-token window); 4 heads of the LRU's block-diagonal gates
-register_tiny(
-    "recurrent_gemma",
-    dict(
-        model_type="recurrent_gemma",
-        **SMALL,
-        lru_width=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        attention_window_size=8,
-        conv1d_width=4,
-    ),
-    long_memory=_long_memory,
-)
+register_tinies(table("recurrent_gemma"), long_memory=_long_memory)

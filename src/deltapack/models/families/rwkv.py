@@ -9,7 +9,7 @@ from deltapack.boundaries import Boundaries
 from deltapack.models.layers import register_layers
 from deltapack.ops.token_shift import token_shift
 from deltapack.ops.wkv import wkv
-from deltapack.tiny import SMALL, register_tiny
+from deltapack.tiny import register_tinies, table
 
 
 def _mix(x_1TD: torch.Tensor, shifted_1TD: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -57,15 +57,4 @@ register_layers(
     pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
-register_tiny(
-    "rwkv",
-    dict(
-        model_type="rwkv",
-        **SMALL,
-        attention_hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        context_length=256,
-    ),
-    long_memory=_long_memory,
-)
+register_tinies(table("rwkv"), long_memory=_long_memory)

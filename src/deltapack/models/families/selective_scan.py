@@ -14,7 +14,7 @@ from torch import nn
 
 from deltapack.models.layers import register_layers
 from deltapack.models.mamba import ScanStyle, packed_scan_mixer, packed_zamba_mixer
-from deltapack.tiny import SMALL, register_tinies
+from deltapack.tiny import register_tinies, table
 
 NORMED = ScanStyle(norms=("dt_layernorm", "b_layernorm", "c_layernorm"))
 
@@ -42,39 +42,4 @@ def scan_long_memory(model: nn.Module, low: float = 1e-3, high: float = 2e-2, se
     return model
 
 
-_MAMBA1 = dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=8)
-# the hybrids: 4 layers, attention (4 heads) every attn_layer_period layers from the second, Mamba1 of state 8 elsewhere
-_HYBRID = dict(
-    num_hidden_layers=4,
-    attn_layer_offset=1,
-    intermediate_size=128,
-    num_attention_heads=4,
-    mamba_d_state=8,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    mamba_dt_rank=8,
-    max_position_embeddings=256,
-)
-_TINY = {
-    "mamba": _MAMBA1,
-    "falcon_mamba": _MAMBA1,
-    "jamba": dict(
-        **_HYBRID,
-        attn_layer_period=4,
-        num_key_value_heads=2,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    # hand-made: the audit's generic shrink cannot build zamba (its attention width is 2 * hidden, heads tied to it)
-    "zamba": dict(
-        **_HYBRID,
-        attn_layer_period=2,
-        num_key_value_heads=4,
-        n_mamba_heads=2,
-        attention_hidden_size=128,
-        attention_head_dim=32,
-    ),
-}
-register_tinies(_TINY, long_memory=scan_long_memory, **SMALL, tie_word_embeddings=False)
+register_tinies(table("selective_scan"), long_memory=scan_long_memory)

@@ -14,7 +14,7 @@ from torch import nn
 
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import check_packed_stream, packed_conv, register_layers
-from deltapack.tiny import IDS, register_tinies
+from deltapack.tiny import register_tinies, table
 
 
 def packed_short_conv_forward(layer: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries) -> torch.Tensor:
@@ -40,30 +40,7 @@ SHORT_CONV_LAYERS = (
     "transformers.models.lfm3.modeling_lfm3.Lfm3ShortConv",
 )
 
-_BLOCKS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-# weights drawn wider than the default 0.02: the layer multiplies three projections (B, C, x), so at 0.02 the
-# conv's reach into the previous document shows only as ~3e-4 on the logits, under the tests' leak threshold
-_BLOCKS["initializer_range"] = 0.05
-_LAYERS = ["conv", "conv", "full_attention", "conv"]
-TINY = {
-    "lfm2": dict(
-        model_type="lfm2", **IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=3, block_auto_adjust_ff_dim=False
-    ),
-    "lfm2_moe": dict(
-        model_type="lfm2_moe",
-        **IDS,
-        **_BLOCKS,
-        layer_types=_LAYERS,
-        conv_L_cache=3,
-        moe_intermediate_size=32,
-        num_dense_layers=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    "lfm3": dict(
-        model_type="lfm3", **IDS, **_BLOCKS, layer_types=_LAYERS, conv_L_cache=7, head_dim=16, sliding_window=6
-    ),
-}
+TINY = table("short_conv")
 
 # inkling / inkling2 are not registered: transformers 5.24 has no causal-LM mapping for them (inkling has no config
 # in the auto classes at all), and their short conv is a different layer (a residual conv without the B / C gates)

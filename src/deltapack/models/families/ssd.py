@@ -14,7 +14,7 @@ from torch import nn
 
 from deltapack.models.layers import register_layers
 from deltapack.models.mamba import SSDStyle, packed_ssd_mixer
-from deltapack.tiny import SMALL, register_tinies
+from deltapack.tiny import register_tinies, table
 
 _MIXERS = (
     "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer",
@@ -50,73 +50,4 @@ def ssd_long_memory(model: nn.Module, low: float = 1e-3, high: float = 2e-2, see
     return model
 
 
-# 64 wide, 8 heads of 16, 2 groups, state 16; chunks of 8 tokens so one document alone crosses chunk borders
-_MAMBA = dict(
-    mamba_n_heads=8,
-    mamba_d_head=16,
-    mamba_n_groups=2,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    mamba_chunk_size=8,
-)
-_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-# the same mixer in the configs that name its fields without the mamba_ prefix (mamba2, nemotron_h)
-_MIXER = dict(n_groups=2, conv_kernel=4, expand=2, chunk_size=8)
-
-_TINY = {
-    "mamba2": dict(num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, **_MIXER),
-    "nemotron_h": dict(
-        layers_block_type=["mamba", "attention", "mamba", "moe"],
-        mamba_num_heads=8,
-        mamba_head_dim=16,
-        ssm_state_size=16,
-        **_MIXER,
-        intermediate_size=128,
-        head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=32,
-        n_group=1,
-        topk_group=1,
-        **_ATTENTION,
-    ),
-    "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], intermediate_size=128, **_MAMBA, **_ATTENTION),
-    "falcon_h1": dict(
-        num_hidden_layers=2,
-        intermediate_size=128,
-        mamba_d_ssm=128,
-        mamba_rms_norm=True,
-        mamba_norm_before_gate=False,
-        ssm_multipliers=[1.5, 0.5, 2.0, 0.7, 1.2],
-        ssm_in_multiplier=1.3,
-        ssm_out_multiplier=0.8,
-        **_MAMBA,
-        **_ATTENTION,
-    ),
-    "granitemoehybrid": dict(
-        num_hidden_layers=3,
-        layer_types=["mamba", "attention", "mamba"],
-        intermediate_size=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        shared_intermediate_size=64,
-        **_MAMBA,
-        **_ATTENTION,
-    ),
-    "zamba2": dict(
-        num_hidden_layers=4,
-        layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
-        n_mamba_heads=8,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_ngroups=2,
-        chunk_size=8,
-        intermediate_size=128,
-        num_mem_blocks=1,
-        **_ATTENTION,
-    ),
-}
-register_tinies(_TINY, long_memory=ssd_long_memory, **SMALL, tie_word_embeddings=False)
+register_tinies(table("ssd"), long_memory=ssd_long_memory)

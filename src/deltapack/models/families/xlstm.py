@@ -9,7 +9,7 @@ from transformers.models.xlstm.modeling_xlstm import soft_cap
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import register_layers
 from deltapack.ops.mlstm import mlstm
-from deltapack.tiny import register_tiny
+from deltapack.tiny import register_tinies, table
 
 
 def packed_mlstm_layer(layer: nn.Module, x: torch.Tensor, bounds: Boundaries) -> tuple[torch.Tensor, None]:
@@ -66,20 +66,4 @@ register_layers(
     pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
 )
 
-# 2 blocks of 4 heads (query/key head dim 16, value head dim 32: transformers' cache rounds the qk and v widths up to
-# multiples of 64, so the widths are multiples of 64); 16-token chunks so its chunkwise kernel runs on tiny documents
-register_tiny(
-    "xlstm",
-    dict(
-        model_type="xlstm",
-        vocab_size=128,
-        hidden_size=128,
-        embedding_dim=128,
-        num_hidden_layers=2,
-        num_blocks=2,
-        num_heads=4,
-        chunk_size=16,
-        ffn_round_up_to_multiple_of=16,
-    ),
-    long_memory=_long_memory,
-)
+register_tinies(table("xlstm"), long_memory=_long_memory)
