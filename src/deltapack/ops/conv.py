@@ -12,22 +12,15 @@ from deltapack.ops.reference import causal_conv1d_ref
 
 __all__ = ["CAUSAL_CONV1D", "causal_conv1d", "causal_conv1d_ref"]
 
-CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref)
-CAUSAL_CONV1D.add_backend(fla.CONV_BACKEND)
-
+CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref, fla.CONV_BACKEND)
 
 causal_conv1d = public_function(
     CAUSAL_CONV1D,
-    """Depthwise causal conv1d over a packed stream, cut at every document boundary.
+    """Depthwise causal conv1d over a packed stream, cut at every document boundary (arguments and result as
+    :func:`~deltapack.ops.reference.causal_conv1d_ref`; channels last, weight [D, W]).
 
-    Args:
-        x: [1, T, D] the packed stream, channels last. weight: [D, W]. bias: [D] or None.
-        activation: None or "silu".
-        segments: the documents of the stream (under context parallelism, this rank's shard: the conv then reads
-            the earlier tokens of a cut document from the previous rank).
-        backend: "fla", "reference" or None (automatic; see :mod:`deltapack.ops.dispatch`).
-
-    Returns:
-        [1, T, D] in the dtype of x.
+    Under context parallelism ``segments`` is this rank's shard: the conv then reads the earlier tokens of a cut
+    document from the previous rank. ``backend``: "fla", "reference" or None (automatic; see
+    :mod:`deltapack.ops.dispatch`).
     """,
 )

@@ -13,24 +13,16 @@ from deltapack.ops.reference import gated_delta_rule_ref
 
 __all__ = ["GATED_DELTA_RULE", "gated_delta_rule", "gated_delta_rule_ref"]
 
-GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref)
-GATED_DELTA_RULE.add_backend(fla.GATED_DELTA_RULE_BACKEND)
-
+GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref, fla.GATED_DELTA_RULE_BACKEND)
 
 gated_delta_rule = public_function(
     GATED_DELTA_RULE,
-    """Gated delta rule over a packed stream; the state starts at zero (or ``initial_state``) for each document.
+    """Gated delta rule over a packed stream; the state starts at zero (or ``initial_state``) for each document
+    (arguments and results as :func:`~deltapack.ops.reference.gated_delta_rule_ref`: q, k [1, T, Hk, K], v
+    [1, T, Hv, V], g and beta [1, T, Hv]; o [1, T, Hv, V] in the dtype of q, final states [N, Hv, K, V] fp32 or None).
 
-    Args:
-        q, k: [1, T, Hk, K]. v: [1, T, Hv, V], Hv = r * Hk (grouped value heads).
-        g: [1, T, Hv] log-decay (fp32 preferred). beta: [1, T, Hv] in (0, 1).
-        segments: the documents of the stream (under context parallelism, this rank's shard: the state of a cut
-            document is handed over from the previous rank; no initial or final states there).
-        scale: query scale (default K ** -0.5). use_qk_l2norm: L2-normalise q and k as the model does.
-        initial_state: [N, Hv, K, V] or None (zeros). output_final_state: also return [N, Hv, K, V] fp32 states.
-        backend: "fla", "reference" or None (automatic; see :mod:`deltapack.ops.dispatch`).
-
-    Returns:
-        (o [1, T, Hv, V] in the dtype of q, final states or None).
+    Under context parallelism ``segments`` is this rank's shard: the state of a cut document is handed over from the
+    previous rank (no initial or final states there). ``backend``: "fla", "reference" or None (automatic; see
+    :mod:`deltapack.ops.dispatch`).
     """,
 )

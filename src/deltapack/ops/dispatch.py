@@ -203,10 +203,12 @@ def public_function(op: Op, doc: str, check: Callable[..., None] | None = None) 
     return fn
 
 
-def register_op(name: str, reference: Callable[..., Any], *, env: str = ENV) -> Op:
-    """Create and register the :class:`Op` ``name`` with its exact reference; add fast backends with
-    :meth:`Op.add_backend`. Raises ValueError when the name is taken."""
+def register_op(name: str, reference: Callable[..., Any], *backends: Backend, env: str = ENV) -> Op:
+    """Create and register the :class:`Op` ``name`` with its exact reference and its fast ``backends`` (fastest
+    first; more with :meth:`Op.add_backend`). Raises ValueError when the name is taken."""
     if name in OPS:
         raise ValueError(f"deltapack: an op named {name!r} is already registered")
     OPS[name] = op = Op(name, reference, env=env)
+    for backend in backends:
+        op.add_backend(backend)
     return op
