@@ -349,6 +349,55 @@ def test_the_import_graph_flows_one_way():
     assert edges > 50  # the scan sees the imports
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """{module: the deltapack modules it imports, at the top or inside a function}, skipping imports made for type
+    checkers only (``if TYPE_CHECKING:``); ``from package import name`` counts as the submodule when there is one."""
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = ("deltapack", *path.relative_to(SRC).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for node in ast.walk(stmt)
+        }
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                            for a in node.names}  # fmt: skip
+        graph[module] = {t for t in targets if t in modules and t != module}
+    return graph
+
+
+def test_the_import_graph_has_no_circle():
+    """No module reaches itself through imports, lazy ones (inside functions) included: a lazy import that closes a
+    circle is still a lower layer calling up."""
+    graph = _module_graph()
+    assert len(graph) > 50 and "deltapack.ops.dispatch" in graph["deltapack.ops.conv"]
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError(f"import circle: {' -> '.join(path[path.index(module) :] + [module])}")
+        if module not in done:
+            for target in sorted(graph[module]):
+                visit(target, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
 # ---------------------------------------------------------------------------------------------- the packing guard
 def test_a_gdn_layer_recomputed_without_its_boundaries_raises():
     """A GDN layer that ran packed and is replayed by activation checkpointing outside the packing scope (a

@@ -15,82 +15,13 @@ deltapack supports it, else unpatched), 1 when any leaks there, else 2 when any 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
-from typing import Any
 
-from deltapack.audit.core import ATOL, GRAD_RTOL, AuditReport, audit_model
+from deltapack.audit.core import ATOL, GRAD_RTOL, AuditReport, audit, audit_model
 from deltapack.audit.formats import FORMATS
 
 __all__ = ["AuditReport", "add_arguments", "audit", "audit_model", "run"]
-
-
-def audit(
-    arch: str | None = "qwen3_5",
-    config_path: str | None = None,
-    *,
-    patched: bool | None = None,
-    formats: list[str] | None = None,
-    shrink: bool | None = None,
-    gradient: bool = True,
-    localise: bool = True,
-    seed: int = 0,
-    atol: float = ATOL,
-    threads: int | None = 1,
-) -> AuditReport:
-    """Build the model (see :func:`deltapack.audit.build.build_model`) and audit it; raises if it cannot be built.
-
-    ``patched``: None audits the patched model too when deltapack supports the architecture; False audits the
-    unpatched model only; True always tries (and reports why not). ``threads``: torch CPU threads while it runs
-    (tiny models run fastest on one; None leaves the setting alone).
-    """
-    from deltapack.audit.build import build_model
-
-    with _torch_threads(threads):
-        built = build_model(arch, config_path, seed=seed, shrink=shrink)
-        return _audit_built(built, patched, formats, gradient, localise, seed, atol)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch CPU threads (unchanged when None), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _audit_built(
-    built: Any,
-    patched: bool | None,
-    formats: list[str] | None,
-    gradient: bool,
-    localise: bool,
-    seed: int,
-    atol: float,
-) -> AuditReport:
-    chosen = [f for f in FORMATS if formats is None or f.name in formats]
-    if formats is not None and len(chosen) != len(formats):
-        unknown = sorted(set(formats) - {f.name for f in FORMATS})
-        raise ValueError(f"unknown input format(s) {unknown}; expected some of {[f.name for f in FORMATS]}")
-    return audit_model(
-        built.model,
-        built.arch,
-        notes=built.notes,
-        formats=chosen,
-        patched=patched is not False,
-        gradient=gradient,
-        localise=localise,
-        atol=atol,
-        seed=seed,
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,9 @@ per-document loss is within ``grad_rtol`` (relative L2) of the sum of the docume
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from deltapack.audit.compare import AloneRun, FormatResult, ModelParts, run_alone, run_format, short_reason
 from deltapack.audit.formats import FORMATS, InputFormat, make_documents
 
-__all__ = ["ATOL", "GRAD_RTOL", "AuditReport", "StateReport", "audit_model"]
+__all__ = ["ATOL", "GRAD_RTOL", "AuditReport", "StateReport", "audit", "audit_model"]
 
 ATOL = 1e-5  # fp32 max |diff| of layer outputs and logits
 GRAD_RTOL = 1e-4  # relative L2 diff of the parameter gradients
@@ -202,3 +203,67 @@ def _audit_state(
     for fmt in formats:
         state.formats[fmt.name] = run_format(model, parts, fmt, documents, alone, **settings)
     return state
+
+
+def audit(
+    arch: str | None = "qwen3_5",
+    config_path: str | None = None,
+    *,
+    patched: bool | None = None,
+    formats: list[str] | None = None,
+    shrink: bool | None = None,
+    gradient: bool = True,
+    localise: bool = True,
+    seed: int = 0,
+    atol: float = ATOL,
+    threads: int | None = 1,
+) -> AuditReport:
+    """Build the model (see :func:`deltapack.audit.build.build_model`) and audit it; raises if it cannot be built.
+
+    ``patched``: None audits the patched model too when deltapack supports the architecture; False audits the
+    unpatched model only; True always tries (and reports why not). ``threads``: torch CPU threads while it runs
+    (tiny models run fastest on one; None leaves the setting alone).
+    """
+    from deltapack.audit.build import build_model
+
+    with _torch_threads(threads):
+        built = build_model(arch, config_path, seed=seed, shrink=shrink)
+        return _audit_built(built, patched, formats, gradient, localise, seed, atol)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch CPU threads (unchanged when None), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _audit_built(
+    built: Any,
+    patched: bool | None,
+    formats: list[str] | None,
+    gradient: bool,
+    localise: bool,
+    seed: int,
+    atol: float,
+) -> AuditReport:
+    chosen = [f for f in FORMATS if formats is None or f.name in formats]
+    if formats is not None and len(chosen) != len(formats):
+        unknown = sorted(set(formats) - {f.name for f in FORMATS})
+        raise ValueError(f"unknown input format(s) {unknown}; expected some of {[f.name for f in FORMATS]}")
+    return audit_model(
+        built.model,
+        built.arch,
+        notes=built.notes,
+        formats=chosen,
+        patched=patched is not False,
+        gradient=gradient,
+        localise=localise,
+        atol=atol,
+        seed=seed,
+    )

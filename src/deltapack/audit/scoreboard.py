@@ -25,8 +25,8 @@ def audit_one(arch: str, timeout_note: str | None = None) -> dict[str, Any]:
     """The one-line summary of ``arch`` as a dict (JSON-able); never raises."""
     import torch
 
-    from deltapack.audit import audit
     from deltapack.audit.compare import short_reason
+    from deltapack.audit.core import audit
     from deltapack.audit.report import leak_sources
 
     torch.set_num_threads(1)

@@ -37,17 +37,19 @@ share, so the collectives (and their backward) always pair up.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from deltapack.distributed.collectives import all_gather
-from deltapack.distributed.sharding import ContextShard, ShardSegments
 from deltapack.ops import fla, reference
 from deltapack.ops.dispatch import Backend, Op
 from deltapack.ops.segments import Segments
+
+if TYPE_CHECKING:  # the shard's types only: the shard calls into this module (ShardSegments.run_op)
+    from deltapack.distributed.sharding import ContextShard, ShardSegments
 
 __all__ = ["CONTEXT_PARALLEL_OPS", "causal_conv1d", "gated_delta_rule", "run"]
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
+from deltapack.ops.parallel_scan import scan_channels
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, starts
 
@@ -49,23 +50,6 @@ def _check(
         )
     if C.shape != B.shape:
         raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
-
-
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan of h_t = a_t h_{t-1} + b_t (h before the first = 0) along ``dim``, in log2 steps.
-
-    Returns (product of a up to t, h_t), both shaped like a and b.
-    """
-    n = a.shape[dim]
-    step = 1
-    while step < n:
-        head_a, head_b = a.narrow(dim, 0, step), b.narrow(dim, 0, step)
-        prev_a, prev_b = a.narrow(dim, 0, n - step), b.narrow(dim, 0, n - step)
-        cur_a, cur_b = a.narrow(dim, step, n - step), b.narrow(dim, step, n - step)
-        a = torch.cat([head_a, cur_a * prev_a], dim)
-        b = torch.cat([head_b, cur_a * prev_b + cur_b], dim)
-        step *= 2
-    return a, b
 
 
 def _process_delta(
@@ -113,58 +97,14 @@ def selective_scan_ref(
     _, total, channels = u.shape
     delta_TD = _process_delta(delta[0], delta_bias, delta_softplus)
     u_TD = u[0].to(delta_TD.dtype)
-    group_D = torch.arange(channels, device=u.device) // (channels // B.shape[2])
-    starts_T = starts(segments)
-    block = max(1, max_elements // (total * A.shape[1]))
-    pieces = []
-    for first in range(0, channels, block):
-        part = slice(first, first + block)
-        args = (u_TD[:, part], delta_TD[:, part], A[part], B[0], C[0], group_D[part], starts_T, chunk_size)
-        if block < channels and torch.is_grad_enabled():  # keep one block's [T, block, N] tensors alive at a time
-            pieces.append(torch.utils.checkpoint.checkpoint(_scan_block, *args, use_reentrant=False))
-        else:
-            pieces.append(_scan_block(*args))
-    y_TD = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+    y_TD = scan_channels(
+        u_TD, delta_TD, A, B[0], C[0], starts(segments), chunk_size, max_elements, checkpoint=torch.is_grad_enabled()
+    )
     if D is not None:
         y_TD = y_TD + D.to(u_TD.dtype) * u_TD
     if z is not None:
         y_TD = y_TD * F.silu(z[0].to(u_TD.dtype))
     return y_TD.unsqueeze(0).to(u.dtype)
-
-
-def _scan_block(
-    u_TD: torch.Tensor,
-    delta_TD: torch.Tensor,
-    A_DN: torch.Tensor,
-    B_TGN: torch.Tensor,
-    C_TGN: torch.Tensor,
-    group_D: torch.Tensor,
-    starts_T: torch.Tensor,
-    chunk_size: int,
-) -> torch.Tensor:
-    """sum_n C h over a block of channels (D and the gate are applied by the caller): [T, Dc_block]."""
-    total, channels = u_TD.shape
-    state = A_DN.shape[1]
-    pad = (-total) % chunk_size
-    B_TDN = B_TGN.to(u_TD.dtype).index_select(1, group_D)
-    C_TDN = C_TGN.to(u_TD.dtype).index_select(1, group_D)
-    a_TDN = torch.exp(delta_TD[:, :, None] * A_DN.to(u_TD.dtype)).masked_fill(starts_T[:, None, None], 0.0)
-    b_TDN = (delta_TD * u_TD)[:, :, None] * B_TDN
-    if pad:  # padded tail: a = 1, b = 0 (carries the state on, adds nothing; cut off below)
-        a_TDN = torch.cat([a_TDN, a_TDN.new_ones(pad, channels, state)])
-        b_TDN = torch.cat([b_TDN, b_TDN.new_zeros(pad, channels, state)])
-    a_cLDN = a_TDN.reshape(-1, chunk_size, channels, state)
-    b_cLDN = b_TDN.reshape(-1, chunk_size, channels, state)
-
-    # 1. inside each chunk, from a zero state
-    decay_cLDN, h_cLDN = _linear_scan(a_cLDN, b_cLDN, dim=1)
-    # 2. across chunks: the state at the end of each chunk
-    _, end_cDN = _linear_scan(decay_cLDN[:, -1], h_cLDN[:, -1], dim=0)
-    start_cDN = torch.cat([torch.zeros_like(end_cDN[:1]), end_cDN[:-1]])
-    # 3. each token adds the incoming state, decayed (a zero at a document start cuts it off)
-    h_cLDN = h_cLDN + decay_cLDN * start_cDN[:, None]
-    h_TDN = h_cLDN.reshape(-1, channels, state)[:total]
-    return (h_TDN * C_TDN).sum(-1)
 
 
 def selective_scan_triton(

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from deltapack.ops.fallback import KernelFailure
-from deltapack.ops.selective_scan import _scan_block
+from deltapack.ops.parallel_scan import scan_channels
 
 K_CHUNK = 64
 FAILURE = KernelFailure("the Triton selective scan", "selective_scan")
@@ -27,25 +27,7 @@ _REF_BLOCK = 2**27  # the fallback's [T, channels, N] block
 
 def _reference_core(u, delta, A, B, C, starts) -> torch.Tensor:  # noqa: ANN001
     """The same y = <C, h> by the PyTorch reference, a block of channels at a time."""
-    total, channels = u.shape
-    group = torch.arange(channels, device=u.device) // (channels // B.shape[1])
-    block = max(1, _REF_BLOCK // (total * A.shape[1]))
-    return torch.cat(
-        [
-            _scan_block(
-                u[:, i : i + block],
-                delta[:, i : i + block],
-                A[i : i + block],
-                B,
-                C,
-                group[i : i + block],
-                starts.bool(),
-                K_CHUNK,
-            )  # fmt: skip
-            for i in range(0, channels, block)
-        ],
-        1,
-    )
+    return scan_channels(u, delta, A, B, C, starts.bool(), K_CHUNK, _REF_BLOCK)
 
 
 def _reference_grads(u, delta, A, B, C, starts, dy) -> tuple:  # noqa: ANN001
