@@ -7,11 +7,24 @@ Backends: ``fla`` (FLA's chunked kernel, CUDA, bf16 / fp16, :mod:`deltapack.ops.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from deltapack.ops import fla
 from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.reference import gated_delta_rule_ref
+from deltapack.ops.segments import Segments
 
 __all__ = ["GATED_DELTA_RULE", "gated_delta_rule", "gated_delta_rule_ref"]
+
+
+def _check_decay_per_head(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, segments: Segments) -> None:
+    """The public op takes one decay per head (the reference also takes KDA's per-channel decay)."""
+    if g.dim() != 3:
+        raise ValueError(
+            f"g must be [1, T, Hv], one log-decay per value head, got shape {tuple(g.shape)} (a per-channel decay "
+            "[1, T, Hv, K] is KDA: deltapack.ops.kda.kda)"
+        )
+
 
 GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref, fla.GATED_DELTA_RULE_BACKEND)
 
@@ -25,4 +38,5 @@ gated_delta_rule = public_function(
     previous rank (no initial or final states there). ``backend``: "fla", "reference" or None (automatic; see
     :mod:`deltapack.ops.dispatch`).
     """,
+    check=_check_decay_per_head,
 )

@@ -7,7 +7,8 @@ with q and k L2-normalised first when ``use_qk_l2norm`` (what kimi_linear, baili
 ``scale`` = K ** -0.5 by default. This is FLA's ``chunk_kda`` / ``naive_recurrent_kda`` and transformers' torch
 fallback ``chunk_kimi_delta_attention`` on each document alone.
 
-- :func:`kda_ref`: exact, chunked, pure PyTorch (autograd, any device): the oracle and the CPU path.
+- :func:`kda_ref`: exact, chunked, pure PyTorch (autograd, any device): the oracle and the CPU path; the gated
+  delta rule's reference (:func:`deltapack.ops.reference.gated_delta_rule_ref`), which takes a per-channel decay.
 - :func:`kda`: the public op; FLA's ``chunk_kda`` with ``cu_seqlens`` for bf16 / fp16 on CUDA, else the reference.
   FLA builds its chunk index from the host offsets (a host sync per call); deltapack hands it the batch's device
   index instead (:mod:`deltapack.ops.fla_index`), so a packed forward+backward makes no host sync.
@@ -30,7 +31,7 @@ from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.fla import verify_chunked
 from deltapack.ops.fla_index import host_offsets
 from deltapack.ops.fla_index import install as install_chunk_index
-from deltapack.ops.reference import _chunk_layout, delta_rule_across_chunks, l2norm
+from deltapack.ops.reference import gated_delta_rule_ref
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import check_stream
 
@@ -57,86 +58,8 @@ def _check(
         raise ValueError(f"beta must be [1, T, Hv] = {(1, total, hv)}, got {tuple(beta.shape)}")
 
 
-def kda_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    segments: Segments,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    output_final_state: bool = False,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked KDA whose state starts at zero for every document (or at ``initial_state``), exact, in fp32.
-
-    Each document is padded on its own to whole chunks, so its chunks line up exactly as when it runs alone; the
-    state is reset at the first chunk of every document. Inside a chunk the pairwise decays exp(G_i - G_j) per
-    channel (G = cumulative log-decay) are formed directly, never as exp(G_i) * exp(-G_j), so any decay >= -inf is
-    safe; that costs an [L, L, K] tensor per chunk and head, hence the short default chunk.
-
-    Args:
-        q, k: [1, T, H, K]. v: [1, T, Hv, V] (value head h reads key head h // (Hv / H)).
-        g: [1, T, Hv, K] log-decay per channel (<= 0). beta: [1, T, Hv] write strength.
-        segments: the documents of the stream (a :class:`deltapack.ops.Segments`; a batch's ``Boundaries``
-            carries one as ``.segments``).
-        scale: query scale, default K ** -0.5. use_qk_l2norm: L2-normalise q and k first (in fp32).
-        output_final_state: also return each document's final state. initial_state: [N, Hv, K, V] or None (zeros).
-        chunk_size: tokens per chunk (any positive int: the result does not depend on it beyond rounding).
-
-    Returns:
-        (o [1, T, Hv, V] in the dtype of q, final states [N, Hv, K, V] fp32 or None).
-    """
-    _check(q, k, v, g, beta, segments)
-    total, heads, head_k = q.shape[1:]
-    num_v_heads, head_v = v.shape[2:]
-    bounds = segments.cu_seqlens_host
-    if initial_state is not None and tuple(initial_state.shape) != (segments.num_docs, num_v_heads, head_k, head_v):
-        raise ValueError(
-            f"initial_state must be [N, Hv, K, V] = {(segments.num_docs, num_v_heads, head_k, head_v)}, "
-            f"got {tuple(initial_state.shape)}"
-        )
-    out_dtype = q.dtype
-    scale = head_k**-0.5 if scale is None else scale
-    group = num_v_heads // heads
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    if group > 1:
-        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
-    q = q * scale
-
-    dest, padded_len, first_chunk = _chunk_layout(bounds, chunk_size, q.device)
-
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # [1, T, Hv, *] -> [Hv, C, L, *]
-        buf = x.new_zeros((padded_len, *x.shape[2:])).index_copy(0, dest, x[0])
-        return buf.reshape(padded_len // chunk_size, chunk_size, *x.shape[2:]).movedim(2, 0)
-
-    q_HCLK, k_HCLK, v_HCLV, g_HCLK = (to_chunks(x) for x in (q, k, v, g))
-    beta_HCL = to_chunks(beta)
-    cum_HCLK = g_HCLK.cumsum(2)  # log decay from the chunk start to each position, per channel
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
-    # decay from token j to token i >= j, per channel: [Hv, C, L(i), L(j), K]; 0 above the diagonal
-    pair = (cum_HCLK.unsqueeze(3) - cum_HCLK.unsqueeze(2)).masked_fill(upper[..., None], float("-inf")).exp()
-    k_beta = k_HCLK * beta_HCL.unsqueeze(-1)
-    # UT transform: solve (I + strict_tril(diag(beta) K Gamma K^T)) X = B; unitriangular ignores the diagonal
-    system = torch.einsum("hcid,hcjd,hcijd->hcij", k_beta, k_HCLK, pair)
-    u = torch.linalg.solve_triangular(system, v_HCLV * beta_HCL.unsqueeze(-1), upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * cum_HCLK.exp(), upper=False, unitriangular=True)
-    attn = torch.einsum("hcid,hcjd,hcijd->hcij", q_HCLK, k_HCLK, pair)  # causal, diagonal included
-    q_dec = q_HCLK * cum_HCLK.exp()
-    k_dec = k_HCLK * (cum_HCLK[:, :, -1:] - cum_HCLK).exp()
-    chunk_decay = cum_HCLK[:, :, -1].exp().unsqueeze(-1)  # [Hv, C, K, 1]
-
-    o, final = delta_rule_across_chunks(
-        u, w, q_dec, attn, k_dec, chunk_decay, first_chunk, initial_state, output_final_state
-    )
-    o = o.reshape(num_v_heads, padded_len, head_v).index_select(1, dest)
-    o = o.transpose(0, 1).unsqueeze(0).to(out_dtype)
-    return o, final
+# KDA is the gated delta rule with one decay per key channel: one reference serves both ops
+kda_ref = gated_delta_rule_ref
 
 
 _fla_failure = KernelFailure("FLA's chunk_kda", "kda")  # its first run-time failure in this process, if any

@@ -20,6 +20,7 @@ from torch import Tensor
 from deltapack.ops.segments import Segments
 
 CHUNK = 64  # the reference delta rule's chunk length (FLA's and transformers' too)
+KDA_CHUNK = 16  # its chunk length with a per-channel decay (an [L, L, K] tensor per chunk and head)
 
 _ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
 
@@ -106,24 +107,32 @@ def gated_delta_rule_ref(
     use_qk_l2norm: bool = True,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked gated delta rule whose state starts at zero for every document (or at ``initial_state``).
+    """Chunked gated delta rule whose state starts at zero for every document (or at ``initial_state``), in fp32;
+    the gate is one log-decay per value head (Gated DeltaNet) or one per key channel (KDA: this is also
+    :func:`deltapack.ops.kda.kda_ref`).
 
-    The recurrence per value head h, token t (S is [K, V]):
+    The recurrence per value head h, token t (S is [K, V]; exp(g_t) a scalar, or diag(exp(g_t)) per channel):
         S = exp(g_t) * S;  S = S + beta_t * k_t (v_t - S^T k_t)^T;  o_t = S^T (scale * q_t)
     computed chunk by chunk (the WY/UT form transformers and FLA use). Each document is padded on its own to a
     whole number of chunks, so its chunks line up exactly as when it runs alone, and the state is reset at the
-    first chunk of every document.
+    first chunk of every document. Inside a chunk the pairwise decays exp(G_i - G_j) (G = cumulative log-decay) are
+    formed directly, never as exp(G_i) * exp(-G_j), so any decay >= -inf is safe; per channel that costs an
+    [L, L, K] tensor per chunk and head, hence the shorter default chunk there.
 
     Args:
         q, k: [1, T, Hk, K]. v: [1, T, Hv, V] with Hv a multiple of Hk (value head h reads key head h // (Hv/Hk)).
-        g: [1, T, Hv] log-decay (<= 0, fp32 preferred). beta: [1, T, Hv] write strength in (0, 1).
+        g: [1, T, Hv] log-decay per head, or [1, T, Hv, K] per key channel (<= 0, fp32 preferred).
+        beta: [1, T, Hv] write strength in (0, 1).
         segments: the documents of the stream.
         scale: query scale, default K ** -0.5.
-        use_qk_l2norm: L2-normalise q and k first (what the Qwen3.5 / Qwen3-Next layers ask for).
+        use_qk_l2norm: L2-normalise q and k first (what the Qwen3.5 / Qwen3-Next and KDA layers ask for).
         initial_state: [N, Hv, K, V] the state each document starts from; None: zeros. Gradients flow into it
             (context parallelism hands states across ranks through it).
         output_final_state: also return each document's final state.
+        chunk_size: tokens per chunk (default 64 for a per-head decay, 16 per channel); the result does not depend
+            on it beyond rounding.
 
     Returns:
         o: [1, T, Hv, V] in the dtype of q (computed in fp32);
@@ -132,7 +141,7 @@ def gated_delta_rule_ref(
     _check_gated_delta_rule(q, k, v, g, beta, segments, initial_state)
     num_k_heads, head_k = q.shape[2:]
     num_v_heads, head_v = v.shape[-2:]
-    bounds = list(segments.cu_seqlens_host)
+    per_channel = g.dim() == 4
     out_dtype = q.dtype
     scale = head_k**-0.5 if scale is None else scale
     group = num_v_heads // num_k_heads
@@ -146,29 +155,35 @@ def gated_delta_rule_ref(
     q = q * scale
 
     # scatter into the per-document chunk-aligned layout: [Hv, C_total, chunk, *]
-    chunk_size = CHUNK
-    dest, padded_len, first_chunk = _chunk_layout(bounds, chunk_size, q.device)
+    chunk_size = chunk_size or (KDA_CHUNK if per_channel else CHUNK)
+    dest, padded_len, first_chunk = _chunk_layout(segments.cu_seqlens_host, chunk_size, q.device)
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:  # [1, T, H, *] -> [H, C, L, *]
         buf = x.new_zeros((padded_len, *x.shape[2:])).index_copy(0, dest, x[0])
         return buf.reshape(padded_len // chunk_size, chunk_size, *x.shape[2:]).movedim(2, 0)
 
     qc, kc, vc = (to_chunks(x) for x in (q, k, v))  # [Hv, C, L, K|V]
-    gc, bc = (to_chunks(x) for x in (g, beta))  # [Hv, C, L]
+    bc = to_chunks(beta)  # [Hv, C, L]
+    cum = to_chunks(g if per_channel else g[..., None]).cumsum(2)  # [Hv, C, L, K or 1]: log decay from chunk start
 
     k_beta = kc * bc.unsqueeze(-1)
     v_beta = vc * bc.unsqueeze(-1)
-    cum = gc.cumsum(-1)  # log decay from the chunk start to each position
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
-    pair_decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
-    # UT transform: solve (I + strict_tril(diag(beta) K K^T * decay)) X = B; unitriangular ignores the diagonal
-    system = (k_beta @ kc.transpose(-1, -2)) * pair_decay
+    if per_channel:  # the decay from token j to token i >= j per channel: [Hv, C, L(i), L(j), K]
+        pair_decay = (cum.unsqueeze(3) - cum.unsqueeze(2)).masked_fill(upper[..., None], float("-inf")).exp()
+        system = torch.einsum("hcid,hcjd,hcijd->hcij", k_beta, kc, pair_decay)
+        attn = torch.einsum("hcid,hcjd,hcijd->hcij", qc, kc, pair_decay)  # causal, diagonal included
+    else:  # one decay per head: [Hv, C, L(i), L(j)]
+        cum_HCL = cum[..., 0]
+        pair_decay = (cum_HCL.unsqueeze(-1) - cum_HCL.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+        system = (k_beta @ kc.transpose(-1, -2)) * pair_decay
+        attn = (qc @ kc.transpose(-1, -2)) * pair_decay
+    # UT transform: solve (I + strict_tril(diag(beta) K Gamma K^T)) X = B; unitriangular ignores the diagonal
     u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
-    attn = (qc @ kc.transpose(-1, -2)) * pair_decay
-    q_dec = qc * cum.exp().unsqueeze(-1)
-    k_dec = kc * (cum[..., -1:] - cum).exp().unsqueeze(-1)
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
+    w = torch.linalg.solve_triangular(system, k_beta * cum.exp(), upper=False, unitriangular=True)
+    q_dec = qc * cum.exp()
+    k_dec = kc * (cum[:, :, -1:] - cum).exp()
+    chunk_decay = cum[:, :, -1].exp().unsqueeze(-1)  # [Hv, C, K or 1, 1]
 
     o, final = delta_rule_across_chunks(
         u, w, q_dec, attn, k_dec, chunk_decay, first_chunk, initial_state, output_final_state
@@ -231,9 +246,14 @@ def _check_gated_delta_rule(
             f"v must be [1, T, Hv, V] with T = {q.shape[1]} and Hv a multiple of Hk = {num_k_heads}, "
             f"got {tuple(v.shape)}"
         )
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (*q.shape[:2], num_v_heads):
-            raise ValueError(f"{name} must be [1, T, Hv] = {(*q.shape[:2], num_v_heads)}, got {tuple(t.shape)}")
+    per_head = (*q.shape[:2], num_v_heads)
+    if tuple(g.shape) not in (per_head, (*per_head, head_k)):
+        raise ValueError(
+            f"g must be [1, T, Hv] = {per_head} (one decay per head) or [1, T, Hv, K] = {(*per_head, head_k)} "
+            f"(per channel), got {tuple(g.shape)}"
+        )
+    if tuple(beta.shape) != per_head:
+        raise ValueError(f"beta must be [1, T, Hv] = {per_head}, got {tuple(beta.shape)}")
     expected = (segments.num_docs, num_v_heads, head_k, head_v)
     if initial_state is not None and tuple(initial_state.shape) != expected:
         raise ValueError(f"initial_state must be [N, Hv, K, V] = {expected}, got {tuple(initial_state.shape)}")
