@@ -89,11 +89,11 @@ def ssd_ref(
     C: torch.Tensor,
     *,
     segments: Segments,
+    chunk_size: int = 64,
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
-    chunk_size: int = 64,
 ) -> torch.Tensor:
     """Exact chunked SSD scan over a packed stream (pure PyTorch, autograd, any device), in fp32 (fp64 input: fp64).
 
@@ -103,9 +103,9 @@ def ssd_ref(
         A: [H] the (negative) decay rate, fp32.
         B, C: [1, T, G, N], G divides H.
         segments: the batch's segments (``seq_idx`` [1, T] int32, the document of each token, is what is read).
+        chunk_size: L, tokens per chunk (the result does not depend on it, up to rounding).
         D: [H] skip weight or None. dt_bias: [H] or None. dt_softplus: apply softplus to dt + dt_bias.
         dt_limit: clamp of dt after softplus, as the layers' ``time_step_limit``.
-        chunk_size: L, tokens per chunk (the result does not depend on it, up to rounding).
 
     Returns:
         y: [1, T, H, P] in the dtype of x.
