@@ -68,6 +68,10 @@ _PASS_THROUGH = "_deltapack_pass_through"
 _ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder stacks it calls
 # the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
 _CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
+# True inside generate() of a patched model: its calls keep transformers' path (a model whose forward takes no
+# logits_to_keep, xlstm's, shows no other sign of generating when called with use_cache=False)
+_GENERATING: ContextVar[bool] = ContextVar("deltapack_generating", default=False)
+_GENERATE_INNER = "_deltapack_generate_inner"  # on an entry model: what generate() was before patching
 # the cache keyword of the model forwards (transformers 5.24 renames it to ``cache``)
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params", "state")  # state: rwkv's
 # where patch() keeps the original forward of a decoder stack, a registered packed layer, a decoder layer
@@ -140,6 +144,9 @@ def patch(model: ModelT, chunked_loss: bool | int = False) -> ModelT:
         target.__dict__[_ENTRY_TEXT_MODELS] = stacks
         target.__dict__[_THREAD_BOUNDARIES] = arch is not None
         target.__dict__[_PADS_EXACTLY] = pads_exactly
+        if callable(getattr(target, "generate", None)):
+            target.__dict__[_GENERATE_INNER] = target.generate
+            target.__dict__["generate"] = types.MethodType(_generate, target)
         if chunked_loss is not False:
             target.__dict__[_CHUNKED_LOSS] = DEFAULT_CHUNK_TOKENS if chunked_loss is True else int(chunked_loss)
     attention_hooks.attach(target)
@@ -188,6 +195,14 @@ def unpatch(model: ModelT) -> ModelT:
         return model
     target.__dict__.pop(_ENTRY_TEXT_MODELS, None)
     target.__dict__.pop(_CHUNKED_LOSS, None)
+    generate = target.__dict__.pop(_GENERATE_INNER, None)
+    if generate is not None:
+        if getattr(generate, "__self__", None) is target and generate.__func__ is getattr(
+            type(target), "generate", None
+        ):
+            target.__dict__.pop("generate", None)
+        else:
+            target.__dict__["generate"] = generate
     attention_hooks.detach(target)
     for module, attr in reversed(state.wrapped):
         module.__dict__.pop(ATTENTION_MODULES, None)
@@ -274,6 +289,15 @@ def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return _route(inner, inner, args, kwargs, checked=checked, thread=thread, chunk=chunk)
 
 
+def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """generate() of a patched entry model: the original, with every call it makes marked as generating."""
+    token = _GENERATING.set(True)
+    try:
+        return self.__dict__[_GENERATE_INNER](*args, **kwargs)
+    finally:
+        _GENERATING.reset(token)
+
+
 def _route(
     packed: Callable[..., Any],
     inner: Callable[..., Any],
@@ -322,7 +346,7 @@ def _route(
         pads_exactly = getattr(getattr(inner, "__self__", None), "__dict__", {}).get(_PADS_EXACTLY, True)
         # a generation step asks for a cache or for the last logits only (logits_to_keep)
         keep = call.get("logits_to_keep")
-        generating = call.get("use_cache") is True or (isinstance(keep, int) and keep != 0)
+        generating = _GENERATING.get() or call.get("use_cache") is True or (isinstance(keep, int) and keep != 0)
         if bounds is None or (padding_only and (pads_exactly or generating)):
             return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
         if router_rows and indexed and _wants_router_logits(inner, call):
@@ -504,7 +528,8 @@ def _packed_call(
         if new.get(name) is not None:
             new[name] = bounds.unpad(new[name])
     named = _parameter_names(inner)
-    for name, value in (("attention_mask", None), ("position_ids", bounds.position_ids), ("use_cache", False)):
+    positions = _stream_positions(call.get("position_ids"), bounds)
+    for name, value in (("attention_mask", None), ("position_ids", positions), ("use_cache", False)):
         if thread or name in named or name in new:  # ``inner`` may hide its signature (a lambda, **kwargs)
             new[name] = value
     for name in CACHE_KWARGS:
@@ -534,6 +559,16 @@ def _packed_call(
     if not keep_all and getattr(out, "logits", None) is not None:
         out["logits"] = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
     return out
+
+
+def _stream_positions(given: Any, bounds: Boundaries) -> torch.Tensor:
+    """The positions the model gets on the stream, [1, total] int64: the caller's ``position_ids`` [B, T] where it
+    gave them (they restart where each document starts; a collator may start every document at 1, as
+    ``DataCollatorWithFlattening(position_ids_start=1)`` does, and the document alone would see those positions),
+    else each token's position inside its document."""
+    if isinstance(given, torch.Tensor) and given.dim() == 2 and tuple(given.shape) == bounds.batch_shape:
+        return bounds.unpad(given.to(device=bounds.position_ids.device, dtype=bounds.position_ids.dtype))
+    return bounds.position_ids
 
 
 def _chunked_loss_call(

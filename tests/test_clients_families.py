@@ -1,0 +1,315 @@
+"""Real clients on a representative of every family, not only qwen3_5: transformers' DataCollatorWithFlattening
+in every option combination, TRL's SFTTrainer (packing and padding-free, patched before and after the trainer is
+built, the MoE load-balancing loss on) and generate().
+
+References are computed document by document through the unpatched model; every exactness check also shows that
+the unpatched model leaks on the same batch, so it can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
+
+import deltapack
+from deltapack.audit import shrink as shrinking
+from deltapack.tiny import tiny_model
+from helpers import EXACT, LEAK, LR, doc_loss_sum, grads_of, norm_rel, one_step_args, patched, random_docs
+
+datasets = pytest.importorskip("datasets")
+
+# one model type per family (tiny configs); the comment names the family and what else the model brings
+REPRESENTATIVES = (
+    "mamba2",  # SSD, attention-free
+    "granitemoehybrid",  # SSD + attention + MoE (router aux loss)
+    "jamba",  # selective scan + attention + MoE (router aux loss)
+    "kimi_linear",  # Kimi delta attention + MLA
+    "olmo_hybrid",  # gated DeltaNet variant
+    "lfm2",  # gated short conv
+    "minimax",  # lightning attention + MoE (router aux loss)
+    "recurrent_gemma",  # RG-LRU + local attention
+    "rwkv",  # RWKV-4
+    "xlstm",  # mLSTM
+    "llama",  # attention only, rotary
+    "gpt2",  # attention only, learned absolute positions
+    "gpt_oss",  # attention only: sinks, a sliding window of 3, MoE (router aux loss)
+)
+# attention-only types have no tiny config of their own: the audit's shrunk config, with these overrides
+ATTENTION_ONLY = {
+    "llama": {},
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # trainers run in train mode
+    "gpt_oss": {"sliding_window": 3},
+}
+
+# RG-LRU resets its state where the position is 0: a document numbered from 1 is not reset when alone (see below)
+RESETS_AT_POSITION_ZERO = ("recurrent_gemma",)
+
+DOCS = random_docs([5, 1, 9, 4], seed=21)
+GRAD_RTOL = 1e-4
+
+
+@functools.cache
+def model_of(arch: str) -> torch.nn.Module:
+    """The tiny fp32 model of ``arch``; each test leaves it as it found it (unpatched, eval mode, no grads)."""
+    if arch not in ATTENTION_ONLY:
+        return tiny_model(arch)
+    config, _ = shrinking.shrink_config(AutoConfig.for_model(arch), arch)
+    for key, value in ATTENTION_ONLY[arch].items():
+        setattr(config, key, value)
+    for implementation in ("sdpa", "eager"):  # gpt_oss has no sdpa
+        torch.manual_seed(0)
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).float().eval()
+        except ValueError:
+            continue
+    raise AssertionError(f"{arch} builds with neither sdpa nor eager attention")
+
+
+def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:
+    """Max |diff| of each document's logits in a flattened [1, total] batch vs the document alone."""
+    lengths = [a.shape[0] for a in alone]
+    per_doc = torch.split(logits[0, : sum(lengths)], lengths)
+    return max((p - a).abs().max().item() for p, a in zip(per_doc, alone))
+
+
+def client_diff(model, batch: dict, alone: list[torch.Tensor]) -> float:
+    """The model called as the client calls it (``model(**batch)``), or inf where it refuses the batch."""
+    try:
+        with torch.no_grad():
+            return per_doc_diff(model(**batch).logits, alone)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return float("inf")
+
+
+FLATTENING = [
+    dict(return_position_ids=pos, return_flash_attn_kwargs=flash, return_seq_idx=seq, position_ids_start=start)
+    for pos, flash, seq, start in itertools.product([True, False], [True, False], [True, False], [0, 1])
+    if pos or flash or seq  # without any of them the batch holds input_ids and labels only: nothing marks documents
+    if pos or start == 0  # position_ids_start only changes position_ids
+]
+
+
+@pytest.mark.parametrize("arch", REPRESENTATIVES)
+def test_data_collator_with_flattening_every_option(arch):
+    """Every option combination of DataCollatorWithFlattening that marks documents: each document's logits equal
+    the document alone through the same collator (its positions included); unpatched, the same batch leaks."""
+    model = model_of(arch)
+    alone = {}
+    with torch.no_grad():
+        for start in (0, 1):
+            one = DataCollatorWithFlattening(position_ids_start=start)
+            alone[start] = [model(**_without_labels(one([{"input_ids": d}]))).logits[0] for d in DOCS]
+    for options in FLATTENING:
+        if options["position_ids_start"] and arch in RESETS_AT_POSITION_ZERO:
+            continue
+        batch = _without_labels(DataCollatorWithFlattening(**options)([{"input_ids": d} for d in DOCS]))
+        reference = alone[options["position_ids_start"]]
+        assert client_diff(model, batch, reference) > LEAK, options
+        with patched(model):
+            assert client_diff(model, batch, reference) <= EXACT, options
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="deltapack resets the RG-LRU at every document start; alone, transformers "
+    "resets it only where the position is 0, so a document numbered from 1 differs in its first token",
+)
+def test_rg_lru_documents_numbered_from_one():
+    model = model_of("recurrent_gemma")
+    collator = DataCollatorWithFlattening(position_ids_start=1)
+    batch = _without_labels(collator([{"input_ids": d} for d in DOCS]))
+    with torch.no_grad():
+        alone = [model(**_without_labels(collator([{"input_ids": d}]))).logits[0] for d in DOCS]
+    with patched(model):
+        assert client_diff(model, batch, alone) <= EXACT
+
+
+def _without_labels(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("arch", REPRESENTATIVES)
+@pytest.mark.parametrize("separator_id", [-100, 7])
+def test_flattening_loss_and_gradients(arch, separator_id):
+    """The model's own loss on a flattened batch with labels, and its gradients: the per-document loss (each
+    document alone, targets inside the document only); the separator label never becomes a target once patched."""
+    model = copy.deepcopy(model_of(arch))  # a backward leaves some models holding non-leaf state tensors
+    collator = DataCollatorWithFlattening(
+        return_position_ids=False, return_flash_attn_kwargs=True, return_seq_idx=True, separator_id=separator_id
+    )
+    batch = {**collator([{"input_ids": d} for d in DOCS]), "use_cache": False}  # as a trainer calls it
+    targets = sum(len(d) - 1 for d in DOCS)
+    ref_loss = sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in DOCS) / targets
+    ref_grads = grads_of(model, ref_loss)
+    try:
+        unpatched_grads = grads_of(model, model(**batch).loss)
+    except (ValueError, RuntimeError, NotImplementedError):  # refused (transformers without the CUDA kernels)
+        unpatched_grads = None
+    assert unpatched_grads is None or norm_rel(unpatched_grads, ref_grads) > 1e3 * GRAD_RTOL  # the test can fail
+    with patched(model):
+        loss = model(**batch).loss
+        grads = grads_of(model, loss)
+    model.zero_grad(set_to_none=True)
+    assert abs(loss.item() - ref_loss.item()) <= EXACT
+    assert norm_rel(grads, ref_grads) <= GRAD_RTOL
+
+
+# ------------------------------------------------------------------------------------------------ TRL's SFTTrainer
+LENGTHS = (1, 3, 7, 12, 19, 25, 33, 2, 16, 9)  # a single token, shorter than a conv window, several long ones
+TRAIN_DOCS = random_docs(LENGTHS, seed=5)
+
+
+@functools.cache
+def reference_step(arch: str) -> tuple[float, float | None, torch.Tensor, dict[tuple[int, ...], torch.Tensor]]:
+    """What the first SFTTrainer step must compute, each document alone through the unpatched model with TRL's fused
+    LM head: the loss (the mean next-token loss over every target of every document, plus the router's
+    load-balancing loss times its coefficient where the model has one), that auxiliary loss (None without one), the
+    gradients, and each document's next-token log-probabilities (by its tokens)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = copy.deepcopy(model_of(arch))
+    add_fused_lm_head(model)
+    coef = aux_loss_coef(model)
+    log_probs = [
+        model(torch.tensor([d]), labels=torch.tensor([d]), fused_lm_head=True).log_probs[0] for d in TRAIN_DOCS
+    ]
+    loss = -sum(lp.sum() for lp in log_probs) / sum(len(d) - 1 for d in TRAIN_DOCS)
+    aux = None
+    if coef:  # load-balancing loss over exactly the real tokens, as the model's own function computes it
+        outs = [model(torch.tensor([d]), use_cache=False, output_router_logits=True) for d in TRAIN_DOCS]
+        routers = tuple(torch.cat([o.router_logits[i] for o in outs]) for i in range(len(outs[0].router_logits)))
+        balance = sys.modules[type(model).__module__].load_balancing_loss_func
+        aux = balance(routers, model.num_experts, model.num_experts_per_tok, None)
+        loss = loss + coef * aux
+    per_doc = {tuple(d): lp.detach() for d, lp in zip(TRAIN_DOCS, log_probs)}
+    return loss.item(), None if aux is None else aux.item(), grads_of(model, loss), per_doc
+
+
+def log_prob_diff(model, inputs: dict, alone: dict[tuple[int, ...], torch.Tensor]) -> float:
+    """Max |diff| of the next-token log-probabilities the fused LM head gives each document of the trainer's
+    padding-free batch (documents start where position_ids restart at 0) vs the document alone; inf if refused."""
+    try:
+        with torch.no_grad():
+            out = model(**inputs, fused_lm_head=True).log_probs[0]
+    except (ValueError, RuntimeError, NotImplementedError):  # refused (transformers without the CUDA kernels)
+        return float("inf")
+    ids, starts = inputs["input_ids"][0], (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
+    worst = 0.0
+    for start, end in zip(starts, [*starts[1:], ids.numel()]):
+        doc = tuple(ids[start:end].tolist())
+        if len(doc) > 1:
+            worst = max(worst, (out[start : end - 1] - alone[doc]).abs().max().item())
+    return worst
+
+
+def aux_loss_coef(model) -> float:
+    """The coefficient SFTTrainer gives the router's auxiliary loss by default (0.0: off)."""
+    config = model.config.get_text_config()
+    return (
+        float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if hasattr(config, "output_router_logits") else 0.0
+    )
+
+
+def sft_trainer(model, tmp_path, mode: str):
+    from trl import SFTConfig, SFTTrainer
+
+    from deltapack.data.demo import char_tokenizer
+
+    train = datasets.Dataset.from_dict({"input_ids": TRAIN_DOCS})
+    extra = dict(packing=True, max_length=40) if mode == "packing" else dict(padding_free=True, max_length=None)
+    args = one_step_args(SFTConfig, tmp_path, len(TRAIN_DOCS), **extra)  # every document in the first step
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=char_tokenizer())
+    trainer.seen = []  # (inputs, loss) of every compute_loss call
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        trainer.seen.append(({k: v for k, v in inputs.items()}, loss.detach().clone()))
+        return loss
+
+    trainer.compute_loss = recording
+    return trainer
+
+
+# TRL 1.16's fused LM head reads num_experts from granitemoehybrid's config, which names it num_local_experts
+# (AttributeError with or without deltapack): the trainer runs the other representatives
+TRAINED = tuple(a for a in REPRESENTATIVES if a != "granitemoehybrid")
+# transformers itself separates documents by the position_ids of a padding-free batch called with use_cache=False
+SEPARATED_BY_TRANSFORMERS = ("llama", "gpt2")
+
+
+def trainer_runs() -> list[tuple[str, str, str]]:
+    """Two runs per representative, packing and padding-free, one patched before the trainer is built and one
+    after; which order goes with which mode alternates, so every combination runs."""
+    orders = ("patch_then_trainer", "trainer_then_patch")
+    return [
+        (arch, mode, orders[(i + j) % 2])
+        for i, arch in enumerate(TRAINED)
+        for j, mode in enumerate(("packing", "padding_free"))
+    ]
+
+
+@pytest.mark.parametrize("arch,mode,order", trainer_runs())
+def test_sft_trainer(arch, mode, order, tmp_path):
+    """One SGD step of SFTTrainer (its fused LM head, the router's auxiliary loss where the model has one): the loss
+    and the update equal the per-document reference; the unpatched model leaks on the batch the trainer fed it."""
+    ref_loss, ref_aux, ref_grads, alone = reference_step(arch)
+    initial = model_of(arch)
+    model = copy.deepcopy(initial)
+    if order == "patch_then_trainer":
+        trainer = sft_trainer(deltapack.patch(model), tmp_path, mode)
+    else:
+        trainer = sft_trainer(model, tmp_path, mode)
+        deltapack.patch(trainer.model)
+    assert trainer.aux_loss_enabled == (ref_aux is not None)
+    trainer.train()
+    ((inputs, loss),) = trainer.seen
+    assert abs(loss.item() - ref_loss) <= EXACT * max(1.0, abs(ref_loss))
+    if ref_aux is not None:
+        logged = next(row["aux_loss"] for row in trainer.state.log_history if "aux_loss" in row)
+        assert abs(logged - ref_aux) <= 1e-6 * ref_aux
+    params = zip(trainer.model.parameters(), initial.parameters())
+    update = torch.cat([(p.detach() - q.detach()).reshape(-1) for p, q in params if p.requires_grad])
+    assert norm_rel(update, -LR * ref_grads) <= GRAD_RTOL
+    # the same batch through the unpatched model, as the trainer calls it
+    deltapack.unpatch(trainer.model)
+    trainer.model.load_state_dict(initial.state_dict())
+    unpatched = log_prob_diff(trainer.model, inputs, alone)
+    if arch in SEPARATED_BY_TRANSFORMERS:
+        assert unpatched <= EXACT
+    else:
+        assert unpatched > LEAK
+
+
+# ------------------------------------------------------------------------------------------------------ generate()
+def prompts() -> dict[str, torch.Tensor]:
+    """Two prompts, the first left-padded by 3 (a 0/1 attention_mask, as a tokenizer pads for generation)."""
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", REPRESENTATIVES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_is_bit_identical(arch, use_cache):
+    """generate() on plain prompts (one padded, one not; greedy, with and without the cache): the patched model's
+    tokens and scores are bit for bit the unpatched model's."""
+    model = model_of(arch)
+    kwargs = dict(max_new_tokens=4, do_sample=False, use_cache=use_cache, pad_token_id=0)
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        before = model.generate(**prompts(), **kwargs)
+        single = model.generate(prompts()["input_ids"][1:], **kwargs)
+        with patched(model):
+            after = model.generate(**prompts(), **kwargs)
+            single_after = model.generate(prompts()["input_ids"][1:], **kwargs)
+    for a, b in ((before, after), (single, single_after)):
+        assert torch.equal(a.sequences, b.sequences)
+        assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
