@@ -20,7 +20,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlatt
 import deltapack
 from deltapack.audit import shrink as shrinking
 from deltapack.tiny import tiny_model
-from helpers import EXACT, LEAK, LR, doc_loss_sum, grads_of, norm_rel, one_step_args, patched, random_docs
+from helpers import (
+    EXACT,
+    LEAK,
+    LR,
+    PAD,
+    doc_loss_sum,
+    grads_of,
+    norm_rel,
+    one_step_args,
+    patched,
+    random_docs,
+)
 
 datasets = pytest.importorskip("datasets")
 
@@ -217,14 +228,26 @@ def aux_loss_coef(model) -> float:
 
 
 def sft_trainer(model, tmp_path, mode: str):
+    """SFTTrainer for one SGD step over every training document. ``mode``: "packing" (TRL packs the documents into
+    rows of 40, its padding-free collator flattens them), "padding_free" (one document per example, flattened), or
+    "packed_collator" (rows packed by deltapack, PackedCollator with an indexed attention_mask)."""
     from trl import SFTConfig, SFTTrainer
 
+    from deltapack.data import PackedCollator, pack_dataset
     from deltapack.data.demo import char_tokenizer
 
-    train = datasets.Dataset.from_dict({"input_ids": TRAIN_DOCS})
-    extra = dict(packing=True, max_length=40) if mode == "packing" else dict(padding_free=True, max_length=None)
+    train, collator = datasets.Dataset.from_dict({"input_ids": TRAIN_DOCS}), None
+    if mode == "packing":
+        extra = dict(packing=True, max_length=40)
+    elif mode == "padding_free":
+        extra = dict(padding_free=True, max_length=None)
+    else:
+        train, collator = pack_dataset(train, 40), PackedCollator(PAD, indexed_mask=True)
+        extra = dict(packing=False, padding_free=False, max_length=None)
     args = one_step_args(SFTConfig, tmp_path, len(TRAIN_DOCS), **extra)  # every document in the first step
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=char_tokenizer())
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, data_collator=collator, processing_class=char_tokenizer()
+    )
     trainer.seen = []  # (inputs, loss) of every compute_loss call
     compute_loss = trainer.compute_loss
 
@@ -285,6 +308,26 @@ def test_sft_trainer(arch, mode, order, tmp_path):
         assert unpatched <= EXACT
     else:
         assert unpatched > LEAK
+
+
+@pytest.mark.parametrize("arch", ["jamba", "minimax", "gpt_oss"])  # the trained MoE representatives with an aux loss
+def test_fused_head_with_an_indexed_mask(arch, tmp_path):
+    """The MoE representatives with the router's auxiliary loss on, rows packed by deltapack with an indexed
+    attention_mask: TRL's fused LM head would weight the auxiliary loss by document index, so the model patched
+    before the trainer is built refuses with the documented error; patched after (the entry forward then runs
+    outside the fused head) the step equals the per-document reference."""
+    ref_loss, ref_aux, _, _ = reference_step(arch)
+    assert ref_aux is not None
+    trainer = sft_trainer(deltapack.patch(copy.deepcopy(model_of(arch))), tmp_path, "packed_collator")
+    with pytest.raises(ValueError, match=r"indexed_mask=False"):
+        trainer.train()
+    trainer = sft_trainer(copy.deepcopy(model_of(arch)), tmp_path, "packed_collator")
+    deltapack.patch(trainer.model)
+    trainer.train()
+    ((_, loss),) = trainer.seen
+    assert abs(loss.item() - ref_loss) <= EXACT * max(1.0, abs(ref_loss))
+    logged = next(row["aux_loss"] for row in trainer.state.log_history if "aux_loss" in row)
+    assert abs(logged - ref_aux) <= 1e-6 * ref_aux
 
 
 # ------------------------------------------------------------------------------------------------------ generate()
