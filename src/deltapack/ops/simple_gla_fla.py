@@ -109,82 +109,41 @@ def _local_cumsum(g_1TH: Tensor, plan: SimpleGLAPlan, reverse: bool = False, sca
     )
 
 
-def _states(k_1THK: Tensor, v_1THV: Tensor, gc_1TH: Tensor, plan: SimpleGLAPlan) -> Tensor:
-    """FLA's ``chunk_fwd_h`` without its host sync: the state entering every chunk, [1, NT, H, K, V] fp32."""
-    fla = _fla()
-    _, total, heads, dk = k_1THK.shape
-    dv = v_1THV.shape[-1]
-    h = k_1THK.new_empty(1, plan.num_chunks, heads, dk, dv, dtype=torch.float32)
+# the state kernels' switches for simple GLA: one log-decay per head (g), none per key or value channel, no fixed
+# per-head decay (gamma); the state laid out [K, V]
+_SIMPLE_GLA_SWITCHES = dict(
+    g_gamma=None, gk=None, gv=None, USE_G=True, USE_G_GAMMA=False, USE_GK=False, USE_GV=False, STATE_V_FIRST=False
+)
+
+
+def _state_kernel(kernel: str, out: str, x_1THK: Tensor, y_1THV: Tensor, plan: SimpleGLAPlan, **args: object) -> Tensor:
+    """FLA's state kernel ``kernel`` launched with the plan's chunk offsets and host chunk count (no host sync): fills
+    and returns its fp32 [1, NT, H, K, V] argument ``out``; x and y give the shapes, ``args`` the kernel's tensors."""
+    _, total, heads, dk = x_1THK.shape
+    dv = y_1THV.shape[-1]
+    buffer = x_1THK.new_empty(1, plan.num_chunks, heads, dk, dv, dtype=torch.float32)
 
     def grid(meta: dict) -> tuple[int]:
         return (-(-dk // meta["BK"]) * -(-dv // meta["BV"]) * plan.num_docs * heads,)
 
-    fla.chunk_fwd_kernel_h[grid](
-        k=k_1THK,
-        v=v_1THV,
-        h=h,
-        g=gc_1TH,
-        g_gamma=None,
-        gk=None,
-        gv=None,
-        h0=None,
-        ht=None,
-        cu_seqlens=plan.cu_seqlens,
-        split_offsets=plan.chunk_offsets,
-        T=total,
-        H=heads,
-        K=dk,
-        V=dv,
-        BT=CHUNK,
-        BS=CHUNK,
-        USE_G=True,
-        USE_G_GAMMA=False,
-        USE_GK=False,
-        USE_GV=False,
-        STATE_V_FIRST=False,
+    sizes = dict(T=total, H=heads, K=dk, V=dv, BT=CHUNK, BS=CHUNK)
+    offsets = dict(cu_seqlens=plan.cu_seqlens, split_offsets=plan.chunk_offsets)
+    getattr(_fla(), kernel)[grid](**{out: buffer}, **args, **sizes, **offsets, **_SIMPLE_GLA_SWITCHES)
+    return buffer
+
+
+def _states(k_1THK: Tensor, v_1THV: Tensor, gc_1TH: Tensor, plan: SimpleGLAPlan) -> Tensor:
+    """FLA's ``chunk_fwd_h`` without its host sync: the state entering every chunk, [1, NT, H, K, V] fp32."""
+    return _state_kernel(
+        "chunk_fwd_kernel_h", "h", k_1THK, v_1THV, plan, k=k_1THK, v=v_1THV, g=gc_1TH, h0=None, ht=None
     )
-    return h
 
 
 def _state_grads(q_1THK: Tensor, do_1THV: Tensor, gc_1TH: Tensor, plan: SimpleGLAPlan) -> Tensor:
     """FLA's ``chunk_bwd_dh`` without its host sync: the gradient of the state leaving every chunk,
     [1, NT, H, K, V] fp32."""
-    fla = _fla()
-    _, total, heads, dk = q_1THK.shape
-    dv = do_1THV.shape[-1]
-    dh = q_1THK.new_empty(1, plan.num_chunks, heads, dk, dv, dtype=torch.float32)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (-(-dk // meta["BK"]) * -(-dv // meta["BV"]) * plan.num_docs * heads,)
-
-    fla.chunk_bwd_kernel_dh[grid](
-        q=q_1THK,
-        g=gc_1TH,
-        g_gamma=None,
-        gk=None,
-        gv=None,
-        do=do_1THV,
-        dh=dh,
-        dht=None,
-        dh0=None,
-        cu_seqlens=plan.cu_seqlens,
-        split_offsets=plan.chunk_offsets,
-        scale=1.0,
-        T=total,
-        HQ=heads,
-        H=heads,
-        K=dk,
-        V=dv,
-        BT=CHUNK,
-        BS=CHUNK,
-        NG=1,
-        USE_G=True,
-        USE_G_GAMMA=False,
-        USE_GK=False,
-        USE_GV=False,
-        STATE_V_FIRST=False,
-    )
-    return dh
+    grads = dict(q=q_1THK, do=do_1THV, g=gc_1TH, dht=None, dh0=None, scale=1.0, HQ=q_1THK.shape[2], NG=1)
+    return _state_kernel("chunk_bwd_kernel_dh", "dh", q_1THK, do_1THV, plan, **grads)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, plan: SimpleGLAPlan) -> tuple[Tensor, Tensor]:
