@@ -1,25 +1,40 @@
-"""``deltapack train`` on 2 processes (gloo, CPU), with context parallelism 2 and with FSDP2: a run killed with
-SIGKILL (the whole torchrun process group, as a pre-emption does) between two checkpoints and resumed equals an
-uninterrupted run (losses, eval losses, learning rates, gradient norms, weights); a checkpoint written by 2
-processes resumes on 1 with the same loss curve within fp32 noise.
+"""``deltapack train`` on 2 processes (gloo, CPU), with context parallelism 2 and, separately, with FSDP2:
 
-Each case launches torchrun three times (~15 s each: two processes importing transformers)."""
+- a run killed with SIGKILL (its whole process group, as a pre-emption does) between two checkpoints and resumed
+  equals an uninterrupted run of the same steps: per-step losses, eval losses, learning rates, gradient norms and
+  final weights, fp32, relative <= 1e-6;
+- a truncated shard in the newest sharded checkpoint: ``--resume`` skips it with a warning and continues from the
+  previous complete one (still equal to the uninterrupted run); ``--resume DIR`` of it refuses with the reason;
+- a checkpoint written by 2 processes resumes on 1, and one written by 1 process resumes on 2 (DCP reshards it),
+  with the same loss curve within fp32 noise; a process count the global batch cannot be split over is refused.
+
+Starting processes costs seconds, so the module runs everything once (a module-scoped fixture) and the tests assert
+on what the runs left: the two killed runs through the CLI (torchrun); the other 2-process runs one after another in
+one pair of spawned ranks; the 1-process runs in this process.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import deltapack
 from deltapack.cli import main
+from deltapack.distributed.launch import free_port
 from deltapack.train.checkpoint import MARKER, checkpoints
 from runs import assert_close, assert_same_run, metrics
 
@@ -28,8 +43,11 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"),
 ]
 
-RUN = ["--max-tokens", "256", "--batch-rows", "2", "--steps", "8", "--save-every", "2"]
+STEPS = 8
+RUN = ["--max-tokens", "256", "--batch-rows", "2", "--steps", str(STEPS), "--save-every", "2"]
 RUN += ["--lr-scheduler-type", "cosine", "--warmup-steps", "2", "--eval-split", "0.05", "--eval-steps", "4"]
+ENGINES = {"cp2": ["--cp", "2"], "fsdp": ["--fsdp"]}
+FP32_NOISE = 1e-5  # relative: the same run on another process count sums its floats in another order
 
 
 def _env() -> dict[str, str]:
@@ -37,19 +55,9 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(deltapack.__file__).parents[1])}
 
 
-def _command(layout: list[str], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "deltapack.cli", "train", *RUN, "--nproc", "2", *layout, "--output", str(out), *extra]
-
-
-def _run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stderr
-
-
 def _descendants(pid: int) -> list[int]:
     """The processes started by ``pid``, at any depth (Linux /proc; torchrun puts its ranks in new sessions)."""
-    parents = {}
+    parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -64,49 +72,194 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _run_killed(command: list[str], out: Path) -> int:
-    """Start ``command``, SIGKILL it and every process it started once checkpoint-2 is complete (a pre-emption);
-    returns the newest complete checkpoint's step."""
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _run_killed(layout: list[str], out: Path) -> dict:
+    """``deltapack train --nproc 2`` SIGKILLed with every process it started once checkpoint-2 is complete;
+    what it left: the exit status and the steps of its complete checkpoints."""
+    command = [sys.executable, "-m", "deltapack.cli", "train", *RUN, "--nproc", "2", *layout, "--output", str(out)]
+    log = out.with_name(out.name + ".stderr")
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2" / MARKER).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    code = proc.wait()
     time.sleep(0.5)  # let the kernel reap the ranks before the files are looked at
-    assert not (out / "model.safetensors").exists()
     done = [int(p.name.split("-")[1]) for p in checkpoints(out) if (p / MARKER).exists()]
-    assert done and max(done) < 8
-    return max(done)
+    saved = (out / "model.safetensors").exists()
+    return {"returncode": code, "stderr": log.read_text()[-4000:], "checkpoints": done, "saved": saved}
 
 
-@pytest.mark.parametrize("layout", [["--cp", "2", "--fsdp"]], ids=["cp2-fsdp"])
-def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(layout: list[str], tmp_path: Path, capsys) -> None:
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    _run(_command(layout, reference))
-    step = _run_killed(_command(layout, out), out)
-    err = _run(_command(layout, out, "--resume"))
-    assert err.count(f"resuming from {out / f'checkpoint-{step}'}") == 1  # said once, by rank 0
-    assert_same_run(reference, out)
-    if "--fsdp" not in layout:
-        return
-    # the sharded checkpoint of 2 FSDP processes, resumed on 1 process: the same curve within fp32 noise
-    single = tmp_path / "single"
-    shutil.copytree(out / f"checkpoint-{step}", single / f"checkpoint-{step}")
-    capsys.readouterr()
-    assert main(["train", *RUN, "--output", str(single), "--resume"]) == 0
-    assert f"resuming from {single / f'checkpoint-{step}'}" in capsys.readouterr().err
-    assert [m["step"] for m in metrics(single) if "loss" in m] == list(range(step + 1, 9))
-    ref = {m["step"]: m for m in metrics(reference) if "loss" in m}
-    ref_eval = {m["step"]: m["eval_loss"] for m in metrics(reference) if "eval_loss" in m}
-    assert ref_eval.keys() == {4, 8}
-    for m in metrics(single):
-        if "eval_loss" in m:
-            assert_close(m["eval_loss"], ref_eval[m["step"]], f"step {m['step']} eval loss", rel=1e-5)
-            continue
-        assert_close(m["loss"], ref[m["step"]]["loss"], f"step {m['step']} loss", rel=1e-5)
-        assert_close(m["lr"], ref[m["step"]]["lr"], f"step {m['step']} lr")
+def _truncate_newest(reference: str, out: str) -> None:
+    """``out``: the checkpoints 2, 4 and 6 of ``reference`` and its metrics up to step 6, rank 1's shard of
+    checkpoint-6 cut to half its size."""
+    for step in (2, 4, 6):
+        shutil.copytree(Path(reference, f"checkpoint-{step}"), Path(out, f"checkpoint-{step}"))
+    lines = [m for m in metrics(Path(reference)) if m["step"] <= 6]
+    Path(out, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    shard = Path(out, "checkpoint-6", "__1_0.distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _ranks(rank: int, runs: list[tuple], ports: list[int], out_dir: str) -> None:
+    """One of 2 spawned ranks: each run of ``runs`` (name, argv, preparation done by rank 0 first) as torchrun would
+    start it, at its own rendezvous port; rank 0 prepares while rank 1 waits in the rendezvous."""
+    from deltapack.train import main as train_main
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    results: dict[str, dict] = {}
+    for (name, argv, prepare), port in zip(runs, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        err = io.StringIO()
+        try:
+            if prepare is not None and rank == 0:
+                prepare[0](*prepare[1:])
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                results[name] = {"returncode": train_main(argv)}
+        except BaseException:
+            results[name] = {"returncode": None, "traceback": traceback.format_exc()}
+            raise
+        finally:
+            results.setdefault(name, {})["stderr"] = err.getvalue()[-4000:]
+            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _spawn(runs: list[tuple], out_dir: Path) -> list[dict]:
+    """Run ``runs`` on 2 spawned ranks; what each rank recorded (a run that raised stops the rest)."""
+    try:
+        mp.start_processes(_ranks, args=(runs, [free_port() for _ in runs], str(out_dir)), nprocs=2)
+    except Exception:  # the ranks recorded the traceback; the tests that need the missing runs fail on it
+        pass
+    return [json.loads(p.read_text()) if (p := out_dir / f"rank{r}.json").exists() else {} for r in range(2)]
+
+
+def _train_here(*argv: str) -> dict:
+    """``deltapack train`` on this process: its exit status and what it wrote to stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["train", *RUN, *argv])
+    return {"returncode": code, "stderr": err.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
+    """Every run of the module: ``(root, one-process results and killed runs, each spawned rank's results)``."""
+    root = tmp_path_factory.mktemp("resume2")
+    local: dict[str, dict] = {}
+    local["one"] = _train_here("--output", str(root / "one"))
+    for engine, layout in ENGINES.items():
+        local[f"killed-{engine}"] = _run_killed(layout, root / f"killed-{engine}")
+        (root / f"from1-{engine}").mkdir()
+        shutil.copytree(root / "one" / "checkpoint-4", root / f"from1-{engine}" / "checkpoint-4")
+    spawned = []
+    for engine, layout in ENGINES.items():
+        spawned.append((f"reference-{engine}", [*RUN, *layout, "--output", str(root / f"reference-{engine}")], None))
+    for engine, layout in ENGINES.items():
+        spawned.append(
+            (f"resumed-{engine}", [*RUN, *layout, "--output", str(root / f"killed-{engine}"), "--resume"], None)
+        )
+        spawned.append(
+            (f"from1-{engine}", [*RUN, *layout, "--output", str(root / f"from1-{engine}"), "--resume"], None)
+        )
+    fsdp, trunc = ENGINES["fsdp"], root / "truncated"
+    named = [*RUN, *fsdp, "--output", str(root / "elsewhere"), "--resume", str(trunc / "checkpoint-6")]
+    spawned.append(("truncated-named", named, (_truncate_newest, str(root / "reference-fsdp"), str(trunc))))
+    spawned.append(("truncated-latest", [*RUN, *fsdp, "--output", str(trunc), "--resume"], None))
+    ranks = _spawn(spawned, root)
+    for engine in ENGINES:
+        if ranks[0].get(f"reference-{engine}", {}).get("returncode") == 0:
+            shutil.copytree(root / f"reference-{engine}" / "checkpoint-4", root / f"to1-{engine}" / "checkpoint-4")
+            local[f"to1-{engine}"] = _train_here("--output", str(root / f"to1-{engine}"), "--resume")
+    return root, local, ranks
+
+
+def _ok(result: dict | None, what: str) -> str:
+    """The stderr of a run that must have succeeded."""
+    assert result is not None, f"{what}: did not run (an earlier run failed)"
+    assert result["returncode"] == 0, (
+        f"{what}: exit status {result['returncode']}\n{result.get('traceback', '')}\n{result['stderr']}"
+    )
+    return result["stderr"]
+
+
+def _spawned(ranks: list[dict], name: str) -> tuple[str, str]:
+    """The stderr of rank 0 and rank 1 of a spawned run that must have succeeded."""
+    return _ok(ranks[0].get(name), f"{name} rank 0"), _ok(ranks[1].get(name), f"{name} rank 1")
+
+
+def _assert_same_curve(reference: Path, resumed: Path, first: int) -> None:
+    """Steps ``first``.. of ``resumed``: the losses, eval losses and learning rates of ``reference``, within fp32
+    noise."""
+    ref = {(m["step"], "eval_loss" in m): m for m in metrics(reference)}
+    got = [m for m in metrics(resumed) if m["step"] >= first]
+    assert [m["step"] for m in got if "loss" in m] == list(range(first, STEPS + 1))
+    assert [m["step"] for m in got if "eval_loss" in m] == [s for s in (4, 8) if s >= first]
+    for m in got:
+        r = ref[m["step"], "eval_loss" in m]
+        for key in ("loss", "eval_loss", "lr"):
+            assert_close(m.get(key), r.get(key), f"step {m['step']} {key}", rel=FP32_NOISE)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_killed_between_checkpoints_and_resumed_equals_an_uninterrupted_run(runs, engine: str) -> None:
+    root, local, ranks = runs
+    _spawned(ranks, f"reference-{engine}")
+    killed = local[f"killed-{engine}"]
+    assert killed["returncode"] == -signal.SIGKILL, f"the run ended before it could be killed:\n{killed['stderr']}"
+    out = root / f"killed-{engine}"
+    assert killed["checkpoints"] and max(killed["checkpoints"]) < STEPS
+    assert not killed["saved"]
+    err0, err1 = _spawned(ranks, f"resumed-{engine}")
+    step = max(killed["checkpoints"])
+    assert err0.count(f"resuming from {out / f'checkpoint-{step}'} (step {step})") == 1
+    assert "resuming" not in err1  # said once, by rank 0
+    assert_same_run(root / f"reference-{engine}", out)
+
+
+def test_truncated_newest_sharded_checkpoint_is_never_loaded(runs) -> None:
+    root, _, ranks = runs
+    _spawned(ranks, "reference-fsdp")
+    trunc = root / "truncated"
+    # sharded: each of the 2 FSDP ranks wrote its own part of the model and optimizer
+    assert sorted(p.name for p in (root / "reference-fsdp" / "checkpoint-6").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    named = [ranks[r].get("truncated-named") for r in range(2)]
+    assert all(n is not None and n["returncode"] == 2 for n in named), named
+    reason = f"checkpoint {str(trunc / 'checkpoint-6')!r}: __1_0.distcp has"
+    assert reason in named[0]["stderr"] and "truncated" in named[0]["stderr"] and "Traceback" not in named[0]["stderr"]
+    assert named[1]["stderr"] == ""  # said once, by rank 0
+    assert not (root / "elsewhere" / "model.safetensors").exists()
+
+    err0, err1 = _spawned(ranks, "truncated-latest")
+    assert err0.count(reason) == 1 and "truncated" in err0 and "skipping it" in err0 and reason not in err1
+    assert err0.count(f"resuming from {trunc / 'checkpoint-4'} (step 4)") == 1
+    assert_same_run(root / "reference-fsdp", trunc)  # continued from step 4 exactly
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_on_another_process_count_continues_the_same_curve(runs, engine: str) -> None:
+    root, local, ranks = runs
+    _ok(local["one"], "1-process reference")
+    # 1 -> 2: the 1-process checkpoint of step 4 continued on 2 processes
+    err0, _ = _spawned(ranks, f"from1-{engine}")
+    out = root / f"from1-{engine}"
+    assert f"resuming from {out / 'checkpoint-4'} (step 4; written by 1 process, resharded for 2 processes)" in err0
+    _assert_same_curve(root / "one", out, first=5)
+    # 2 -> 1: the 2-process checkpoint of step 4 continued on 1 process
+    _spawned(ranks, f"reference-{engine}")
+    out = root / f"to1-{engine}"
+    err = _ok(local.get(f"to1-{engine}"), f"to1-{engine}")
+    assert f"resuming from {out / 'checkpoint-4'} (step 4; written by 2 processes, resharded for 1 process)" in err
+    _assert_same_curve(root / f"reference-{engine}", out, first=5)
+
+
+def test_a_process_count_the_batch_cannot_be_split_over_is_refused(tmp_path: Path, capsys) -> None:
+    """4 FSDP replicas for a global batch of 2 rows: refused before any process starts, naming the fix."""
+    assert main(["train", *RUN, "--nproc", "4", "--fsdp", "--output", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-rows 2 for 4 data-parallel replicas" in err and "expected at least one row per replica" in err

@@ -38,6 +38,7 @@ __all__ = [
     "checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "rank_world",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -50,7 +51,8 @@ class CheckpointError(TrainError):
     """A checkpoint that cannot be loaded: incomplete, truncated, or from a different run."""
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -107,7 +109,7 @@ def latest_checkpoint(output: str | Path) -> Path | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
-            if _rank_world()[0] == 0:
+            if rank_world()[0] == 0:
                 print(f"{err}; skipping it", file=sys.stderr)
             continue
         return path
@@ -152,7 +154,7 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     out = Path(output).expanduser()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if rank == 0:
@@ -194,13 +196,14 @@ def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
     """Load a verified checkpoint into ``model``, ``optimizer`` and ``scheduler`` and restore this rank's RNG
-    states; returns ``{"step": ..., "state": ...}`` as saved."""
+    states; returns ``{"step": ..., "state": ..., "world_size": ...}`` as saved (world_size: the processes that
+    wrote it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path).expanduser()
     verify_checkpoint(path)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     model_state, optim_state = get_state_dict(model, optimizer)
     states = {"model": model_state, "optim": optim_state}
     try:
@@ -213,4 +216,4 @@ def load_checkpoint(
     trainer = torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
-    return {"step": trainer["step"], "state": trainer["state"]}
+    return {"step": trainer["step"], "state": trainer["state"], "world_size": trainer["world_size"]}

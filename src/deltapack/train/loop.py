@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from deltapack.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from deltapack.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    rank_world,
+    save_checkpoint,
+)
 from deltapack.train.inputs import (
     TrainError,
     check_parallel_options,
@@ -134,6 +140,10 @@ def _run_key(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n > 1 else "")
+
+
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
@@ -163,7 +173,11 @@ def _resume(args: argparse.Namespace, model: nn.Module, optimizer: Any, schedule
             f"deltapack train: checkpoint {str(path)!r} is of a different run: {detail}; expected the same settings"
         )
     if _is_rank0():
-        print(f"deltapack train: resuming from {path} (step {loaded['step']})", file=sys.stderr)
+        _, world = rank_world()
+        resharded = ""
+        if loaded["world_size"] != world:
+            resharded = f"; written by {_processes(loaded['world_size'])}, resharded for {_processes(world)}"
+        print(f"deltapack train: resuming from {path} (step {loaded['step']}{resharded})", file=sys.stderr)
     return loaded
 
 
@@ -417,15 +431,21 @@ def _evaluate(
     pad_id: int,
 ) -> float:
     """The token-mean loss over the held-out rows (--eval-split), in batches of --batch-rows, without dropout."""
+    from deltapack.boundaries import IGNORE_INDEX
     from deltapack.distributed import launch
 
     model.eval()
     weighted, total = 0.0, 0
+    replicas = 1 if parallel is None else parallel.data_parallel
     try:
         for first in range(0, len(eval_rows), args.batch_rows):
-            batch = {k: v.to(device) for k, v in collate(eval_rows[first : first + args.batch_rows]).items()}
+            rows = eval_rows[first : first + args.batch_rows]
+            # a last batch with fewer rows than replicas: the others run a copy of a row without targets (under FSDP
+            # every rank must run the forward), so every held-out row counts, as on one process
+            rows += [{**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}] * (replicas - len(rows))
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
             targets = launch.count_targets(batch["labels"])
-            if targets == 0 or batch["input_ids"].shape[0] < (1 if parallel is None else parallel.data_parallel):
+            if targets == 0:
                 continue
             with _autocast(args, device):
                 weighted += _global(_micro_loss(model, batch, args, parallel, pad_id), parallel) * targets
