@@ -6,7 +6,8 @@
 - a truncated shard in the newest sharded checkpoint: ``--resume`` skips it with a warning and continues from the
   previous complete one (still equal to the uninterrupted run); ``--resume DIR`` of it refuses with the reason;
 - a checkpoint written by 2 processes resumes on 1, and one written by 1 process resumes on 2 (DCP reshards it),
-  with the same loss curve within fp32 noise; a process count the global batch cannot be split over is refused.
+  with the same loss curve within fp32 noise (CP=2, FSDP2, and both); a process count the global batch cannot be
+  split over is refused.
 
 Starting processes costs seconds, so the module runs everything once (a module-scoped fixture) and the tests assert
 on what the runs left: the two killed runs through the CLI (torchrun); the other 2-process runs one after another in
@@ -46,7 +47,8 @@ pytestmark = [
 STEPS = 8
 RUN = ["--max-tokens", "256", "--batch-rows", "2", "--steps", str(STEPS), "--save-every", "2"]
 RUN += ["--lr-scheduler-type", "cosine", "--warmup-steps", "2", "--eval-split", "0.05", "--eval-steps", "4"]
-ENGINES = {"cp2": ["--cp", "2"], "fsdp": ["--fsdp"]}
+ENGINES = {"cp2": ["--cp", "2"], "fsdp": ["--fsdp"], "cp2-fsdp": ["--cp", "2", "--fsdp"]}
+KILLED = ("cp2", "fsdp")  # a killed run costs a torchrun launch; CP=2 with FSDP2 is resharded below, not killed
 FP32_NOISE = 1e-5  # relative: the same run on another process count sums its floats in another order
 
 
@@ -150,17 +152,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dic
     root = tmp_path_factory.mktemp("resume2")
     local: dict[str, dict] = {}
     local["one"] = _train_here("--output", str(root / "one"))
-    for engine, layout in ENGINES.items():
-        local[f"killed-{engine}"] = _run_killed(layout, root / f"killed-{engine}")
+    for engine in KILLED:
+        local[f"killed-{engine}"] = _run_killed(ENGINES[engine], root / f"killed-{engine}")
+    for engine in ENGINES:
         (root / f"from1-{engine}").mkdir()
         shutil.copytree(root / "one" / "checkpoint-4", root / f"from1-{engine}" / "checkpoint-4")
     spawned = []
     for engine, layout in ENGINES.items():
         spawned.append((f"reference-{engine}", [*RUN, *layout, "--output", str(root / f"reference-{engine}")], None))
+    for engine in KILLED:
+        resumed = [*RUN, *ENGINES[engine], "--output", str(root / f"killed-{engine}"), "--resume"]
+        spawned.append((f"resumed-{engine}", resumed, None))
     for engine, layout in ENGINES.items():
-        spawned.append(
-            (f"resumed-{engine}", [*RUN, *layout, "--output", str(root / f"killed-{engine}"), "--resume"], None)
-        )
         spawned.append(
             (f"from1-{engine}", [*RUN, *layout, "--output", str(root / f"from1-{engine}"), "--resume"], None)
         )
@@ -203,7 +206,7 @@ def _assert_same_curve(reference: Path, resumed: Path, first: int) -> None:
             assert_close(m.get(key), r.get(key), f"step {m['step']} {key}", rel=FP32_NOISE)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", KILLED)
 def test_killed_between_checkpoints_and_resumed_equals_an_uninterrupted_run(runs, engine: str) -> None:
     root, local, ranks = runs
     _spawned(ranks, f"reference-{engine}")
