@@ -1,0 +1,150 @@
+"""ZAYA after ``deltapack.patch``: its CCA projection (q/k through two stacked causal convs, half of each value head
+from the previous token) gives each packed document what it gives the document alone, forward and gradient, with
+the unpatched projection leaking on the same input; the whole model is exact in every input format; the unpacked
+path, generate() included, is bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltapack
+from deltapack import Boundaries
+from deltapack.audit import audit_model
+from deltapack.audit.core import ATOL, GRAD_RTOL
+from deltapack.tiny import tiny_model
+
+pytest.importorskip("transformers.models.zaya.modeling_zaya")
+from deltapack.models.families.zaya import packed_cca_projection  # noqa: E402
+
+LENGTHS = [5, 1, 9, 2, 1, 7]
+
+
+def _projection(cca_time0: int, cca_time1: int, attention_bias: bool) -> torch.nn.Module:
+    model = tiny_model("zaya", cca_time0=cca_time0, cca_time1=cca_time1, attention_bias=attention_bias)
+    proj = model.model.layers[0].self_attn.qkv_proj
+    with torch.no_grad():  # biases away from zero, so a tap that reads the wrong fill shows
+        for name, p in proj.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return proj
+
+
+def _bounds(lengths: list[int]) -> Boundaries:
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return Boundaries.from_cu_seqlens(cu, (1, sum(lengths)))
+
+
+def _grads(proj: torch.nn.Module, x: torch.Tensor, outs: tuple, weights: tuple) -> list[torch.Tensor]:
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    params = [p for p in proj.parameters()]
+    return list(torch.autograd.grad(loss, [x, *params]))
+
+
+@pytest.mark.parametrize("widths,bias", [((3, 2), False), ((2, 2), True), ((2, 4), True)])
+def test_cca_projection_packed_equals_each_document_alone(widths: tuple[int, int], bias: bool):
+    proj = _projection(*widths, bias)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, sum(LENGTHS), proj.hidden_size, generator=gen, requires_grad=True)
+    packed = packed_cca_projection(proj, x, _bounds(LENGTHS))
+    weights = tuple(torch.randn(o.shape, generator=gen) for o in packed)
+    packed_grads = _grads(proj, x, packed, weights)
+
+    alone, alone_grads = [], None
+    for a, b in zip(_bounds(LENGTHS).cu_seqlens_host[:-1], _bounds(LENGTHS).cu_seqlens_host[1:]):
+        piece = x.detach()[:, a:b].clone().requires_grad_()
+        outs = proj(piece, None)
+        grads = _grads(proj, piece, outs, tuple(w[:, a:b] for w in weights))
+        alone.append([o.detach() for o in outs])
+        if alone_grads is None:
+            alone_grads = [torch.zeros_like(x), *grads[1:]]
+        else:
+            alone_grads[1:] = [g0 + g for g0, g in zip(alone_grads[1:], grads[1:])]
+        alone_grads[0][:, a:b] = grads[0]
+    alone = [torch.cat(parts, dim=1) for parts in zip(*alone)]
+
+    for got, want in zip(packed, alone):
+        assert got.shape == want.shape
+        assert (got.detach() - want).abs().max() <= ATOL
+    for got, want in zip(packed_grads, alone_grads):
+        assert float((got - want).norm() / want.norm()) <= GRAD_RTOL
+    with torch.no_grad():  # the projection's own forward over the stream reads across documents: the test can fail
+        leaked = proj(x.detach(), None)
+    assert max(float((got - want).abs().max()) for got, want in zip(leaked, alone)) > 1e-2
+
+
+def test_cca_projection_rejects_a_stream_of_the_wrong_length():
+    proj = _projection(3, 2, False)
+    with pytest.raises(ValueError, match="unpadded stream"):
+        packed_cca_projection(proj, torch.randn(1, sum(LENGTHS) + 1, proj.hidden_size), _bounds(LENGTHS))
+
+
+def test_zaya_packed_equals_alone_in_every_format():
+    model = tiny_model("zaya")
+    report = audit_model(model, "zaya", localise=False)
+    assert report.patch_supported, report.patch_error
+    patched, unpatched = report.states["patched"], report.states["unpatched"]
+    for name, result in patched.formats.items():
+        assert result.raised is None, (name, result.raised)
+        assert result.worst() <= ATOL, (name, result.worst())
+        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
+    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
+    assert not deltapack.is_patched(model)
+
+
+def test_zaya_unpacked_path_bit_identical_with_generate():
+    model = tiny_model("zaya")
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
+    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        plain_gen = model.generate(ids, **kwargs)
+        deltapack.patch(model)
+        try:
+            patched = model(ids).logits
+            patched_gen = model.generate(ids, **kwargs)
+        finally:
+            deltapack.unpatch(model)
+    assert torch.equal(plain, patched)
+    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+
+
+def test_zaya_gradient_checkpointing_keeps_documents_apart():
+    """Training mode with transformers' gradient checkpointing: the CCA projection replayed in the backward pass
+    still sees the batch's documents; gradients equal the sum of each document's gradients alone."""
+    from packing import build
+
+    model = tiny_model("zaya")
+    gen = torch.Generator().manual_seed(5)
+    rows = [[torch.randint(3, 100, (n,), generator=gen).tolist() for n in (6, 1, 9)], [[5, 6, 7, 8]]]
+    docs = [d for row in rows for d in row]
+
+    def grads(loss_fn) -> torch.Tensor:
+        model.zero_grad()
+        loss_fn().backward()
+        out = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+        return out
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    try:
+        alone = grads(lambda: sum(model(torch.tensor([d]), use_cache=False).logits.square().sum() for d in docs))
+        batch = build(rows, "indexed_mask")
+        deltapack.patch(model)
+        try:
+            logits = lambda: model(**batch.kwargs, use_cache=False).logits  # noqa: E731
+            packed = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+        finally:
+            deltapack.unpatch(model)
+        leaked = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(packed, alone) <= GRAD_RTOL
+    assert rel(leaked, alone) > 100 * GRAD_RTOL
