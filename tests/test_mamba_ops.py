@@ -11,7 +11,15 @@ import torch
 
 from deltapack.ops import Segments, simple_gla_fla
 from deltapack.ops.selective_scan import selective_scan, selective_scan_ref
-from deltapack.ops.ssd import gated_linear_attention_ref, ssd, ssd_ref, ssd_via_forward_kernel, ssd_via_gla
+from deltapack.ops.ssd import (
+    _choose_on_this_gpu,
+    _gla_ref,
+    gated_linear_attention_ref,
+    ssd,
+    ssd_ref,
+    ssd_via_forward_kernel,
+    ssd_via_gla,
+)
 from oracles import selective_scan_recurrent_ref, ssd_recurrent_ref
 
 LENGTHS = {
@@ -253,3 +261,22 @@ def test_ssd_fast_path_computes_in_fp32_for_bf16_inputs():
     fast = ssd_via_gla(x, dt, A, B, C, gla=gla, **kw)
     assert seen == [{torch.float32}] and fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast, ssd_ref(x, dt, A, B, C, chunk_size=64, **kw), rtol=0, atol=0)
+
+
+def test_ssd_fla_strategy_falls_back_to_the_next_that_passes(caplog):
+    """The fla backend's first-use check: a strategy that raises or is off is logged and skipped; the first that
+    matches the reference is used; none passing raises (the dispatcher then runs the reference)."""
+
+    def raises(q, k, v, g, segments):
+        raise RuntimeError("no kernel here")
+
+    def off(q, k, v, g, segments):
+        return _gla_ref(q, k, v, g, segments) * 1.1
+
+    works = _gla_ref
+    with caplog.at_level("INFO", logger="deltapack"):
+        chosen = _choose_on_this_gpu((("a", raises, raises), ("b", off, off), ("c", works, works)), device="cpu")
+    assert chosen is works
+    assert "cannot use a" in caplog.text and "cannot use b" in caplog.text and "runs c" in caplog.text
+    with pytest.raises(RuntimeError, match="no kernel here"):
+        _choose_on_this_gpu((("a", raises, raises), ("b", off, off)), device="cpu")

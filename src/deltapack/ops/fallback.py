@@ -70,6 +70,7 @@ def check_fast_backend(
     if failure:
         raise RuntimeError(f"{name} failed on this device: {failure.reason}")
     for what, g, w in zip(("output", *(f"gradient {i}" for i in range(len(inputs)))), got, want):
-        err = float((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30))
+        g, w = g.detach().double(), w.detach().double()
+        err = float((g - w).norm() / w.norm().clamp_min(1e-30))
         if not err <= tol:  # also catches NaN
             raise RuntimeError(f"{name} is off on this device: {what} relative error {err:.3g} > {tol}")

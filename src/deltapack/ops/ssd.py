@@ -375,22 +375,23 @@ def _load_fla() -> Callable[..., torch.Tensor]:
     return ssd_via_gla
 
 
-def _choose_on_this_gpu() -> Gla:
+def _choose_on_this_gpu(strategies: tuple[tuple[str, Gla, Gla], ...] = STRATEGIES, device: str = "cuda") -> Gla:
     """Once per process: each strategy in turn vs the reference (outputs and input gradients, relative L2, fp32
     with TF32 matmuls) on a small packed stream with the Mamba2 dims; the first that passes is used, and one log
     line says which. Raises (so the reference runs) when none does."""
     gen = torch.Generator().manual_seed(0)
-    segments = Segments.from_cu_seqlens([0, 1, 65, 200], device="cuda")
+    segments = Segments.from_cu_seqlens([0, 1, 65, 200], device=device)
     total, heads, head_dim, groups, state = 200, 8, 64, 2, 128  # the GPU tests' heads and groups: one TileLang build
 
     def rnd(*shape: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).cuda()
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
 
-    inputs = [rnd(1, total, heads, head_dim), rnd(1, total, heads), (-torch.rand(heads, generator=gen) * 0.1).cuda(),
-              rnd(1, total, groups, state, scale=0.1), rnd(1, total, groups, state, scale=0.1)]  # fmt: skip
-    kw = dict(segments=segments, D=torch.ones(heads, device="cuda"), dt_softplus=True)
+    A = (-torch.rand(heads, generator=gen) * 0.1).to(device)
+    inputs = [rnd(1, total, heads, head_dim), rnd(1, total, heads), A, rnd(1, total, groups, state, scale=0.1),
+              rnd(1, total, groups, state, scale=0.1)]  # fmt: skip
+    kw = dict(segments=segments, D=torch.ones(heads, device=device), dt_softplus=True)
     errors = []
-    for name, checked, runs in STRATEGIES:
+    for name, checked, runs in strategies:
         try:
             check_fast_backend(
                 name,
