@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltapack.ops import Segments, simple_gla_fla
+from deltapack.ops.fallback import KernelFailure
 from deltapack.ops.selective_scan import selective_scan, selective_scan_ref
 from deltapack.ops.ssd import (
     _choose_on_this_gpu,
@@ -275,8 +276,41 @@ def test_ssd_fla_strategy_falls_back_to_the_next_that_passes(caplog):
 
     works = _gla_ref
     with caplog.at_level("INFO", logger="deltapack"):
-        chosen = _choose_on_this_gpu((("a", raises, raises), ("b", off, off), ("c", works, works)), device="cpu")
+        candidates = (("a", raises, raises), ("b", off, off), ("c", works, works))
+        chosen = _choose_on_this_gpu(candidates, device="cpu", more_documents=0)
     assert chosen is works
     assert "cannot use a" in caplog.text and "cannot use b" in caplog.text and "runs c" in caplog.text
     with pytest.raises(RuntimeError, match="no kernel here"):
-        _choose_on_this_gpu((("a", raises, raises), ("b", off, off)), device="cpu")
+        _choose_on_this_gpu((("a", raises, raises), ("b", off, off)), device="cpu", more_documents=0)
+
+
+def test_simple_gla_backward_failure_at_run_time_falls_back_to_the_reference(monkeypatch):
+    """A backward kernel that raises mid-training is recorded once and that backward is computed by the reference:
+    the gradients equal the reference's, no crash."""
+    lengths = LENGTHS["ragged"]
+    total, heads, dim = sum(lengths), 4, 3
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, total, 2, dim, generator=gen), torch.randn(1, total, 2, dim, generator=gen)
+    v, g = torch.randn(1, total, heads, dim, generator=gen), -torch.rand(1, total, heads, generator=gen)
+    segments = segments_of(lengths)
+
+    def kernel_forward(q, k, v, g, plan):  # stands in for FLA's forward (the reference's own result)
+        return _gla_ref(q, k, v, g, segments), g
+
+    def kernel_backward(*_):
+        raise RuntimeError("backward kernel broke")
+
+    monkeypatch.setattr(simple_gla_fla, "_forward", kernel_forward)
+    monkeypatch.setattr(simple_gla_fla, "_backward", kernel_backward)
+    failure = KernelFailure("a test kernel", "the SSD scan")
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    out = simple_gla_fla.simple_gla(*leaves, segments, failure=failure, reference=_gla_ref)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    want = torch.autograd.grad((_gla_ref(*leaves, segments) * weights).sum(), leaves)
+    assert failure and "backward kernel broke" in failure.reason
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward kernel broke"):  # without a failure record: it raises
+        out = simple_gla_fla.simple_gla(*leaves, segments)
+        torch.autograd.grad(out.sum(), leaves)

@@ -21,6 +21,7 @@ NT = chunks of :data:`CHUNK` tokens (every document starts a new chunk).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,23 +147,19 @@ def _state_grads(q_1THK: Tensor, do_1THV: Tensor, gc_1TH: Tensor, plan: SimpleGL
     return _state_kernel("chunk_bwd_kernel_dh", "dh", q_1THK, do_1THV, plan, **grads)
 
 
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' (as FLA's own wrappers do)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, plan: SimpleGLAPlan) -> tuple[Tensor, Tensor]:
     """(o [1, T, H, V], the gates' chunk-local cumsum in log2 [1, T, H]); fp32 contiguous inputs."""
     fla = _fla()
-    gc = _local_cumsum(g, plan, scale=fla.RCP_LN2)  # FLA's kernels take exp2 of chunk-local cumsums
-    h = _states(_per_head(k, v.shape[2]), v, gc, plan)
-    o = fla.chunk_fwd_o(
-        q=q,
-        k=k,
-        v=v,
-        h=h,
-        g=gc,
-        scale=1.0,
-        cu_seqlens=plan.cu_seqlens,
-        chunk_size=CHUNK,
-        chunk_indices=plan.chunk_indices,
-    )
-    return o, gc
+    with _on_device_of(v):
+        gc = _local_cumsum(g, plan, scale=fla.RCP_LN2)  # FLA's kernels take exp2 of chunk-local cumsums
+        h = _states(_per_head(k, v.shape[2]), v, gc, plan)
+        index = dict(cu_seqlens=plan.cu_seqlens, chunk_size=CHUNK, chunk_indices=plan.chunk_indices)
+        return fla.chunk_fwd_o(q=q, k=k, v=v, h=h, g=gc, scale=1.0, **index), gc
 
 
 def _fp32(*tensors: Tensor) -> list[Tensor]:
@@ -214,13 +211,14 @@ class _SimpleGLA(torch.autograd.Function):
 def _backward(q: Tensor, k: Tensor, v: Tensor, gc: Tensor, do: Tensor, plan: SimpleGLAPlan) -> tuple[Tensor, ...]:
     fla = _fla()
     heads = v.shape[2]
-    h = _states(_per_head(k, heads), v, gc, plan)
-    dh = _state_grads(_per_head(q, heads), do, gc, plan)
-    index = dict(cu_seqlens=plan.cu_seqlens, chunk_size=CHUNK, chunk_indices=plan.chunk_indices)
-    dq, dk, _, dg = fla.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=1.0, **index)
-    del h
-    dv = fla.chunk_bwd_dv(q=q, k=k, g=gc, do=do, dh=dh, scale=1.0, **index)
-    dg = _local_cumsum(dg, plan, reverse=True)
+    with _on_device_of(v):
+        h = _states(_per_head(k, heads), v, gc, plan)
+        dh = _state_grads(_per_head(q, heads), do, gc, plan)
+        index = dict(cu_seqlens=plan.cu_seqlens, chunk_size=CHUNK, chunk_indices=plan.chunk_indices)
+        dq, dk, _, dg = fla.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=1.0, **index)
+        del h
+        dv = fla.chunk_bwd_dv(q=q, k=k, g=gc, do=do, dh=dh, scale=1.0, **index)
+        dg = _local_cumsum(dg, plan, reverse=True)
     return dq, dk, dv, dg
 
 

@@ -13,8 +13,9 @@ c = chunk index, l / s = positions inside a chunk.
 
 Backends: ``reference`` (:func:`ssd_ref`, pure PyTorch, any device, autograd; the packed stream is cut into chunks of
 L tokens regardless of documents, and every decay that would cross a document start is masked to zero: no loop over
-documents and no host sync) and ``fla`` (FLA's ``chunk_simple_gla`` with q = C, k = B, v = dt * x, g = dt * A,
-scale 1 and the batch's ``cu_seqlens``, CUDA only; asked for by name, see :func:`ssd`).
+documents and no host sync) and ``fla`` (CUDA: simple GLA with q = C, k = B, v = dt * x, g = dt * A, scale 1, per
+document, computed in fp32 by FLA's kernels launched with the batch's plan, :mod:`deltapack.ops.simple_gla_fla`; the
+first of :data:`STRATEGIES` that passes its first-use check on this GPU, see :func:`ssd`).
 """
 
 from __future__ import annotations
@@ -375,13 +376,18 @@ def _load_fla() -> Callable[..., torch.Tensor]:
     return ssd_via_gla
 
 
-def _choose_on_this_gpu(strategies: tuple[tuple[str, Gla, Gla], ...] = STRATEGIES, device: str = "cuda") -> Gla:
+def _choose_on_this_gpu(
+    strategies: tuple[tuple[str, Gla, Gla], ...] = STRATEGIES, device: str = "cuda", more_documents: int = 29
+) -> Gla:
     """Once per process: each strategy in turn vs the reference (outputs and input gradients, relative L2, fp32
     with TF32 matmuls) on a small packed stream with the Mamba2 dims; the first that passes is used, and one log
     line says which. Raises (so the reference runs) when none does."""
     gen = torch.Generator().manual_seed(0)
-    segments = Segments.from_cu_seqlens([0, 1, 65, 200], device=device)
-    total, heads, head_dim, groups, state = 200, 8, 64, 2, 128  # the GPU tests' heads and groups: one TileLang build
+    # a 1-token document, one of a chunk plus one, one of a chunk, then enough documents that the kernels' Triton
+    # autotuning (on this first call; its keys hold no token or document count) sees a GPU-filling grid
+    lengths = [1, 65, 64, *torch.randint(20, 150, (more_documents,), generator=gen).tolist()]
+    segments = Segments.from_cu_seqlens([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    total, heads, head_dim, groups, state = sum(lengths), 8, 64, 2, 128  # the GPU tests' heads and groups
 
     def rnd(*shape: int, scale: float = 1.0) -> Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(device)
@@ -419,9 +425,9 @@ ssd = public_function(
     SSD,
     """The SSD scan over a packed stream; the state starts at zero for each document (arguments as :func:`ssd_ref`).
 
-    Backends: "fla" (CUDA: FLA's ``chunk_simple_gla`` forward with the batch's ``cu_seqlens``, its backward built
-    from three more forward calls, see :class:`_GatedLinearAttention`) or "reference"; None chooses (see
-    :mod:`deltapack.ops.dispatch`).
+    Backends: "fla" (CUDA: FLA's simple-GLA kernels forward and backward with the batch's plan, no host sync; should
+    their backward fail its first-use check, a backward from three more forward calls, :class:`_GatedLinearAttention`)
+    or "reference"; None chooses (see :mod:`deltapack.ops.dispatch`).
 
     Returns:
         y: [1, T, H, P] in the dtype of x.
