@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening, TrainerCallback
 
 import deltapack
 from deltapack.audit import shrink as shrinking
@@ -176,28 +176,39 @@ LENGTHS = (1, 3, 7, 12, 19, 25, 33, 2, 16, 9)  # a single token, shorter than a 
 TRAIN_DOCS = random_docs(LENGTHS, seed=5)
 
 
-@functools.cache
-def reference_step(arch: str) -> tuple[float, float | None, torch.Tensor, dict[tuple[int, ...], torch.Tensor]]:
-    """What the first SFTTrainer step must compute, each document alone through the unpatched model with TRL's fused
-    LM head: the loss (the mean next-token loss over every target of every document, plus the router's
-    load-balancing loss times its coefficient where the model has one), that auxiliary loss (None without one), the
-    gradients, and each document's next-token log-probabilities (by its tokens)."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    model = copy.deepcopy(model_of(arch))
-    add_fused_lm_head(model)
-    coef = aux_loss_coef(model)
+def per_document_step(model) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """What an SFTTrainer step computes, each document alone through ``model`` (unpatched, with TRL's fused LM
+    head): the loss (the mean next-token loss over every target of every document, plus the router's load-balancing
+    loss times its coefficient where the model has one), that auxiliary loss (None without one), and each
+    document's next-token log-probabilities."""
     log_probs = [
         model(torch.tensor([d]), labels=torch.tensor([d]), fused_lm_head=True).log_probs[0] for d in TRAIN_DOCS
     ]
     loss = -sum(lp.sum() for lp in log_probs) / sum(len(d) - 1 for d in TRAIN_DOCS)
     aux = None
-    if coef:  # load-balancing loss over exactly the real tokens, as the model's own function computes it
+    if aux_loss_coef(model):  # load-balancing loss over exactly the real tokens, as the model's own function has it
         outs = [model(torch.tensor([d]), use_cache=False, output_router_logits=True) for d in TRAIN_DOCS]
         routers = tuple(torch.cat([o.router_logits[i] for o in outs]) for i in range(len(outs[0].router_logits)))
         balance = sys.modules[type(model).__module__].load_balancing_loss_func
         aux = balance(routers, model.num_experts, model.num_experts_per_tok, None)
-        loss = loss + coef * aux
+        loss = loss + aux_loss_coef(model) * aux
+    return loss, aux, log_probs
+
+
+def with_fused_head(model):
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = copy.deepcopy(model)
+    add_fused_lm_head(model)
+    return model
+
+
+@functools.cache
+def reference_step(arch: str) -> tuple[float, float | None, torch.Tensor, dict[tuple[int, ...], torch.Tensor]]:
+    """The first step's :func:`per_document_step` from the initial model: loss, auxiliary loss, the gradients, and
+    each document's log-probabilities by its tokens."""
+    model = with_fused_head(model_of(arch))
+    loss, aux, log_probs = per_document_step(model)
     per_doc = {tuple(d): lp.detach() for d, lp in zip(TRAIN_DOCS, log_probs)}
     return loss.item(), None if aux is None else aux.item(), grads_of(model, loss), per_doc
 
@@ -257,7 +268,16 @@ def sft_trainer(model, tmp_path, mode: str):
         return loss
 
     trainer.compute_loss = recording
+    trainer.add_callback(FirstStep())
     return trainer
+
+
+class FirstStep(TrainerCallback):
+    """Keeps a copy of the model's parameters after the first optimizer step (``state.first_step``)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            state.first_step = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # TRL 1.16's fused LM head reads num_experts from granitemoehybrid's config, which names it num_local_experts
@@ -265,6 +285,15 @@ def sft_trainer(model, tmp_path, mode: str):
 TRAINED = tuple(a for a in REPRESENTATIVES if a != "granitemoehybrid")
 # transformers itself separates documents by the position_ids of a padding-free batch called with use_cache=False
 SEPARATED_BY_TRANSFORMERS = ("llama", "gpt2")
+
+
+@pytest.fixture
+def quick_trainer(monkeypatch):
+    """accelerate ends every train() with a full gc.collect() (most of a tiny run's time in a test session's heap) to
+    clear device caches; the CPU has none."""
+    import accelerate.utils.memory
+
+    monkeypatch.setattr(accelerate.utils.memory, "clear_device_cache", lambda garbage_collection=False: None)
 
 
 def trainer_runs() -> list[tuple[str, str, str]]:
@@ -279,9 +308,10 @@ def trainer_runs() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("arch,mode,order", trainer_runs())
-def test_sft_trainer(arch, mode, order, tmp_path):
-    """One SGD step of SFTTrainer (its fused LM head, the router's auxiliary loss where the model has one): the loss
-    and the update equal the per-document reference; the unpatched model leaks on the batch the trainer fed it."""
+def test_sft_trainer(arch, mode, order, tmp_path, quick_trainer):
+    """Two SGD steps of SFTTrainer (its fused LM head, gradient checkpointing, the router's auxiliary loss where the
+    model has one): each step's loss, and the first step's update, equal the per-document reference; the unpatched
+    model leaks on the batch the trainer fed it."""
     ref_loss, ref_aux, ref_grads, alone = reference_step(arch)
     initial = model_of(arch)
     model = copy.deepcopy(initial)
@@ -291,19 +321,25 @@ def test_sft_trainer(arch, mode, order, tmp_path):
         trainer = sft_trainer(model, tmp_path, mode)
         deltapack.patch(trainer.model)
     assert trainer.aux_loss_enabled == (ref_aux is not None)
+    trainer.args.max_steps = 2
     trainer.train()
-    ((inputs, loss),) = trainer.seen
+    (inputs, loss), (_, second_loss) = trainer.seen
     assert abs(loss.item() - ref_loss) <= EXACT * max(1.0, abs(ref_loss))
     if ref_aux is not None:
         logged = next(row["aux_loss"] for row in trainer.state.log_history if "aux_loss" in row)
         assert abs(logged - ref_aux) <= 1e-6 * ref_aux
-    params = zip(trainer.model.parameters(), initial.parameters())
-    update = torch.cat([(p.detach() - q.detach()).reshape(-1) for p, q in params if p.requires_grad])
+    after = trainer.state.first_step
+    update = torch.cat([(after[n] - p.detach()).reshape(-1) for n, p in initial.named_parameters() if n in after])
     assert norm_rel(update, -LR * ref_grads) <= GRAD_RTOL
+    stepped = with_fused_head(initial)
+    with torch.no_grad():
+        for name, param in stepped.named_parameters():
+            param.copy_(after[name])
+    with torch.no_grad():
+        ref_second = per_document_step(stepped)[0].item()
+    assert abs(second_loss.item() - ref_second) <= EXACT * max(1.0, abs(ref_second))
     # the same batch through the unpatched model, as the trainer calls it
-    deltapack.unpatch(trainer.model)
-    trainer.model.load_state_dict(initial.state_dict())
-    unpatched = log_prob_diff(trainer.model, inputs, alone)
+    unpatched = log_prob_diff(with_fused_head(initial), inputs, alone)
     if arch in SEPARATED_BY_TRANSFORMERS:
         assert unpatched <= EXACT
     else:
@@ -311,7 +347,7 @@ def test_sft_trainer(arch, mode, order, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["jamba", "minimax", "gpt_oss"])  # the trained MoE representatives with an aux loss
-def test_fused_head_with_an_indexed_mask(arch, tmp_path):
+def test_fused_head_with_an_indexed_mask(arch, tmp_path, quick_trainer):
     """The MoE representatives with the router's auxiliary loss on, rows packed by deltapack with an indexed
     attention_mask: TRL's fused LM head would weight the auxiliary loss by document index, so the model patched
     before the trainer is built refuses with the documented error; patched after (the entry forward then runs
