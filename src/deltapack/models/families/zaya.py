@@ -23,7 +23,7 @@ from deltapack.boundaries import Boundaries
 from deltapack.models.layers import check_packed_stream, packed_conv, register_layers
 from deltapack.ops.token_shift import token_shift
 from deltapack.ops.varlen import positions
-from deltapack.tiny import IDS, SMALL_ATTENTION, register_tiny
+from deltapack.tiny import register_tinies, table
 
 
 def _grouped_conv_within_documents(conv: nn.Conv1d, x_1TC: torch.Tensor, fill_C: torch.Tensor, pos_T: torch.Tensor):
@@ -95,23 +95,4 @@ register_layers(
     {"transformers.models.zaya.modeling_zaya.ZayaCCAProjection": packed_cca_projection},
 )
 
-# 2 layers (full and sliding-window attention), convs of widths 3 and 2 so a tap reaches two tokens back, top-1 MoE
-# of 4 experts (the config allows top-1 only)
-register_tiny(
-    "zaya",
-    dict(
-        model_type="zaya",
-        **IDS,
-        hidden_size=64,
-        **SMALL_ATTENTION,
-        num_hidden_layers=2,
-        layer_types=["hybrid", "hybrid_sliding"],
-        sliding_window=4,
-        cca_time0=3,
-        cca_time1=2,
-        num_experts=4,
-        num_experts_per_tok=1,
-        moe_intermediate_size=32,
-        router_hidden_size=16,
-    ),
-)
+register_tinies(table("zaya"))
