@@ -41,8 +41,8 @@ def _fields(entry: dict[str, Any], groups: dict[str, Any]) -> dict[str, Any]:
 
 def table(family: str) -> dict[str, dict[str, Any]]:
     """The tiny configs ``family`` registers, from :data:`TABLE`: {arch: fields}, ``model_type`` included."""
-    groups = _table()["groups"]
-    return {arch: {"model_type": arch, **_fields(entry, groups)} for arch, entry in _table()[family].items()}
+    data = _table()
+    return {arch: {"model_type": arch, **_fields(entry, data["groups"])} for arch, entry in data[family].items()}
 
 
 TINY: dict[str, dict[str, Any]] = table("qwen3")
