@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltapack.ops import Segments, simple_gla_fla
-from deltapack.ops.fallback import KernelFailure
+from deltapack.ops.fallback import Fallback, KernelFailure
 from deltapack.ops.selective_scan import selective_scan, selective_scan_ref
 from deltapack.ops.ssd import (
     _choose_on_this_gpu,
@@ -304,7 +304,7 @@ def test_simple_gla_backward_failure_at_run_time_falls_back_to_the_reference(mon
     monkeypatch.setattr(simple_gla_fla, "_backward", kernel_backward)
     failure = KernelFailure("a test kernel", "the SSD scan")
     leaves = [t.requires_grad_() for t in (q, k, v, g)]
-    out = simple_gla_fla.simple_gla(*leaves, segments, failure=failure, reference=_gla_ref)
+    out = simple_gla_fla.simple_gla(*leaves, segments, fallback=Fallback(failure, _gla_ref))
     weights = torch.randn_like(out)
     got = torch.autograd.grad((out * weights).sum(), leaves)
     want = torch.autograd.grad((_gla_ref(*leaves, segments) * weights).sum(), leaves)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,14 @@ class KernelFailure:
             where = f" in its {stage}" if stage else ""
             self.reason = f"{self.kernel} failed{where} ({type(exc).__name__}: {exc})"
             logger.warning("deltapack: %s; %s runs on the exact reference from now on", self.reason, self.op)
+
+
+class Fallback(NamedTuple):
+    """Where a kernel's run-time failure is recorded, and the exact function (the kernel's arguments) whose autograd
+    then computes that call."""
+
+    failure: KernelFailure
+    reference: Callable[..., torch.Tensor]
 
 
 def check_fast_backend(

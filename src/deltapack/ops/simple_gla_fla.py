@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deltapack.ops.fallback import KernelFailure
+from deltapack.ops.fallback import Fallback
 from deltapack.ops.segments import Segments
 
 __all__ = ["CHUNK", "SimpleGLAPlan", "plan_of", "simple_gla", "simple_gla_forward"]
@@ -173,39 +172,38 @@ def simple_gla_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Seg
     return o.to(v.dtype)
 
 
-Reference = Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]
-
-
 class _SimpleGLA(torch.autograd.Function):
     """FLA's forward and its own backward (recomputed states, ``chunk_bwd_dh``, ``chunk_bwd_dqkwg`` - TileLang on
     Hopper - and ``chunk_bwd_dv``), every kernel with the batch's plan.
 
-    With ``failure`` given, a backward kernel that raises is recorded there (logged once) and this backward is
-    computed by autograd through ``reference`` instead; without it, the exception propagates (first-use checks)."""
+    With a ``fallback`` given, a backward kernel that raises is recorded in its ``failure`` (logged once) and this
+    backward is computed by autograd through its ``reference``; without one, the exception propagates (first-use
+    checks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, segments, failure, reference):  # noqa: ANN001, ANN205 - autograd signature
+    def forward(ctx, q, k, v, g, segments, fallback):  # noqa: ANN001, ANN205 - autograd signature
         o, gc = _forward(q, k, v, g, plan_of(segments))
         ctx.save_for_backward(q, k, v, g, gc)
-        ctx.segments, ctx.failure, ctx.reference = segments, failure, reference
+        ctx.segments, ctx.fallback = segments, fallback
         return o
 
     @staticmethod
     def backward(ctx, do):  # noqa: ANN001, ANN205
         q, k, v, g, gc = ctx.saved_tensors
         do = do.float().contiguous()
-        if ctx.failure is None:
-            return (*_backward(q, k, v, gc, do, plan_of(ctx.segments)), None, None, None)
-        if not ctx.failure:
+        fallback = ctx.fallback
+        if fallback is None:
+            return (*_backward(q, k, v, gc, do, plan_of(ctx.segments)), None, None)
+        if not fallback.failure:
             try:
-                return (*_backward(q, k, v, gc, do, plan_of(ctx.segments)), None, None, None)
+                return (*_backward(q, k, v, gc, do, plan_of(ctx.segments)), None, None)
             except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference is exact
-                ctx.failure.record(exc, "backward")
+                fallback.failure.record(exc, "backward")
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (q, k, v, g)]
-            o = ctx.reference(*leaves, ctx.segments)
+            o = fallback.reference(*leaves, ctx.segments)
             grads = torch.autograd.grad(o, leaves, do)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, gc: Tensor, do: Tensor, plan: SimpleGLAPlan) -> tuple[Tensor, ...]:
@@ -223,24 +221,16 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, gc: Tensor, do: Tensor, plan: Sim
 
 
 def simple_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    segments: Segments,
-    failure: KernelFailure | None = None,
-    reference: Reference | None = None,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments, fallback: Fallback | None = None
 ) -> Tensor:
     """Simple GLA (scale 1) per document with FLA's kernels, forward and backward, no host sync; computed in fp32.
 
     Args:
         q, k: [1, T, G, K] (G divides H). v: [1, T, H, V]. g: [1, T, H] log decays. segments: the batch's segments.
-        failure, reference: where a backward kernel failure is recorded, and the exact function (same arguments)
-            whose autograd then computes the gradients; None: a failure raises.
+        fallback: where a backward kernel failure is recorded, and the exact function (the same arguments) whose
+            autograd then computes the gradients; None: a failure raises.
 
     Returns:
         o: [1, T, H, V] fp32.
     """
-    if (failure is None) != (reference is None):
-        raise ValueError("deltapack: simple_gla takes failure and reference together (or neither)")
-    return _SimpleGLA.apply(*_fp32(q, k, v, g), segments, failure, reference)
+    return _SimpleGLA.apply(*_fp32(q, k, v, g), segments, fallback)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from deltapack.ops import simple_gla_fla
 from deltapack.ops.dispatch import Backend, public_function, register_op
-from deltapack.ops.fallback import KernelFailure, check_fast_backend
+from deltapack.ops.fallback import Fallback, KernelFailure, check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
 
@@ -304,7 +304,7 @@ def _fla_native(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) 
 def _fla_native_caught(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segments) -> Tensor:
     """FLA's forward and backward kernels; a failure of either at run time is recorded once and the reference
     takes over (that call's backward included)."""
-    run = functools.partial(simple_gla_fla.simple_gla, failure=_FAILURE, reference=_gla_ref)
+    run = functools.partial(simple_gla_fla.simple_gla, fallback=Fallback(_FAILURE, _gla_ref))
     return _caught(run)(q, k, v, g, segments)
 
 
