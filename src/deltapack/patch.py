@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 import types
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -66,11 +66,6 @@ _WRAPPER_MARK = "_deltapack_wraps"  # on deltapack's forward functions: the attr
 # on a module unpatched under a later wrapper: {attr: original} for the forwards of ours that now only pass through
 _PASS_THROUGH = "_deltapack_pass_through"
 _ENTRY_TEXT_MODELS = "_deltapack_text_models"  # on an entry model: the decoder stacks it calls
-# the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host check)
-_CHECKED_UNPACKED: ContextVar[tuple[nn.Module, ...]] = ContextVar("deltapack_checked_unpacked", default=())
-# True inside generate() of a patched model: its calls keep transformers' path (a model whose forward takes no
-# logits_to_keep, xlstm's, shows no other sign of generating when called with use_cache=False)
-_GENERATING: ContextVar[bool] = ContextVar("deltapack_generating", default=False)
 _GENERATE_INNER = "_deltapack_generate_inner"  # on an entry model: what generate() was before patching
 # the cache keyword of the model forwards (transformers 5.24 renames it to ``cache``)
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params", "state")  # state: rwkv's
@@ -93,6 +88,24 @@ _LAST_PACKED = "_deltapack_last_packed"
 _CHUNKED_LOSS = "_deltapack_chunked_loss"
 
 
+class _CallState(threading.local):
+    """What a call of the patched model tells the calls it makes (thread-local rather than ContextVars, so that
+    torch.compile traces it; see :mod:`deltapack.models.scope`).
+
+    Attributes:
+        stacks: the decoder stacks whose inputs the entry model has just found unpacked (so they skip the same host
+            check).
+        generating: True inside generate() of a patched model: its calls keep transformers' path (a model whose
+            forward takes no logits_to_keep, xlstm's, shows no other sign of generating when called with
+            use_cache=False).
+    """
+
+    def __init__(self) -> None:
+        self.stacks: tuple[nn.Module, ...] = ()
+        self.generating = False
+
+
+_CALL = _CallState()
 _target = base_model  # the transformers model inside a PEFT wrapper (or the model itself)
 
 
@@ -291,11 +304,11 @@ def _entry_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """generate() of a patched entry model: the original, with every call it makes marked as generating."""
-    token = _GENERATING.set(True)
+    previous, _CALL.generating = _CALL.generating, True
     try:
         return self.__dict__[_GENERATE_INNER](*args, **kwargs)
     finally:
-        _GENERATING.reset(token)
+        _CALL.generating = previous
 
 
 def _route(
@@ -327,8 +340,9 @@ def _route(
     mask = call.get("attention_mask")
     if (isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)) and not explicit:
         return unchanged()  # the caller built the attention masks itself
-    indexed = isinstance(mask, torch.Tensor) and mask.numel() > 0 and int(mask.max()) > 1
-    if any(call.get(name) is not None for name in CACHE_KWARGS):
+    cached = any(call.get(name) is not None for name in CACHE_KWARGS)
+    indexed, found, padding_only = _read_batch(call, explicit, bounds is None and not cached, bounds)
+    if cached:
         # cached decoding (generate()): transformers handles padding there; packed documents cannot share one cache
         if explicit or indexed:
             given = [k for k in PACKING_KWARGS if call.get(k) is not None] + ["boundaries"] * (bounds is not None)
@@ -341,12 +355,11 @@ def _route(
         return unchanged()
     batch_shape = _batch_shape(call)
     if bounds is None:
-        bounds = _boundaries_from_call(call, batch_shape)
-        padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
+        bounds = found
         pads_exactly = getattr(getattr(inner, "__self__", None), "__dict__", {}).get(_PADS_EXACTLY, True)
         # a generation step asks for a cache or for the last logits only (logits_to_keep)
         keep = call.get("logits_to_keep")
-        generating = _GENERATING.get() or call.get("use_cache") is True or (isinstance(keep, int) and keep != 0)
+        generating = _CALL.generating or call.get("use_cache") is True or (isinstance(keep, int) and keep != 0)
         if bounds is None or (padding_only and (pads_exactly or generating)):
             return unchanged()  # no packing: the original path, exact for plain padding (and the cache kept)
         if router_rows and indexed and _wants_router_logits(inner, call):
@@ -376,6 +389,25 @@ def _route(
     return _packed_call(packed, call, bounds, thread, router_rows, chunk)
 
 
+@torch._dynamo.disable
+def _read_batch(
+    call: dict[str, Any], explicit: bool, find: bool, given: Boundaries | None
+) -> tuple[bool, Boundaries | None, bool]:
+    """What :func:`_route` reads on the host, in one place outside any torch.compile graph (the documents of a batch
+    are data, not something a graph can specialise on): whether the mask is indexed and, when ``find``, the batch's
+    boundaries (None: no packing) and whether they only pad. ``given``: the boundaries passed in, if any."""
+    mask = call.get("attention_mask")
+    indexed = isinstance(mask, torch.Tensor) and mask.numel() > 0 and int(mask.max()) > 1
+    bounds = _boundaries_from_call(call, _batch_shape(call)) if find else given
+    if bounds is not None:  # the number of documents varies from batch to batch: no graph specialises on it
+        for t in (bounds.segments.cu_seqlens, bounds.segments.cu_seqlens_cpu):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    if not find:
+        return indexed, None, False
+    padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
+    return indexed, bounds, padding_only
+
+
 def _wants_router_logits(inner: Callable[..., Any], call: dict[str, Any]) -> bool:
     asked = call.get("output_router_logits")
     if asked is not None:
@@ -387,11 +419,11 @@ def _wants_router_logits(inner: Callable[..., Any], call: dict[str, Any]) -> boo
 def _unchanged(
     inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], checked: tuple[nn.Module, ...]
 ) -> Any:
-    token = _CHECKED_UNPACKED.set(checked)
+    previous, _CALL.stacks = _CALL.stacks, checked
     try:
         return inner(*args, **kwargs)
     finally:
-        _CHECKED_UNPACKED.reset(token)
+        _CALL.stacks = previous
 
 
 def _input_device(call: dict[str, Any]) -> torch.device:
@@ -634,7 +666,7 @@ def _text_model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     thread = self.__dict__.get(_THREAD_BOUNDARIES, True)
     bounds = kwargs.get("boundaries") or active_boundaries()
     if bounds is None:
-        if any(self is m for m in _CHECKED_UNPACKED.get()):  # the entry model found no packing in these inputs
+        if any(self is m for m in _CALL.stacks):  # the entry model found no packing in these inputs
             return inner(*args, **kwargs)
         packed = lambda **call: _text_model_packed(self, inner, call)  # noqa: E731
         return _route(packed, inner, args, kwargs, thread=thread, router_rows=True)

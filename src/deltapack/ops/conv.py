@@ -6,13 +6,14 @@ Backends: ``fla`` (FLA's varlen Triton conv, CUDA, :mod:`deltapack.ops.fla`) and
 
 from __future__ import annotations
 
-from deltapack.ops import fla
+from deltapack.ops import fla, opaque
 from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.reference import causal_conv1d_ref
 
 __all__ = ["CAUSAL_CONV1D", "causal_conv1d", "causal_conv1d_ref"]
 
 CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref, fla.CONV_BACKEND)
+CAUSAL_CONV1D.meta = opaque.like_first  # y has the shape and dtype of x
 
 causal_conv1d = public_function(
     CAUSAL_CONV1D,

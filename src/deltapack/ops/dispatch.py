@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from deltapack.ops import opaque
 from deltapack.ops.segments import Segments
 
 logger = logging.getLogger("deltapack")
@@ -74,6 +75,10 @@ class Op:
         self._loaded: dict[str, Callable[..., Any] | BaseException] = {}
         self._logged: set[tuple[str, str]] = set()
         self.ran: Counter[str] = Counter()  # how many calls each backend took (clear it to watch a stretch of calls)
+        # meta(*args, segments=..., **kwargs): empty tensors of the output's shapes and dtypes (None where the op
+        # returns None), reading only shapes (the number of documents as segments.num_docs); with it, the op is one
+        # opaque node of a torch.compile graph (deltapack.ops.opaque), without it a graph break
+        self.meta: Callable[..., Any] | None = None
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, backends={[*self.backends, REFERENCE]})"
@@ -185,12 +190,19 @@ def public_function(op: Op, doc: str, check: Callable[..., None] | None = None) 
     """The public function of ``op``: the signature of its reference plus ``backend=None`` (mamba_ssm's ``fn`` /
     ``ref`` twins, with the argument list written once, in the reference), named after the op, documented by
     ``doc``. A call binds its arguments to that signature (TypeError for an unknown or missing one), runs
-    ``check(*positional_args, segments)`` when given (ValueError on malformed inputs), then the op."""
+    ``check(*positional_args, segments)`` when given (ValueError on malformed inputs), then the op.
+
+    Inside ``torch.compile`` the call is one opaque node that runs all of this eagerly (:mod:`deltapack.ops.opaque`)
+    when the op has a ``meta``; otherwise the op runs outside the graph (a graph break)."""
     ref = inspect.signature(op.reference)
     backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None")
     signature = ref.replace(parameters=[*ref.parameters.values(), backend])
 
     def fn(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if op.meta is not None and opaque.supports(args, kwargs):
+                return opaque.call(op.name, op.meta, args, kwargs)
+            return _outside_graph(fn, *args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         if check is not None:
             check(*bound.args, bound.kwargs["segments"])
@@ -200,7 +212,15 @@ def public_function(op: Op, doc: str, check: Callable[..., None] | None = None) 
     fn.__module__ = op.reference.__module__
     fn.__doc__ = doc
     fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.op = op  # type: ignore[attr-defined]
+    opaque.PUBLIC[op.name] = fn
     return fn
+
+
+@torch._dynamo.disable
+def _outside_graph(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """An op without a meta function (or on a context-parallel shard) inside torch.compile: run eagerly."""
+    return fn(*args, **kwargs)
 
 
 def register_op(name: str, reference: Callable[..., Any], *backends: Backend, env: str = ENV) -> Op:

@@ -45,6 +45,9 @@ class Segments:
         cu_seqlens_host: the same offsets as host ints (no op needs a device sync to read them).
         seq_idx: [1, T] int32 document index of every token, on the device of the stream.
         max_seqlen: length of the longest document (host int, as flash-attn takes it).
+        cu_seqlens_cpu: the offsets as an [N + 1] int32 CPU tensor (filled in when not given): what an op reads its
+            host offsets from inside a compiled graph (:mod:`deltapack.ops.opaque`), where host ints would be
+            baked into the graph and recompile it for every new split of the same tokens.
 
     Per-batch plans: :meth:`chunk_indices` (FLA's (document, chunk) rows for a chunk length) and :meth:`plan` (any
     backend's own plan, keyed by the function that builds it) are built on first use and kept on this object.
@@ -60,6 +63,11 @@ class Segments:
     seq_idx: torch.Tensor
     max_seqlen: int
     _plans: _Plans = field(default_factory=_Plans, repr=False)
+    cu_seqlens_cpu: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cu_seqlens_cpu is None:
+            object.__setattr__(self, "cu_seqlens_cpu", torch.tensor(self.cu_seqlens_host, dtype=torch.int32))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -109,13 +117,15 @@ class Segments:
         )
 
     # ------------------------------------------------------------------ what every op reads
+    # num_docs and total_tokens read tensor sizes (equal to the host offsets' in eager), so that a compiled layer
+    # sees sizes it can keep symbolic rather than host ints it would guard on
     @property
     def num_docs(self) -> int:
-        return len(self.cu_seqlens_host) - 1
+        return self.cu_seqlens.shape[0] - 1
 
     @property
     def total_tokens(self) -> int:
-        return self.cu_seqlens_host[-1]
+        return self.seq_idx.shape[-1]
 
     @property
     def doc_lengths(self) -> list[int]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deltapack.ops import simple_gla_fla
+from deltapack.ops import opaque, simple_gla_fla
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import Fallback, KernelFailure, check_fast_backend
 from deltapack.ops.segments import Segments
@@ -419,6 +419,8 @@ SSD = register_op("ssd", ssd_ref)
 SSD.add_backend(
     Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
 )
+
+SSD.meta = opaque.like_first  # y has the shape and dtype of x
 
 
 ssd = public_function(

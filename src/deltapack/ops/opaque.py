@@ -1,0 +1,221 @@
+"""Every op as one opaque node of a ``torch.compile`` graph: no graph break, no recompilation per batch.
+
+Inside a compiled region, a public op (:func:`deltapack.ops.dispatch.public_function`) does not trace its backend
+choice, its checks or its kernels: those read host offsets, loop over documents or chunks, log, and would break
+the graph or bake one batch's document lengths into it. It calls the custom op ``deltapack::op`` instead, whose
+inputs are the op's tensors and the segments' three tensors (``cu_seqlens``, ``seq_idx``, the CPU offsets
+``cu_seqlens_cpu``), so the graph is the same for every split of the same tokens. Its implementation rebuilds the
+:class:`Segments` and runs the public op eagerly (the same dispatch, checks and backends as without compile). Its
+shapes come from the op's ``meta`` function (``op.meta``: the reference's signature, new empty tensors of the
+output's shapes, the number of documents read as ``segments.num_docs``). Its backward (``deltapack::op_backward``)
+runs the op again under autograd and returns the gradients of its floating-point inputs: the op is recomputed once
+in the backward, as under activation checkpointing.
+
+The non-tensor arguments (scale, activation, flags, ``backend=``) are constants of the graph, written into the
+node's ``key`` string (JSON), which names the op's module too, so a graph read back from torch's compile cache in a
+new process finds its op.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltapack.ops.segments import Segments
+
+__all__ = ["PUBLIC", "call", "like_first", "supports"]
+
+# public op name -> its public function (registered by public_function); the custom op finds the op here
+PUBLIC: dict[str, Callable[..., Any]] = {}
+_CONSTANTS = (bool, int, float, str)
+
+
+def like_first(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The meta of an op whose output has the shape and dtype of its first argument."""
+    return x.new_empty(x.shape)
+
+
+def _constant(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(isinstance(v, _CONSTANTS) for v in value)
+    return value is None or isinstance(value, _CONSTANTS)
+
+
+def supports(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether these arguments can cross the custom op: tensors, None, constants and one plain :class:`Segments`
+    (not a context-parallel shard, whose exchange runs collectives)."""
+    segments = kwargs.get("segments")
+    if not isinstance(segments, Segments) or segments.is_shard:
+        return False
+    values = [*args, *(v for k, v in kwargs.items() if k != "segments")]
+    return all(isinstance(v, Tensor) or _constant(v) for v in values)
+
+
+def call(name: str, meta: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The public op ``name`` on these arguments as one ``deltapack::op`` node (traced by dynamo).
+
+    ``meta``: the op's meta function, traced here for the structure of the output (which leaves are None).
+    """
+    segments: Segments = kwargs["segments"]
+    tensors: list[Tensor | None] = []
+    # (position or keyword, "tensor" | "const" | "tuple", index or value)
+    layout: list[tuple[str | int, str, Any]] = []
+    named = [*enumerate(args), *((k, v) for k, v in kwargs.items() if k != "segments")]
+    for where, value in named:
+        if isinstance(value, Tensor):
+            layout.append((where, "tensor", len(tensors)))
+            tensors.append(value)
+        else:
+            layout.append((where, "tuple" if isinstance(value, tuple) else "const", value))
+    key = _key(name, tuple(layout))
+    structure = meta(*args, **kwargs)
+    outs = torch.ops.deltapack.op(key, tensors, segments.cu_seqlens, segments.seq_idx, segments.cu_seqlens_cpu)
+    return _unflatten(structure, iter(outs))
+
+
+@torch._dynamo.assume_constant_result
+def _key(name: str, layout: tuple[tuple[str | int, str, Any], ...]) -> str:
+    fn = PUBLIC[name]
+    return json.dumps({"module": fn.__module__, "op": name, "layout": [list(x) for x in layout]})
+
+
+@functools.cache
+def _decode(key: str) -> tuple[Callable[..., Any], tuple[tuple[str | int, str, Any], ...]]:
+    spec = json.loads(key)
+    if spec["op"] not in PUBLIC:
+        importlib.import_module(spec["module"])  # a graph from torch's compile cache, in a new process
+    return PUBLIC[spec["op"]], tuple(tuple(x) for x in spec["layout"])
+
+
+def _arguments(
+    layout: tuple[tuple[str | int, str, Any], ...], tensors: list[Tensor | None], segments: Segments
+) -> tuple[list[Any], dict[str, Any]]:
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {"segments": segments}
+    for where, kind, value in layout:
+        if kind == "tensor":
+            value = tensors[value]
+        elif kind == "tuple":
+            value = tuple(value)
+        if isinstance(where, int):
+            args.append(value)
+        else:
+            kwargs[where] = value
+    return args, kwargs
+
+
+def _segments(cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_cpu: Tensor) -> Segments:
+    host = tuple(cu_seqlens_cpu.tolist())
+    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+    return Segments(cu_seqlens, host, seq_idx, max(lengths), cu_seqlens_cpu=cu_seqlens_cpu)
+
+
+def _leaves(out: Any) -> list[Tensor]:
+    """The tensors of an op's output (a tensor or a tuple of tensors and None), in order."""
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+
+
+def _unflatten(structure: Any, outs: Any) -> Any:
+    if isinstance(structure, (tuple, list)):
+        return type(structure)(None if s is None else next(outs) for s in structure)
+    return next(outs)
+
+
+def _fresh(out: Tensor, inputs: list[Tensor | None]) -> Tensor:
+    """A custom op's output may not alias its inputs, and its strides must be those of the meta's empty tensors."""
+    if any(t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in inputs):
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
+def _autograd_dispatch() -> Any:
+    """Autograd back on inside a custom op's implementation (PyTorch runs it with autograd's dispatch keys excluded):
+    the backward runs the op under autograd, and a backend's first-use check compares gradients too. Whether a graph
+    is recorded is still up to grad mode (off in the forward)."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+        excluded = excluded - torch._C.DispatchKeySet(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+
+
+@torch.library.custom_op("deltapack::op", mutates_args=())
+def _op(
+    key: str, tensors: list[Tensor | None], cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_cpu: Tensor
+) -> list[Tensor]:
+    fn, layout = _decode(key)
+    args, kwargs = _arguments(layout, tensors, _segments(cu_seqlens, seq_idx, cu_seqlens_cpu))
+    with _autograd_dispatch():
+        return [_fresh(t, tensors) for t in _leaves(fn(*args, **kwargs))]
+
+
+@_op.register_fake
+def _op_fake(
+    key: str, tensors: list[Tensor | None], cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_cpu: Tensor
+) -> list[Tensor]:
+    fn, layout = _decode(key)
+    shapes_only = Segments(cu_seqlens, (), seq_idx, 0, cu_seqlens_cpu=cu_seqlens_cpu)
+    args, kwargs = _arguments(layout, tensors, shapes_only)
+    return _leaves(fn.op.meta(*args, **kwargs))  # fresh contiguous tensors (new_empty), like _fresh's outputs
+
+
+@torch.library.custom_op("deltapack::op_backward", mutates_args=())
+def _op_backward(
+    key: str,
+    tensors: list[Tensor | None],
+    cu_seqlens: Tensor,
+    seq_idx: Tensor,
+    cu_seqlens_cpu: Tensor,
+    grads: list[Tensor | None],
+) -> list[Tensor]:
+    """The gradients of the op's floating-point tensor inputs, in order (zeros where an input does not reach the
+    outputs): the op runs again under autograd."""
+    fn, layout = _decode(key)
+    floating = [t is not None and t.is_floating_point() for t in tensors]
+    with _autograd_dispatch(), torch.enable_grad():
+        inputs = [t.detach().requires_grad_() if f else t for t, f in zip(tensors, floating)]
+        args, kwargs = _arguments(layout, inputs, _segments(cu_seqlens, seq_idx, cu_seqlens_cpu))
+        pairs = [(o, g) for o, g in zip(_leaves(fn(*args, **kwargs)), grads) if g is not None and o.requires_grad]
+        wanted = [t for t, f in zip(inputs, floating) if f]
+        found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(wanted, found)]
+
+
+@_op_backward.register_fake
+def _op_backward_fake(
+    key: str,
+    tensors: list[Tensor | None],
+    cu_seqlens: Tensor,
+    seq_idx: Tensor,
+    cu_seqlens_cpu: Tensor,
+    grads: list[Tensor | None],
+) -> list[Tensor]:
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors if _floating(t)]
+
+
+def _floating(t: Tensor | None) -> bool:
+    return t is not None and t.is_floating_point()
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    key, tensors, cu_seqlens, seq_idx, cu_seqlens_cpu = inputs
+    ctx.key = key
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*(t for t in tensors if t is not None), cu_seqlens, seq_idx, cu_seqlens_cpu)
+
+
+def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
+    *given, cu_seqlens, seq_idx, cu_seqlens_cpu = ctx.saved_tensors
+    given = iter(given)
+    tensors = [next(given) if present else None for present in ctx.present]
+    found = iter(torch.ops.deltapack.op_backward(ctx.key, tensors, cu_seqlens, seq_idx, cu_seqlens_cpu, list(grads)))
+    per_input = [next(found) if _floating(t) else None for t in tensors]
+    return None, per_input, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
