@@ -21,9 +21,23 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import deltapack
 from deltapack import ops
 from deltapack.audit import shrink
+from deltapack.data import PackedCollator, pack_dataset
 from deltapack.ops import Segments
+from deltapack.ops.attention import varlen_attention
 from deltapack.tiny import tiny_model
-from helpers import EXACT, LEAK, random_docs
+from helpers import (
+    EXACT,
+    LEAK,
+    PAD,
+    checkpointing_arg,
+    documents,
+    one_step_args,
+    padded_unpacked,
+    random_docs,
+    rel,
+    sgd_step,
+    update_rel,
+)
 
 GRAD_RTOL = 1e-4
 # the same 40 tokens split into documents three ways (the third has one more document)
@@ -142,26 +156,27 @@ def _gdn_inputs(split: tuple[int, ...], seed: int = 0):
     return [t.requires_grad_() for t in (q, k, v, g, beta, x, w)], Segments.from_cu_seqlens(offsets)
 
 
-def _conv_then_delta_rule(q, k, v, g, beta, x, w, segments):
+def _three_ops(q, k, v, g, beta, x, w, segments):
     y = ops.causal_conv1d(x, w, None, "silu", segments=segments)
     o, final = ops.gated_delta_rule(q, k, v, g, beta, segments=segments, output_final_state=True)
-    return o.square().sum() + final.square().sum() + y.square().sum()
+    attn = varlen_attention(q[0], k[0], v[0, :, :2], segments=segments, scale=0.3)
+    return o.square().sum() + final.square().sum() + y.square().sum() + attn.square().sum()
 
 
 def test_ops_are_one_opaque_node_each():
-    """The GDN ops inside fullgraph=True: each a deltapack::op node, gradients equal to eager, one compile for every
-    split of the stream (documents of one token included)."""
+    """The conv, the delta rule and varlen attention inside fullgraph=True: each a deltapack::op node, gradients equal
+    to eager, one compile for every split of the stream (documents of one token included)."""
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(_conv_then_delta_rule, backend=counter, fullgraph=True)
+    compiled = torch.compile(_three_ops, backend=counter, fullgraph=True)
     for split in ((30, 34, 6), (1, 62, 7), (1, 1, 1, 67), (69, 1)):
         inputs, segments = _gdn_inputs(split)
-        want = torch.autograd.grad(_conv_then_delta_rule(*inputs, segments), inputs)
+        want = torch.autograd.grad(_three_ops(*inputs, segments), inputs)
         got = torch.autograd.grad(compiled(*inputs, segments), inputs)
         for a, b in zip(got, want):
             assert (a - b).norm() <= GRAD_RTOL * b.norm()
     assert counter.frame_count <= 2  # the first split, then once more with the number of documents symbolic
     first = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
-    assert first.count("deltapack.op") == 2, first
+    assert first.count("deltapack.op") == 3, first
 
 
 @pytest.mark.slow
@@ -178,3 +193,26 @@ def test_inductor_compiled_gdn_layer_equals_eager():
     assert model.config.layer_types[0] == "linear_attention"
     layer.compile(fullgraph=True)
     _assert_close(_step(model, model, ids, mask), want)
+
+
+def test_trainer_torch_compile_with_checkpointing_equals_padded_step(tmp_path):
+    """TrainingArguments(torch_compile=True) and activation checkpointing on a patched model: one SGD step on packed
+    rows equals the step on the documents one per row, padded, through the unpatched model; the only graph break
+    is the entry's."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import Trainer, TrainingArguments
+
+    initial = tiny_model("qwen3_5")
+    _, params_ref, step_ref = sgd_step(copy.deepcopy(initial), padded_unpacked(documents()))
+    train = pack_dataset(datasets.Dataset.from_dict({"input_ids": documents()}), 40)
+    model = deltapack.patch(copy.deepcopy(initial))
+    compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager", checkpointing_arg(): True}
+    args = one_step_args(TrainingArguments, tmp_path, len(train), remove_unused_columns=False, **compile_args)
+    Trainer(model=model, args=args, train_dataset=train, data_collator=PackedCollator(pad_token_id=PAD)).train()
+    start = dict(initial.named_parameters())
+    after = dict(model.named_parameters())
+    step = {n: after[n].detach() - start[n].detach() for n in step_ref}
+    assert max(rel(after[n].detach(), params_ref[n]) for n in params_ref) <= 1e-5
+    assert update_rel(step, step_ref) <= 1e-5
+    breaks = list(counters["graph_break"])
+    assert breaks and all("_read_batch" in reason for reason in breaks), breaks

@@ -742,6 +742,10 @@ def _decoder_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _run_in_scope(bounds: Boundaries, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if torch.compiler.is_compiling() and active_boundaries() is bounds:
+        # traced inside torch.compile's checkpoint (which allows no outside mutation): the compiled backward replays
+        # the graph, not this Python, so the scope the forward runs in is all it needs
+        return function(*args, **kwargs)
     with packing_scope(bounds):
         return function(*args, **kwargs)
 
@@ -776,6 +780,6 @@ def _packed_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     else:
         first = next(iter(inspect.signature(inner).parameters))
         hidden_states = kwargs[first]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # compiled: the replay is the graph's
         self.__dict__[_LAST_PACKED] = True
     return spec.forward(self, hidden_states, bounds)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import Backend, register_op
 from deltapack.ops.segments import Segments
 
@@ -208,5 +209,13 @@ def varlen_attention(
     Returns:
         [T, Hq, D] in the dtype of q.
     """
+    if torch.compiler.is_compiling() and segments_k is None:  # one opaque node (max_seqlen is no graph constant)
+        options = {"segments": segments, "scale": scale, "backend": backend}
+        if opaque.supports((q, k, v), options):
+            return opaque.call(VARLEN_ATTENTION.name, VARLEN_ATTENTION.meta, (q, k, v), options)
     _check(q, k, v, segments, segments_k)
     return VARLEN_ATTENTION(q, k, v, segments=segments, scale=scale, segments_k=segments_k, backend=backend)
+
+
+VARLEN_ATTENTION.meta = opaque.like_first  # [T, Hq, D] in the dtype of q
+opaque.register(varlen_attention, VARLEN_ATTENTION)

@@ -212,8 +212,7 @@ def public_function(op: Op, doc: str, check: Callable[..., None] | None = None) 
     fn.__module__ = op.reference.__module__
     fn.__doc__ = doc
     fn.__signature__ = signature  # type: ignore[attr-defined]
-    fn.op = op  # type: ignore[attr-defined]
-    opaque.PUBLIC[op.name] = fn
+    opaque.register(fn, op)
     return fn
 
 

@@ -29,10 +29,19 @@ from torch import Tensor
 
 from deltapack.ops.segments import Segments
 
-__all__ = ["PUBLIC", "call", "like_first", "supports"]
+__all__ = ["PUBLIC", "call", "like_first", "register", "supports"]
 
-# public op name -> its public function (registered by public_function); the custom op finds the op here
+# op name -> its public function (registered by public_function); the custom op finds the op here
 PUBLIC: dict[str, Callable[..., Any]] = {}
+
+
+def register(fn: Callable[..., Any], op: Any) -> None:
+    """Make ``fn``, the public function of the :class:`~deltapack.ops.dispatch.Op` ``op``, what a ``deltapack::op``
+    node naming ``op`` runs (eagerly: ``fn`` itself must take the eager path outside torch.compile)."""
+    fn.op = op  # type: ignore[attr-defined]
+    PUBLIC[op.name] = fn
+
+
 _CONSTANTS = (bool, int, float, str)
 
 
