@@ -6,12 +6,14 @@ tokens) over the spec's 32768-token stream, all modes in one run on one card:
   cu_seq_lens_q/k and max_length_q/k, sdpa (unpatched model; its conv still leaks across documents);
 - deltapack: the same rows as one batch [rows, 8192] with an indexed mask, boundaries built beforehand as a
   collator does, through the patched model (FLA + varlen attention);
-- deltapack_rows: the patched model on the hf_packed rows one at a time.
+- deltapack_rows: the patched model on the hf_packed rows one at a time;
+- deltapack_compiled (with --compile): the deltapack mode with every decoder layer compiled on its own
+  (``layer.compile()``, inductor, as torchtitan compiles), two warm-up passes (the first compiles).
 
 Then exactness: the patched model's logits for every document of the packed batch against that document alone
 through the same patched path (bf16), and against the unpatched model alone.
 
-Usage: python benchmarks/bench_e2e.py [--out e2e.json]
+Usage: python benchmarks/bench_e2e.py [--out e2e.json] [--compile]
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time the deltapack mode with compiled layers")
     args = parser.parse_args()
 
     spec = load_spec()
@@ -165,6 +168,17 @@ def main() -> None:
     modes["deltapack"] = time_passes(model, deltapack_steps, reps=args.reps)
     torch.cuda.empty_cache()
     modes["deltapack_rows"] = time_passes(model, deltapack_row_steps, reps=args.reps)
+    if args.compile:
+        layers = model.get_decoder().layers
+        for layer in layers:
+            layer.compile()
+        try:
+            modes["deltapack_compiled"] = time_passes(model, deltapack_steps, warmup=2, reps=args.reps)
+        except Exception as err:  # noqa: BLE001 - record it; the other modes stand
+            modes["deltapack_compiled"] = {"error": repr(err)[:500]}
+        for layer in layers:
+            layer._compiled_call_impl = None
+        torch.cuda.empty_cache()
     for m in modes.values():
         if "seconds" in m:
             m["tokens_per_s"] = total / m["seconds"]
@@ -173,6 +187,8 @@ def main() -> None:
     for base in ("padded", "hf_packed"):
         if "tokens_per_s" in modes[base]:
             e2e[f"vs_{base}"] = dp / modes[base]["tokens_per_s"]
+    if "tokens_per_s" in modes.get("deltapack_compiled", {}):
+        e2e["compiled_vs_eager"] = modes["deltapack_compiled"]["tokens_per_s"] / dp
     # the deltapack mode's forward+backward (no optimizer step), all 32768 tokens in one batch
     e2e["mfu_detail"] = mfu(model, total, modes["deltapack"]["seconds"])
     e2e["mfu"] = e2e["mfu_detail"]["mfu"]
