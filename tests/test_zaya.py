@@ -37,8 +37,7 @@ def _bounds(lengths: list[int]) -> Boundaries:
 
 def _grads(proj: torch.nn.Module, x: torch.Tensor, outs: tuple, weights: tuple) -> list[torch.Tensor]:
     loss = sum((o * w).sum() for o, w in zip(outs, weights))
-    params = [p for p in proj.parameters()]
-    return list(torch.autograd.grad(loss, [x, *params]))
+    return list(torch.autograd.grad(loss, [x, *proj.parameters()]))
 
 
 @pytest.mark.parametrize("widths,bias", [((3, 2), False), ((2, 2), True), ((2, 4), True)])

@@ -26,7 +26,9 @@ from deltapack.ops.varlen import positions
 from deltapack.tiny import register_tinies, table
 
 
-def _grouped_conv_within_documents(conv: nn.Conv1d, x_1TC: torch.Tensor, fill_C: torch.Tensor, pos_T: torch.Tensor):
+def _grouped_conv_within_documents(
+    conv: nn.Conv1d, x_1TC: torch.Tensor, fill_C: torch.Tensor, pos_T: torch.Tensor
+) -> torch.Tensor:
     """``conv`` (causal, weight [C, C / groups, W], bias [C] or None) over x [1, T, C], each tap that reads before
     its token's document start reading ``fill_C`` instead: [1, T, C].
 
