@@ -1,8 +1,8 @@
 """``deltapack train`` on 2 processes (gloo, CPU), with context parallelism 2 and, separately, with FSDP2:
 
-- a run killed with SIGKILL (its whole process group, as a pre-emption does) between two checkpoints and resumed
-  equals an uninterrupted run of the same steps: per-step losses, eval losses, learning rates, gradient norms and
-  final weights, fp32, relative <= 1e-6;
+- a run killed with SIGKILL between two checkpoints (all its processes, as a pre-emption does; or its launcher
+  alone, whose ranks then stop by themselves) and resumed equals an uninterrupted run of the same steps: per-step
+  losses, eval losses, learning rates, gradient norms and final weights, fp32, relative <= 1e-6;
 - a truncated shard in the newest sharded checkpoint: ``--resume`` skips it with a warning and continues from the
   previous complete one (still equal to the uninterrupted run); ``--resume DIR`` of it refuses with the reason;
 - a checkpoint written by 2 processes resumes on 1, and one written by 1 process resumes on 2 (DCP reshards it),
@@ -48,7 +48,9 @@ STEPS = 8
 RUN = ["--max-tokens", "256", "--batch-rows", "2", "--steps", str(STEPS), "--save-every", "2"]
 RUN += ["--lr-scheduler-type", "cosine", "--warmup-steps", "2", "--eval-split", "0.05", "--eval-steps", "4"]
 ENGINES = {"cp2": ["--cp", "2"], "fsdp": ["--fsdp"], "cp2-fsdp": ["--cp", "2", "--fsdp"]}
-KILLED = ("cp2", "fsdp")  # a killed run costs a torchrun launch; CP=2 with FSDP2 is resharded below, not killed
+# a killed run costs a torchrun launch; CP=2 with FSDP2 is resharded below, not killed. True: only the launcher is
+# killed (its ranks must stop by themselves)
+KILLED = {"cp2": False, "fsdp": True}
 FP32_NOISE = 1e-5  # relative: the same run on another process count sums its floats in another order
 
 
@@ -74,9 +76,18 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _run_killed(layout: list[str], out: Path) -> dict:
-    """``deltapack train --nproc 2`` SIGKILLed with every process it started once checkpoint-2 is complete;
-    what it left: the exit status and the steps of its complete checkpoints."""
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has ended
+
+
+def _run_killed(layout: list[str], out: Path, launcher_only: bool) -> dict:
+    """``deltapack train --nproc 2`` SIGKILLed once checkpoint-2 is complete: with every process it started (a
+    pre-emption), or alone (its ranks, in sessions of their own, must then stop by themselves). What it left: the
+    exit status, the steps of its complete checkpoints, the ranks still running 60 s after the kill."""
     command = [sys.executable, "-m", "deltapack.cli", "train", *RUN, "--nproc", "2", *layout, "--output", str(out)]
     log = out.with_name(out.name + ".stderr")
     with log.open("w") as stderr:
@@ -84,14 +95,22 @@ def _run_killed(layout: list[str], out: Path) -> dict:
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2" / MARKER).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    ranks = _descendants(proc.pid)
+    for pid in [proc.pid] if launcher_only else [proc.pid, *ranks]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     code = proc.wait()
+    deadline = time.monotonic() + 60
+    while any(map(_running, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in ranks if _running(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)  # let the kernel reap the ranks before the files are looked at
     done = [int(p.name.split("-")[1]) for p in checkpoints(out) if (p / MARKER).exists()]
     saved = (out / "model.safetensors").exists()
-    return {"returncode": code, "stderr": log.read_text()[-4000:], "checkpoints": done, "saved": saved}
+    return {"returncode": code, "stderr": log.read_text()[-4000:], "checkpoints": done, "saved": saved, "left": left}
 
 
 def _truncate_newest(reference: str, out: str) -> None:
@@ -152,8 +171,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dic
     root = tmp_path_factory.mktemp("resume2")
     local: dict[str, dict] = {}
     local["one"] = _train_here("--output", str(root / "one"))
-    for engine in KILLED:
-        local[f"killed-{engine}"] = _run_killed(ENGINES[engine], root / f"killed-{engine}")
+    for engine, launcher_only in KILLED.items():
+        local[f"killed-{engine}"] = _run_killed(ENGINES[engine], root / f"killed-{engine}", launcher_only)
     for engine in ENGINES:
         (root / f"from1-{engine}").mkdir()
         shutil.copytree(root / "one" / "checkpoint-4", root / f"from1-{engine}" / "checkpoint-4")
@@ -215,6 +234,9 @@ def test_killed_between_checkpoints_and_resumed_equals_an_uninterrupted_run(runs
     out = root / f"killed-{engine}"
     assert killed["checkpoints"] and max(killed["checkpoints"]) < STEPS
     assert not killed["saved"]
+    assert killed["left"] == [], "ranks still running 60 s after their launcher was killed"
+    if KILLED[engine]:  # only the launcher was killed: its ranks stopped by themselves at the next step
+        assert "the process that started this rank" in killed["stderr"] and "has ended; stopping" in killed["stderr"]
     err0, err1 = _spawned(ranks, f"resumed-{engine}")
     step = max(killed["checkpoints"])
     assert err0.count(f"resuming from {out / f'checkpoint-{step}'} (step {step})") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import random
 import sys
 import time
@@ -205,6 +206,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     else:
         device = parallel.device
     is_main = parallel is None or parallel.is_main
+    launcher = os.getppid() if parallel is not None else None
     # under FSDP only rank 0 reads the weights; the other ranks build the model on the meta device and receive their
     # shards from it (no rank but the first holds the whole model in memory)
     model, name = load_model(args, on_meta=parallel is not None and args.fsdp and not is_main)
@@ -253,6 +255,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     run_tokens = 0
     accumulate = args.gradient_accumulation_steps
     for step in range(start_step, steps):
+        _check_launcher(launcher)
         picks = [batch_rows_at(step * accumulate + m, len(rows), args.batch_rows, args.seed) for m in range(accumulate)]
         lengths = [[len(rows[i]["input_ids"]) for i in picked] for picked in picks]
         batches = [collate([rows[i] for i in picked]) for picked in picks]
@@ -289,6 +292,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
             if log is not None:
                 log.write_eval(step + 1, eval_loss)
         if args.save_every and (step + 1) % args.save_every == 0:
+            _check_launcher(launcher)
             state = {"counters": counters, "run": _run_key(args)}
             save_checkpoint(args.output, step + 1, model, optimizer, scheduler, state, keep=args.save_total_limit)
     if log is not None:
@@ -304,6 +308,7 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
     padded_per_real = padded_tokens(lengths, docs_per_batch) / sum(lengths)
 
     if args.output:
+        _check_launcher(launcher)
         _save(model, tokenizer, args, parallel)
     return TrainReport(
         model=name,
@@ -326,6 +331,16 @@ def _train(args: argparse.Namespace, parallel: Parallel | None) -> TrainReport:
         stream_pad_tokens=stream_pad,
         eval_loss=None if math.isnan(eval_loss) else eval_loss,
     )
+
+
+def _check_launcher(launcher: int | None) -> None:
+    """Stop a rank whose launcher (torchrun, ``deltapack train --nproc``) has ended: killed alone, it leaves its ranks
+    running (they are in sessions of their own), and they would keep writing --output beside a resumed run."""
+    if launcher is not None and os.getppid() != launcher:
+        raise TrainError(
+            f"deltapack train: the process that started this rank (pid {launcher}) has ended; stopping this rank "
+            "(resume the run with --resume)"
+        )
 
 
 def _stream_padding(row_tokens: list[int], parallel: Parallel, layout: str) -> int:
