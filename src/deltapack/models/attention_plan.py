@@ -208,7 +208,8 @@ def choose_plan(
 
     if module.training and float(kw.get("dropout") or 0.0) > 0:
         return "dense", ""
-    modifiers = kw.get("softcap") is not None or kw.get("s_aux") is not None
+    # a position bias added to the scores (inkling's relative logits) runs on flex's score modifier or dense
+    modifiers = any(kw.get(name) is not None for name in ("softcap", "s_aux", "position_bias"))
     if mask.kind == "causal" and not modifiers:
         probe = query.new_empty(0, 1, max(query.shape[-1], value.shape[-1]))
         if resolve_attention_backend(None, probe) != "reference":

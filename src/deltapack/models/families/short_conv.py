@@ -42,8 +42,7 @@ SHORT_CONV_LAYERS = (
 
 TINY = table("short_conv")
 
-# inkling / inkling2 are not registered: transformers 5.24 has no causal-LM mapping for them (inkling has no config
-# in the auto classes at all), and their short conv is a different layer (a residual conv without the B / C gates)
+# the inkling types' short convs are another layer (a residual conv without the B / C gates): families/inkling.py
 SHORT_CONV_FAMILY = register_layers(
     "short_conv",
     tuple(TINY),
