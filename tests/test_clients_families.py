@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening, TrainerCallback
 
 import deltapack
@@ -25,7 +26,6 @@ from helpers import (
     LEAK,
     LR,
     PAD,
-    doc_loss_sum,
     grads_of,
     norm_rel,
     one_step_args,
@@ -145,18 +145,34 @@ def _without_labels(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def prompt_masked(doc: list[int]) -> list[int]:
+    """Labels of a prompt-completion document: -100 on its first half (the prompt)."""
+    return [-100] * (len(doc) // 2) + doc[len(doc) // 2 :]
+
+
 @pytest.mark.parametrize("arch", REPRESENTATIVES)
-@pytest.mark.parametrize("separator_id", [-100, 7])
-def test_flattening_loss_and_gradients(arch, separator_id):
-    """The model's own loss on a flattened batch with labels, and its gradients: the per-document loss (each
-    document alone, targets inside the document only); the separator label never becomes a target once patched."""
+@pytest.mark.parametrize("labels", ["separator_-100", "separator_7", "prompt_masked"])
+def test_flattening_loss_and_gradients(arch, labels):
+    """The model's own loss on a flattened batch with labels (a separator label, or labels given per document with
+    the prompt masked), MoE models with their router auxiliary loss on, and its gradients: the per-document loss
+    (each document alone, targets inside the document only, the load-balancing loss over exactly the real tokens);
+    the separator label never becomes a target once patched."""
     model = copy.deepcopy(model_of(arch))  # a backward leaves some models holding non-leaf state tensors
+    separator = 7 if labels == "separator_7" else -100
+    targets = [prompt_masked(d) if labels == "prompt_masked" else d for d in DOCS]
+    features = [{"input_ids": d} | ({"labels": t} if labels == "prompt_masked" else {}) for d, t in zip(DOCS, targets)]
     collator = DataCollatorWithFlattening(
-        return_position_ids=False, return_flash_attn_kwargs=True, return_seq_idx=True, separator_id=separator_id
+        return_position_ids=False, return_flash_attn_kwargs=True, return_seq_idx=True, separator_id=separator
     )
-    batch = {**collator([{"input_ids": d} for d in DOCS]), "use_cache": False}  # as a trainer calls it
-    targets = sum(len(d) - 1 for d in DOCS)
-    ref_loss = sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in DOCS) / targets
+    coef = aux_loss_coef(model)
+    extra = {"use_cache": False} | ({"output_router_logits": True} if coef else {})  # as a trainer calls it
+    batch = {**collator(features), **extra}
+    alone = [model(torch.tensor([d]), **extra) for d in DOCS]
+    target = [torch.tensor(t[1:], dtype=torch.long) for t in targets]
+    nll = sum(F.cross_entropy(o.logits[0, :-1], t, reduction="sum") for o, t in zip(alone, target))
+    ref_loss = nll / sum(int((t != -100).sum()) for t in target)
+    if coef:
+        ref_loss = ref_loss + coef * balance_loss(model, [o.router_logits for o in alone])
     ref_grads = grads_of(model, ref_loss)
     try:
         unpatched_grads = grads_of(model, model(**batch).loss)
@@ -169,6 +185,14 @@ def test_flattening_loss_and_gradients(arch, separator_id):
     model.zero_grad(set_to_none=True)
     assert abs(loss.item() - ref_loss.item()) <= EXACT
     assert norm_rel(grads, ref_grads) <= GRAD_RTOL
+
+
+def balance_loss(model, routers: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """The model's own load-balancing loss over the router logits of several documents together (each document's
+    per-layer router logits [tokens, experts], concatenated over documents)."""
+    per_layer = tuple(torch.cat([r[i] for r in routers]) for i in range(len(routers[0])))
+    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    return balance(per_layer, model.num_experts, model.num_experts_per_tok, None)
 
 
 # ------------------------------------------------------------------------------------------------ TRL's SFTTrainer
@@ -189,9 +213,7 @@ def per_document_step(model) -> tuple[torch.Tensor, torch.Tensor | None, list[to
     aux = None
     if aux_loss_coef(model):  # load-balancing loss over exactly the real tokens, as the model's own function has it
         outs = [model(torch.tensor([d]), use_cache=False, output_router_logits=True) for d in TRAIN_DOCS]
-        routers = tuple(torch.cat([o.router_logits[i] for o in outs]) for i in range(len(outs[0].router_logits)))
-        balance = sys.modules[type(model).__module__].load_balancing_loss_func
-        aux = balance(routers, model.num_experts, model.num_experts_per_tok, None)
+        aux = balance_loss(model, [o.router_logits for o in outs])
         loss = loss + aux_loss_coef(model) * aux
     return loss, aux, log_probs
 
