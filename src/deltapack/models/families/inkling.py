@@ -8,9 +8,12 @@ the packed forward runs the layer's conv cut at every document start.
 
 inkling2's full-attention layers convolve keys and values with per-token taps (``Inkling2DynamicShortConvolution``,
 taps projected from the layer input): transformers' own forward of that conv already keeps documents apart when
-given ``seq_idx``, so the key / value projection around it runs its own forward, told the documents. The attention
-itself is kept per document by the attention hooks (its relative position bias only depends on distances; its
-log-scaled queries read the per-document ``position_ids``).
+given ``seq_idx``, so the key / value projection around it runs its own forward, told the documents.
+
+The attention is kept per document by the attention hooks; its relative position bias depends on distances only.
+Its full-attention layers scale queries and bias by ``tau(position)`` (``log_scaling_n_floor``): inkling2 reads the
+per-document ``position_ids``, inkling counts along the row, so inkling's attention has a packed forward that
+reads each token's position in its document. On a GPU a layer with a position bias runs flex or the dense mask.
 
 transformers also maps ``inkling`` / ``inkling2`` / ``inkling2_loop`` (the multimodal wrappers) to
 ``*ForConditionalGeneration`` only, not to a causal LM: their text decoders are these layers.
