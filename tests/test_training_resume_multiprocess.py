@@ -124,20 +124,35 @@ def _truncate_newest(reference: str, out: str) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
-def _ranks(rank: int, runs: list[tuple], ports: list[int], out_dir: str) -> None:
+def _port(rank: int, index: int, out_dir: str) -> int:
+    """The rendezvous port of run ``index``: a free one rank 0 picks when it is ready (after its preparation), so
+    that nothing else takes it meanwhile; rank 1 waits for it."""
+    path = Path(out_dir, f"port{index}")
+    if rank == 0:
+        Path(out_dir, "port.tmp").write_text(str(free_port()))
+        Path(out_dir, "port.tmp").replace(path)
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not start run {index}")
+        time.sleep(0.01)
+    return int(path.read_text())
+
+
+def _ranks(rank: int, runs: list[tuple], out_dir: str) -> None:
     """One of 2 spawned ranks: each run of ``runs`` (name, argv, preparation done by rank 0 first) as torchrun would
-    start it, at its own rendezvous port; rank 0 prepares while rank 1 waits in the rendezvous."""
+    start it, at its own rendezvous port."""
     from deltapack.train import main as train_main
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     results: dict[str, dict] = {}
-    for (name, argv, prepare), port in zip(runs, ports, strict=True):
-        os.environ["MASTER_PORT"] = str(port)
+    for index, (name, argv, prepare) in enumerate(runs):
         err = io.StringIO()
         try:
             if prepare is not None and rank == 0:
                 prepare[0](*prepare[1:])
+            os.environ["MASTER_PORT"] = str(_port(rank, index, out_dir))
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 results[name] = {"returncode": train_main(argv)}
         except BaseException:
@@ -151,7 +166,7 @@ def _ranks(rank: int, runs: list[tuple], ports: list[int], out_dir: str) -> None
 def _spawn(runs: list[tuple], out_dir: Path) -> list[dict]:
     """Run ``runs`` on 2 spawned ranks; what each rank recorded (a run that raised stops the rest)."""
     try:
-        mp.start_processes(_ranks, args=(runs, [free_port() for _ in runs], str(out_dir)), nprocs=2)
+        mp.start_processes(_ranks, args=(runs, str(out_dir)), nprocs=2)
     except Exception:  # the ranks recorded the traceback; the tests that need the missing runs fail on it
         pass
     return [json.loads(p.read_text()) if (p := out_dir / f"rank{r}.json").exists() else {} for r in range(2)]
