@@ -192,7 +192,8 @@ def balance_loss(model, routers: list[tuple[torch.Tensor, ...]]) -> torch.Tensor
     """The model's own load-balancing loss over the router logits of several documents together (each document's
     per-layer router logits [tokens, experts], concatenated over documents)."""
     per_layer = tuple(torch.cat([r[i] for r in routers]) for i in range(len(routers[0])))
-    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
+    balance = sys.modules[type(base).__module__].load_balancing_loss_func
     return balance(per_layer, model.num_experts, model.num_experts_per_tok, None)
 
 
@@ -275,10 +276,11 @@ def _returns_router_logits(model) -> bool:
 _ROUTER_LOGITS: dict[type, bool] = {}
 
 
-def sft_trainer(model, tmp_path, mode: str):
+def sft_trainer(model, tmp_path, mode: str, peft_config=None):
     """SFTTrainer for one SGD step over every training document. ``mode``: "packing" (TRL packs the documents into
     rows of 40, its padding-free collator flattens them), "padding_free" (one document per example, flattened), or
-    "packed_collator" (rows packed by deltapack, PackedCollator with an indexed attention_mask)."""
+    "packed_collator" (rows packed by deltapack, PackedCollator with an indexed attention_mask). ``peft_config``:
+    TRL wraps the model in PEFT itself."""
     from trl import SFTConfig, SFTTrainer
 
     from deltapack.data import PackedCollator, pack_dataset
@@ -301,7 +303,12 @@ def sft_trainer(model, tmp_path, mode: str):
     extra["router_aux_loss_coef"] = aux_loss_coef(model)  # the model's own, or 0.0 where it returns no router logits
     args = one_step_args(SFTConfig, tmp_path, len(TRAIN_DOCS), **extra)  # every document in the first step
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, data_collator=collator, processing_class=char_tokenizer()
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=collator,
+        processing_class=char_tokenizer(),
+        peft_config=peft_config,
     )
     trainer.seen = []  # (inputs, loss) of every compute_loss call
     compute_loss = trainer.compute_loss
@@ -407,6 +414,57 @@ def test_fused_head_with_an_indexed_mask(arch, tmp_path, quick_trainer):
     assert abs(loss.item() - ref_loss) <= EXACT * max(1.0, abs(ref_loss))
     logged = next(row["aux_loss"] for row in trainer.state.log_history if "aux_loss" in row)
     assert abs(logged - ref_aux) <= 1e-6 * ref_aux
+
+
+@pytest.mark.parametrize(
+    "arch,order", [("mamba2", "patch_then_trainer"), ("lfm2", "trainer_then_patch"), ("rwkv", "trainer_then_patch")]
+)
+def test_sft_trainer_with_lora(arch, order, tmp_path, quick_trainer):
+    """SFTTrainer with a peft_config (TRL wraps the model in LoRA itself; padding-free): two steps, each loss and
+    the first update of the adapters equal the per-document computation on the same LoRA model; the unpatched
+    model leaks on the batch the trainer fed it."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    targets = ["in_proj"] if arch == "mamba2" else "all-linear"  # PEFT refuses Mamba's out_proj
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    initial = model_of(arch)
+    model = copy.deepcopy(initial)
+    if order == "patch_then_trainer":
+        trainer = sft_trainer(deltapack.patch(model), tmp_path, "padding_free", peft_config=lora)
+    else:
+        trainer = sft_trainer(model, tmp_path, "padding_free", peft_config=lora)
+        deltapack.patch(trainer.model)
+    assert deltapack.is_patched(trainer.model)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.args.max_steps = 2
+    trainer.train()
+    (inputs, loss), (_, second_loss) = trainer.seen
+    # the same batch through the unpatched model (the adapters start as a no-op): it leaks
+    assert log_prob_diff(with_fused_head(initial), inputs, reference_step(arch)[3]) > LEAK
+
+    def reference(params: dict[str, torch.Tensor]):
+        ref = get_peft_model(copy.deepcopy(initial), lora)
+        add_fused_lm_head(ref.get_base_model())
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                param.copy_(params[name])
+        return ref
+
+    ref = reference(start)
+    ref_loss = per_document_step(ref)[0]
+    ref_loss.backward()
+    trainable = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    ref_grads = torch.cat(  # no gradient: an expert no token was routed to
+        [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in trainable.values()]
+    )
+    assert abs(loss.item() - ref_loss.item()) <= EXACT * max(1.0, abs(ref_loss.item()))
+    after = trainer.state.first_step
+    update = torch.cat([(after[n] - start[n]).reshape(-1) for n in trainable])
+    assert norm_rel(update, -LR * ref_grads) <= GRAD_RTOL
+    with torch.no_grad():
+        ref_second = per_document_step(reference(after))[0].item()
+    assert abs(second_loss.item() - ref_second) <= EXACT * max(1.0, abs(ref_second))
 
 
 # ------------------------------------------------------------------------------------------------------ generate()
