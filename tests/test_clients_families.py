@@ -1,9 +1,12 @@
 """Real clients on a representative of every family, not only qwen3_5: transformers' DataCollatorWithFlattening
 in every option combination, TRL's SFTTrainer (packing and padding-free, patched before and after the trainer is
-built, the MoE load-balancing loss on) and generate().
+built, two steps, its fused LM head and gradient checkpointing, the MoE load-balancing loss on, LoRA through its
+peft_config) and generate().
 
 References are computed document by document through the unpatched model; every exactness check also shows that
-the unpatched model leaks on the same batch, so it can fail.
+the unpatched model leaks on the same batch, so it can fail. The one exception: the padding-free batches TRL feeds
+llama and gpt2 (position_ids restarting, use_cache=False), which transformers itself keeps apart; there the test
+asserts that, and their leak shows in the DataCollatorWithFlattening tests.
 """
 
 from __future__ import annotations
@@ -490,6 +493,7 @@ def test_generate_is_bit_identical(arch, use_cache):
         with patched(model):
             after = model.generate(**prompts(), **kwargs)
             single_after = model.generate(prompts()["input_ids"][1:], **kwargs)
+    assert "generate" not in model.__dict__  # unpatch gave the class's generate back
     for a, b in ((before, after), (single, single_after)):
         assert torch.equal(a.sequences, b.sequences)
         assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
