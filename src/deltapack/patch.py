@@ -774,12 +774,13 @@ def _packed_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                 "with packed inputs"
             )
     if args:
-        hidden_states = args[0]
-    elif "hidden_states" in kwargs:
-        hidden_states = kwargs["hidden_states"]
+        hidden_states, args = args[0], args[1:]
     else:
-        first = next(iter(inspect.signature(inner).parameters))
-        hidden_states = kwargs[first]
+        name = "hidden_states" if "hidden_states" in kwargs else next(iter(inspect.signature(inner).parameters))
+        kwargs = dict(kwargs)
+        hidden_states = kwargs.pop(name)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # compiled: the replay is the graph's
         self.__dict__[_LAST_PACKED] = True
+    if spec.call_args:
+        return spec.forward(self, hidden_states, bounds, *args, **kwargs)
     return spec.forward(self, hidden_states, bounds)

@@ -52,11 +52,14 @@ class PackedLayer:
         forward: ``forward(layer, hidden_states [1, T, D], bounds) -> output`` (see the module docstring).
         cache_kwargs: keyword arguments through which the layer receives a cache; a packed call that is given one
             raises (packed documents cannot share a cache).
+        call_args: the forward also receives the call's other arguments, as the layer was called:
+            ``forward(layer, hidden_states, bounds, *args, **kwargs)`` (for a layer that needs more than the stream).
     """
 
     classes: tuple[str, ...]
     forward: Callable[..., Any]
     cache_kwargs: tuple[str, ...] = ("cache", "cache_params", "past_key_values", "layer_past", "state")
+    call_args: bool = False
 
 
 @dataclass(frozen=True)

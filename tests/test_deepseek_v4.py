@@ -1,0 +1,150 @@
+"""DeepSeek-V4 after ``deltapack.patch``: its compressors (CSA with overlapping windows and the indexer's top-k, HCA
+with disjoint windows) give each packed document the entries and the per-query visibility it has alone, while the
+unpatched compressors, windowed along the row, leak; the whole model is exact in every input format, forward and
+gradient (gradient checkpointing included); the unpacked path, generate() included, is bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltapack
+from deltapack import Boundaries
+from deltapack.audit import audit_model
+from deltapack.audit.core import ATOL, GRAD_RTOL
+from deltapack.tiny import tiny_model
+
+pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+from deltapack.models.families.deepseek_v4 import packed_compressor_forward  # noqa: E402
+
+LENGTHS = [7, 1, 10, 3, 6]
+
+
+def _model(**overrides) -> torch.nn.Module:
+    """The tiny model with its windows' position biases and the attention sinks drawn away from zero (the default
+    init zeroes them), so a window laid from the wrong token shows."""
+    model = tiny_model("deepseek_v4", **overrides).float().eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("position_bias", "sinks")):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _bounds(lengths: list[int]) -> Boundaries:
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return Boundaries.from_cu_seqlens(cu, (1, sum(lengths)))
+
+
+@pytest.mark.parametrize("layer_idx", [1, 2])  # CSA (overlapping windows, indexer), HCA
+def test_compressor_packed_equals_each_document_alone(layer_idx: int):
+    model = _model()
+    attn = model.model.layers[layer_idx].self_attn
+    compressor = attn.compressor
+    gen = torch.Generator().manual_seed(1)
+    bounds = _bounds(LENGTHS)
+    x = torch.randn(1, sum(LENGTHS), model.config.hidden_size, generator=gen)
+    q_res = attn.q_a_norm(attn.q_a_proj(x)).detach()
+    with torch.no_grad():
+        kv, bias = packed_compressor_forward(compressor, x, bounds, q_res, bounds.position_ids, None, layer_idx)
+        leaked_kv, leaked_bias = compressor(x, q_res, bounds.position_ids, None, layer_idx)
+    entries = kv.shape[2] // len(LENGTHS)
+    leaks = []
+    for d, (a, b) in enumerate(zip(bounds.cu_seqlens_host[:-1], bounds.cu_seqlens_host[1:])):
+        pos = torch.arange(b - a).unsqueeze(0)
+        with torch.no_grad():
+            kv_d, bias_d = compressor(x[:, a:b], q_res[:, a:b], pos, None, layer_idx)
+        n = kv_d.shape[2]
+        own = slice(d * entries, d * entries + n)
+        assert (kv[:, :, own] - kv_d).abs().max() <= ATOL if n else True
+        if bias_d is None:
+            bias_d = kv_d.new_zeros((1, 1, b - a, n))
+        visible = bias[0, 0, a:b].isfinite()
+        assert torch.equal(visible[:, own], bias_d[0, 0].isfinite())  # the entries the document alone sees
+        assert not visible[:, : d * entries].any() and not visible[:, d * entries + n :].any()
+        if n and leaked_bias is not None:  # the row-windowed entries the unpatched compressor shows this document
+            seen = leaked_bias[0, 0, a:b].isfinite()
+            shown = leaked_kv[0, 0, seen.any(0)]
+            wanted = kv_d[0, 0, bias_d[0, 0].isfinite().any(0)]
+            leaks.append(shown.shape != wanted.shape or bool((shown - wanted).abs().max() > 1e-3))
+    assert any(leaks)  # the test can fail: the unpatched windows straddle documents
+
+
+def test_compressor_rejects_a_stream_of_the_wrong_length():
+    model = _model()
+    attn = model.model.layers[1].self_attn
+    x = torch.randn(1, sum(LENGTHS) + 1, model.config.hidden_size)
+    with pytest.raises(ValueError, match="unpadded stream"):
+        packed_compressor_forward(attn.compressor, x, _bounds(LENGTHS), attn.q_a_proj(x), None, None, 1)
+
+
+def test_deepseek_v4_packed_equals_alone_in_every_format():
+    model = _model()
+    report = audit_model(model, "deepseek_v4", localise=False)
+    assert report.patch_supported, report.patch_error
+    patched, unpatched = report.states["patched"], report.states["unpatched"]
+    for name, result in patched.formats.items():
+        assert result.raised is None, (name, result.raised)
+        assert result.worst() <= ATOL, (name, result.worst())
+        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
+    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
+    assert not deltapack.is_patched(model)
+
+
+def test_deepseek_v4_unpacked_path_bit_identical_with_generate():
+    model = _model()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
+    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        plain_gen = model.generate(ids, **kwargs)
+        deltapack.patch(model)
+        try:
+            patched = model(ids).logits
+            patched_gen = model.generate(ids, **kwargs)
+        finally:
+            deltapack.unpatch(model)
+    assert torch.equal(plain, patched)
+    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+
+
+def test_deepseek_v4_gradient_checkpointing_keeps_documents_apart():
+    """Training mode with transformers' gradient checkpointing: the compressors replayed in the backward pass still
+    see the batch's documents; gradients equal the sum of each document's gradients alone."""
+    from packing import build
+
+    model = _model()
+    gen = torch.Generator().manual_seed(5)
+    rows = [[torch.randint(3, 100, (n,), generator=gen).tolist() for n in (6, 1, 9)], [[5, 6, 7, 8, 9]]]
+    docs = [d for row in rows for d in row]
+
+    def grads(loss_fn) -> torch.Tensor:
+        model.zero_grad()
+        loss_fn().backward()
+        out = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+        return out
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    try:
+        alone = grads(lambda: sum(model(torch.tensor([d]), use_cache=False).logits.square().sum() for d in docs))
+        batch = build(rows, "indexed_mask")
+        deltapack.patch(model)
+        try:
+            logits = lambda: model(**batch.kwargs, use_cache=False).logits  # noqa: E731
+            packed = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+        finally:
+            deltapack.unpatch(model)
+        leaked = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(packed, alone) <= GRAD_RTOL
+    assert rel(leaked, alone) > 100 * GRAD_RTOL
