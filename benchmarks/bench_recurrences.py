@@ -15,8 +15,9 @@ bf16, the patched bf16 layer and the unpatched bf16 layer on each document alone
 layer on the reference, so the fast path's error is judged against bf16's own, and the unpatched layer's leak on one
 row), the patched timing (1 warm-up, --reps timed); then the unpatched first call and timing: the unpatched layers
 that are per-token Python loops (recurrent_gemma's scan, RWKV's WKV without its CUDA kernel) take tens of seconds a
-call: they run last and are timed on their first call only, which "unpatched_timing_note" says. Last, with --lightning-chunk: the minimax layer on
-the chunked lightning backend (FLA's chunk_simple_gla, asked for by name since it syncs inside FLA).
+call: they run last and are timed on their first call only, which "unpatched_timing_note" says. Last, with
+--lightning-chunk: the minimax layer on the chunked lightning backend (FLA's chunk_simple_gla, asked for by name
+since it syncs inside FLA).
 
 Usage: python benchmarks/bench_recurrences.py [--out recurrences.json] [--reps 3] [--only rwkv_time_mix,...]
        [--lightning-chunk]
