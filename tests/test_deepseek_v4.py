@@ -37,9 +37,10 @@ def _bounds(lengths: list[int]) -> Boundaries:
     return Boundaries.from_cu_seqlens(cu, (1, sum(lengths)))
 
 
-@pytest.mark.parametrize("layer_idx", [1, 2])  # CSA (overlapping windows, indexer), HCA
-def test_compressor_packed_equals_each_document_alone(layer_idx: int):
-    model = _model()
+# CSA (overlapping windows, indexer), HCA, and HCA with windows longer than every document (no entry at all)
+@pytest.mark.parametrize("layer_idx,hca_rate", [(1, 3), (2, 3), (2, 16)])
+def test_compressor_packed_equals_each_document_alone(layer_idx: int, hca_rate: int):
+    model = _model(compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": hca_rate})
     attn = model.model.layers[layer_idx].self_attn
     compressor = attn.compressor
     gen = torch.Generator().manual_seed(1)
@@ -49,6 +50,9 @@ def test_compressor_packed_equals_each_document_alone(layer_idx: int):
     with torch.no_grad():
         kv, bias = packed_compressor_forward(compressor, x, bounds, q_res, bounds.position_ids, None, layer_idx)
         leaked_kv, leaked_bias = compressor(x, q_res, bounds.position_ids, None, layer_idx)
+    if hca_rate > max(LENGTHS):
+        assert kv.shape == (1, 1, 0, compressor.head_dim) and bias is None
+        return
     entries = kv.shape[2] // len(LENGTHS)
     leaks = []
     for d, (a, b) in enumerate(zip(bounds.cu_seqlens_host[:-1], bounds.cu_seqlens_host[1:])):

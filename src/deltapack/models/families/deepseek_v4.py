@@ -73,7 +73,7 @@ def packed_compressor_forward(
     own_forward = type(layer).forward  # the class's forward: the instance's is deltapack's wrapper
     kv_N1nK, bias_N1Ln = own_forward(layer, rows(hidden_states), rows(q_residual), pos_NL, None, layer_idx)
     entries = kv_N1nK.shape[2]
-    kv_11EK = kv_N1nK.transpose(0, 1).reshape(1, 1, num_docs * entries, -1)
+    kv_11EK = kv_N1nK.transpose(0, 1).reshape(1, 1, num_docs * entries, kv_N1nK.shape[-1])
     if entries == 0:
         return kv_11EK, None
     if bias_N1Ln is None:  # one query per row: every entry is visible to it
