@@ -22,7 +22,7 @@ import deltapack
 from deltapack import ops
 from deltapack.audit import shrink
 from deltapack.data import PackedCollator, pack_dataset
-from deltapack.ops import Segments
+from deltapack.ops import Segments, opaque
 from deltapack.ops.attention import varlen_attention
 from deltapack.tiny import tiny_model
 from helpers import (
@@ -177,6 +177,62 @@ def test_ops_are_one_opaque_node_each():
     assert counter.frame_count <= 2  # the first split, then once more with the number of documents symbolic
     first = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
     assert first.count("deltapack.op") == 3, first
+
+
+def _op_case(name: str, total: int, gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    """Small fp32 inputs of the op ``name`` (a stream of ``total`` tokens) and its constant keyword arguments."""
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def decay(*shape: int) -> torch.Tensor:
+        return -torch.rand(*shape, generator=gen) * 0.1
+
+    def unit(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen)
+
+    t = total
+    cases = {
+        "kda": ([r(1, t, 2, 8), r(1, t, 2, 8), r(1, t, 2, 8), decay(1, t, 2, 8), unit(1, t, 2)], {}),
+        "ssd": ([r(1, t, 4, 8), r(1, t, 4), decay(4), r(1, t, 2, 8), r(1, t, 2, 8)], {"dt_softplus": True}),
+        "selective_scan": ([r(1, t, 8), r(1, t, 8), decay(8, 4), r(1, t, 2, 4), r(1, t, 2, 4)], {}),
+        "lightning_attention": ([r(1, t, 2, 8), r(1, t, 2, 8), r(1, t, 2, 4), unit(2) + 0.1], {}),
+        "rg_lru_scan": ([r(1, t, 8), decay(1, t, 8)], {}),
+        "mlstm": ([r(1, t, 2, 8), r(1, t, 2, 8), r(1, t, 2, 4), r(1, t, 2), r(1, t, 2)], {}),
+        "wkv": ([decay(6) - 0.5, r(6), r(1, t, 6), r(1, t, 6)], {}),
+        "token_shift": ([r(1, t, 6)], {}),
+    }
+    inputs, options = cases[name]
+    return [x.requires_grad_() for x in inputs], options
+
+
+@pytest.mark.parametrize(
+    "name", ["kda", "ssd", "selective_scan", "lightning_attention", "rg_lru_scan", "mlstm", "wkv", "token_shift"]
+)
+def test_every_op_with_a_meta_is_an_opaque_node(name: str):
+    """The other ops with a meta function, each alone in fullgraph=True: output and gradients equal to eager on two
+    splits of the stream, a deltapack::op node, one compile for both splits."""
+    fn = opaque.PUBLIC[name][0]
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def run(inputs: list[torch.Tensor], segments: Segments, options: dict) -> torch.Tensor:
+        out = fn(*inputs, segments=segments, **options)
+        return sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+
+    compiled = torch.compile(run, backend=counter, fullgraph=True)
+    for split in ((9, 1, 14), (3, 1, 1, 12, 7)):
+        inputs, options = _op_case(name, sum(split), torch.Generator().manual_seed(len(split)))
+        segments = Segments.from_cu_seqlens(torch.tensor([0, *split]).cumsum(0))
+        want_out = run(inputs, segments, options)
+        want = torch.autograd.grad(want_out, inputs)
+        got_out = compiled(inputs, segments, options)
+        got = torch.autograd.grad(got_out, inputs)
+        assert (got_out - want_out).abs() <= 1e-5 * want_out.abs()
+        for a, b in zip(got, want):
+            assert (a - b).norm() <= GRAD_RTOL * b.norm()
+    assert counter.frame_count == 1
+    nodes = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+    assert nodes.count("deltapack.op") == 1, nodes
 
 
 @pytest.mark.slow

@@ -341,7 +341,7 @@ def _route(
     if (isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)) and not explicit:
         return unchanged()  # the caller built the attention masks itself
     cached = any(call.get(name) is not None for name in CACHE_KWARGS)
-    indexed, found, padding_only = _read_batch(call, explicit, bounds is None and not cached, bounds)
+    indexed, found, padding_only = _read_batch(call, explicit, bounds is None and not cached)
     if cached:
         # cached decoding (generate()): transformers handles padding there; packed documents cannot share one cache
         if explicit or indexed:
@@ -390,20 +390,15 @@ def _route(
 
 
 @torch._dynamo.disable
-def _read_batch(
-    call: dict[str, Any], explicit: bool, find: bool, given: Boundaries | None
-) -> tuple[bool, Boundaries | None, bool]:
+def _read_batch(call: dict[str, Any], explicit: bool, find: bool) -> tuple[bool, Boundaries | None, bool]:
     """What :func:`_route` reads on the host, in one place outside any torch.compile graph (the documents of a batch
     are data, not something a graph can specialise on): whether the mask is indexed and, when ``find``, the batch's
-    boundaries (None: no packing) and whether they only pad. ``given``: the boundaries passed in, if any."""
+    boundaries (None: no packing) and whether they only pad."""
     mask = call.get("attention_mask")
     indexed = isinstance(mask, torch.Tensor) and mask.numel() > 0 and int(mask.max()) > 1
-    bounds = _boundaries_from_call(call, _batch_shape(call)) if find else given
-    if bounds is not None:  # the number of documents varies from batch to batch: no graph specialises on it
-        for t in (bounds.segments.cu_seqlens, bounds.segments.cu_seqlens_cpu):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
     if not find:
         return indexed, None, False
+    bounds = _boundaries_from_call(call, _batch_shape(call))
     padding_only = not explicit and _padding_only(bounds) if bounds is not None else False
     return indexed, bounds, padding_only
 

@@ -7,10 +7,9 @@ Backends: ``fla`` (FLA's chunked kernel, CUDA, bf16 / fp16, :mod:`deltapack.ops.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from deltapack.ops import fla
+from deltapack.ops import fla, opaque
 from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.reference import gated_delta_rule_ref
 from deltapack.ops.segments import Segments
@@ -30,17 +29,7 @@ def _check_decay_per_head(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
 GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref, fla.GATED_DELTA_RULE_BACKEND)
 
 
-def _meta(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, segments, output_final_state: bool = False, **options
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN002
-    """Output o [1, T, Hv, V] in the dtype of q; final states [N, Hv, K, V] fp32 when asked for."""
-    final = None
-    if output_final_state:
-        final = v.new_empty((segments.num_docs, v.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
-    return v.new_empty(v.shape, dtype=q.dtype), final
-
-
-GATED_DELTA_RULE.meta = _meta
+GATED_DELTA_RULE.meta = opaque.delta_rule_outputs
 
 
 gated_delta_rule = public_function(

@@ -172,6 +172,11 @@ class Op:
                 f"deltapack: {self.name} got segments of type {type(segments).__name__}; expected a "
                 "deltapack.ops.Segments (a batch's Boundaries carries one as .segments)"
             )
+        if torch.compiler.is_compiling():  # one opaque node (deltapack.ops.opaque), or outside the graph
+            options = {"segments": segments, "backend": backend, **kwargs}
+            if self.meta is not None and opaque.supports(args, options):
+                return opaque.call(self.name, self.meta, args, options)
+            return _outside_graph(self, *args, **options)
         hooked = segments.run_op(self.name, *args, backend=backend, **kwargs)
         if hooked is not NotImplemented:
             return hooked
@@ -228,6 +233,7 @@ def register_op(name: str, reference: Callable[..., Any], *backends: Backend, en
     if name in OPS:
         raise ValueError(f"deltapack: an op named {name!r} is already registered")
     OPS[name] = op = Op(name, reference, env=env)
+    opaque.register(op, op)  # until public_function names the op's public function
     for backend in backends:
         op.add_backend(backend)
     return op

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.fla import verify_chunked
@@ -199,6 +200,7 @@ KDA = register_op("kda", kda_ref)
 KDA.add_backend(
     Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
 )
+KDA.meta = opaque.delta_rule_outputs  # as the gated delta rule's: o like v in the dtype of q, final states
 
 
 kda = public_function(

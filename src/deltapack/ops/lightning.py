@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.fla import verify_chunked
@@ -153,6 +154,7 @@ def _verify_fla_chunk(q, k, v, slope, *, segments: Segments, **_: object) -> tup
 LIGHTNING_ATTENTION = register_op("lightning_attention", lightning_attention_ref)
 LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla_recurrent, verify=_verify_fla_recurrent, package="fla"))
 LIGHTNING_ATTENTION.add_backend(Backend("fla_chunk", load=_load_fla_chunk, verify=_verify_fla_chunk, package="fla"))
+LIGHTNING_ATTENTION.meta = opaque.like_value  # o [1, T, H, V] in the dtype of q
 
 
 lightning_attention = public_function(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import public_function, register_op
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, chunk_layout
@@ -106,6 +107,7 @@ def mlstm_ref(
 
 
 MLSTM = register_op("mlstm", mlstm_ref)
+MLSTM.meta = opaque.like_value  # h [1, T, H, V] in the dtype of q
 
 
 mlstm = public_function(

@@ -12,14 +12,13 @@ runs the op again under autograd and returns the gradients of its floating-point
 in the backward, as under activation checkpointing.
 
 The non-tensor arguments (scale, activation, flags, ``backend=``) are constants of the graph, written into the
-node's ``key`` string (JSON), which names the op's module too, so a graph read back from torch's compile cache in a
-new process finds its op.
+node's ``key`` string (JSON) with the op's name, which a graph read back from torch's compile cache in a new
+process looks up among the ops registered there.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -29,25 +28,47 @@ from torch import Tensor
 
 from deltapack.ops.segments import Segments
 
-__all__ = ["PUBLIC", "call", "like_first", "register", "supports"]
+__all__ = ["PUBLIC", "call", "delta_rule_outputs", "like", "like_first", "like_value", "register", "supports"]
 
-# op name -> its public function (registered by public_function); the custom op finds the op here
-PUBLIC: dict[str, Callable[..., Any]] = {}
+# op name -> (what a node of the op runs eagerly: its public function, else the Op itself; the Op)
+PUBLIC: dict[str, tuple[Callable[..., Any], Any]] = {}
 
 
 def register(fn: Callable[..., Any], op: Any) -> None:
-    """Make ``fn``, the public function of the :class:`~deltapack.ops.dispatch.Op` ``op``, what a ``deltapack::op``
-    node naming ``op`` runs (eagerly: ``fn`` itself must take the eager path outside torch.compile)."""
-    fn.op = op  # type: ignore[attr-defined]
-    PUBLIC[op.name] = fn
+    """Make ``fn`` (the public function of the :class:`~deltapack.ops.dispatch.Op` ``op``, or the Op) what a
+    ``deltapack::op`` node naming ``op`` runs, eagerly: outside torch.compile ``fn`` takes its eager path."""
+    PUBLIC[op.name] = (fn, op)
 
 
 _CONSTANTS = (bool, int, float, str)
 
 
-def like_first(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """The meta of an op whose output has the shape and dtype of its first argument."""
-    return x.new_empty(x.shape)
+def like(position: int) -> Callable[..., Tensor]:
+    """The meta of an op whose output has the shape and dtype of its positional argument ``position``."""
+
+    def meta(*args: Any, **kwargs: Any) -> Tensor:
+        return args[position].new_empty(args[position].shape)
+
+    return meta
+
+
+like_first = like(0)
+
+
+def like_value(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The meta of an op of (q, k, v, ...) whose output has the shape of v and the dtype of q."""
+    return v.new_empty(v.shape, dtype=q.dtype)
+
+
+def delta_rule_outputs(
+    q: Tensor, k: Tensor, v: Tensor, *args: Any, segments: Segments, output_final_state: bool = False, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """The meta of the delta rules (gated, KDA): o [1, T, Hv, V] in the dtype of q, and the final states
+    [N, Hv, K, V] fp32 when asked for (else None)."""
+    final = None
+    if output_final_state:
+        final = v.new_empty((segments.num_docs, v.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    return v.new_empty(v.shape, dtype=q.dtype), final
 
 
 def _constant(value: Any) -> bool:
@@ -90,16 +111,20 @@ def call(name: str, meta: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 
 @torch._dynamo.assume_constant_result
 def _key(name: str, layout: tuple[tuple[str | int, str, Any], ...]) -> str:
-    fn = PUBLIC[name]
-    return json.dumps({"module": fn.__module__, "op": name, "layout": [list(x) for x in layout]})
+    return json.dumps({"op": name, "layout": [list(x) for x in layout]})
 
 
 @functools.cache
-def _decode(key: str) -> tuple[Callable[..., Any], tuple[tuple[str | int, str, Any], ...]]:
+def _decode(key: str) -> tuple[Callable[..., Any], Any, tuple[tuple[str | int, str, Any], ...]]:
+    """(what the node runs, the Op, the argument layout) of a node's key."""
     spec = json.loads(key)
-    if spec["op"] not in PUBLIC:
-        importlib.import_module(spec["module"])  # a graph from torch's compile cache, in a new process
-    return PUBLIC[spec["op"]], tuple(tuple(x) for x in spec["layout"])
+    if spec["op"] not in PUBLIC:  # a graph read from torch's compile cache before the op's module was imported
+        raise RuntimeError(
+            f"deltapack: a compiled graph calls the op {spec['op']!r}, which this process has not registered; "
+            "expected deltapack.patch(model) (which imports the ops of its families) before running the graph"
+        )
+    fn, op = PUBLIC[spec["op"]]
+    return fn, op, tuple(tuple(x) for x in spec["layout"])
 
 
 def _arguments(
@@ -157,7 +182,7 @@ def _autograd_dispatch() -> Any:
 def _op(
     key: str, tensors: list[Tensor | None], cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_cpu: Tensor
 ) -> list[Tensor]:
-    fn, layout = _decode(key)
+    fn, _, layout = _decode(key)
     args, kwargs = _arguments(layout, tensors, _segments(cu_seqlens, seq_idx, cu_seqlens_cpu))
     with _autograd_dispatch():
         return [_fresh(t, tensors) for t in _leaves(fn(*args, **kwargs))]
@@ -167,10 +192,10 @@ def _op(
 def _op_fake(
     key: str, tensors: list[Tensor | None], cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_cpu: Tensor
 ) -> list[Tensor]:
-    fn, layout = _decode(key)
+    _, op, layout = _decode(key)
     shapes_only = Segments(cu_seqlens, (), seq_idx, 0, cu_seqlens_cpu=cu_seqlens_cpu)
     args, kwargs = _arguments(layout, tensors, shapes_only)
-    return _leaves(fn.op.meta(*args, **kwargs))  # fresh contiguous tensors (new_empty), like _fresh's outputs
+    return _leaves(op.meta(*args, **kwargs))  # fresh contiguous tensors (new_empty), like _fresh's outputs
 
 
 @torch.library.custom_op("deltapack::op_backward", mutates_args=())
@@ -184,7 +209,7 @@ def _op_backward(
 ) -> list[Tensor]:
     """The gradients of the op's floating-point tensor inputs, in order (zeros where an input does not reach the
     outputs): the op runs again under autograd."""
-    fn, layout = _decode(key)
+    fn, _, layout = _decode(key)
     floating = [t is not None and t.is_floating_point() for t in tensors]
     with _autograd_dispatch(), torch.enable_grad():
         inputs = [t.detach().requires_grad_() if f else t for t, f in zip(tensors, floating)]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.segments import Segments
@@ -89,6 +90,7 @@ def _verify_fla(x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments) -> 
 
 RG_LRU_SCAN = register_op("rg_lru_scan", rg_lru_scan_ref)
 RG_LRU_SCAN.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
+RG_LRU_SCAN.meta = opaque.like_first  # h has the shape and dtype of x
 
 
 rg_lru_scan = public_function(

@@ -68,6 +68,8 @@ class Segments:
     def __post_init__(self) -> None:
         if self.cu_seqlens_cpu is None:
             object.__setattr__(self, "cu_seqlens_cpu", torch.tensor(self.cu_seqlens_host, dtype=torch.int32))
+        for offsets in (self.cu_seqlens, self.cu_seqlens_cpu):  # the number of documents varies from batch to batch:
+            torch._dynamo.maybe_mark_dynamic(offsets, 0)  # a compiled graph keeps it symbolic from the first batch
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import Backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.parallel_scan import scan_channels
@@ -173,6 +174,7 @@ SELECTIVE_SCAN = register_op("selective_scan", selective_scan_ref)
 SELECTIVE_SCAN.add_backend(
     Backend("triton", load=_load_triton, verify=_verify_triton, package="triton", hint="install triton (CUDA)")
 )
+SELECTIVE_SCAN.meta = opaque.like_first  # y has the shape and dtype of u
 
 
 selective_scan = public_function(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import register_op
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import check_stream
@@ -24,6 +25,7 @@ def token_shift_ref(x: torch.Tensor, *, segments: Segments) -> torch.Tensor:
 
 
 TOKEN_SHIFT = register_op("token_shift", token_shift_ref)
+TOKEN_SHIFT.meta = opaque.like_first
 
 
 def token_shift(x: torch.Tensor, *, segments: Segments, backend: str | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from deltapack.ops import opaque
 from deltapack.ops.dispatch import register_op
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, positions
@@ -82,6 +83,7 @@ def wkv_ref(
 
 
 WKV = register_op("wkv", wkv_ref)
+WKV.meta = opaque.like(2)  # the shape and dtype of k
 
 
 def wkv(
