@@ -71,8 +71,8 @@ def test_compiled_equals_eager_on_gpu(arch, dtype, mode):
         assert rel_err(logits, logits_ref) <= TOL[dtype], split
         assert rel_err(grads, grads_ref) <= TOL[dtype], split
         frames.append(counter.frame_count)
-    breaks = list(counters["graph_break"])
+    breaks = [reason.splitlines()[0] for reason in counters["graph_break"]]
     print(f"{arch} {dtype} {mode}: frames after each split {frames}; graph breaks: {breaks}")
-    assert all("_read_batch" in reason for reason in breaks), breaks
-    # one document (1024,) is unpacked input (the model's own path); the other splits share the first compile
+    # layers: fullgraph=True raised on any break in a layer. One document (1024,) is unpacked input (the model's own
+    # path); the other splits share the first compile
     assert frames[1] == frames[0] and frames[3] == frames[2], frames
