@@ -14,6 +14,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from deltapack.audit.build import FLOAT64_TYPES
 from deltapack.audit.formats import FORMATS
 
 __all__ = ["audit_one", "exit_status", "run_all", "summary_line", "to_markdown"]
@@ -115,8 +116,10 @@ def to_markdown(summaries: list[dict[str, Any]], seconds: float, versions: str) 
         "",
         f"Regenerate with `{SCOREBOARD_COMMAND}` (CPU, about {seconds / 60:.0f} minutes on 2 cores).",
         "",
-        f"{versions}. Every causal-LM `model_type` registered in transformers, built tiny (random init, fp32, "
-        "CPU; long-memory decay where random init forgets fast), three documents packed per row in each input "
+        f"{versions}. Every causal-LM `model_type` registered in transformers, built tiny (random init, fp32 "
+        "(float64 for the types whose fp32 rounding alone exceeds the bound: "
+        + ", ".join(f"`{t}`" for t in sorted(FLOAT64_TYPES))
+        + "), CPU; long-memory decay where random init forgets fast), three documents packed per row in each input "
         "format, compared with each document run alone: exact = max |diff| <= 1e-5 for every decoder layer's "
         "output and the logits, and gradient relative diff <= 1e-4. *Leaks by itself* names the modules that "
         "still differ when fed the clean per-document inputs.",
