@@ -62,8 +62,6 @@ ATTENTION_ONLY = {
     "gpt_oss": {"sliding_window": 3},
 }
 
-# RG-LRU resets its state where the position is 0: a document numbered from 1 is not reset when alone (see below)
-RESETS_AT_POSITION_ZERO = ("recurrent_gemma",)
 
 DOCS = random_docs([5, 1, 9, 4], seed=21)
 GRAD_RTOL = 1e-4
@@ -121,8 +119,6 @@ def test_data_collator_with_flattening_every_option(arch):
             one = DataCollatorWithFlattening(position_ids_start=start)
             alone[start] = [model(**_without_labels(one([{"input_ids": d}]))).logits[0] for d in DOCS]
     for options in FLATTENING:
-        if options["position_ids_start"] and arch in RESETS_AT_POSITION_ZERO:
-            continue
         batch = _without_labels(DataCollatorWithFlattening(**options)([{"input_ids": d} for d in DOCS]))
         reference = alone[options["position_ids_start"]]
         assert client_diff(model, batch, reference) > LEAK, options
@@ -130,12 +126,9 @@ def test_data_collator_with_flattening_every_option(arch):
             assert client_diff(model, batch, reference) <= EXACT, options
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deltapack resets the RG-LRU at every document start; alone, transformers "
-    "resets it only where the position is 0, so a document numbered from 1 differs in its first token",
-)
 def test_rg_lru_documents_numbered_from_one():
+    """RG-LRU resets where the position is 0: a document numbered from 1 is not reset alone (its first input keeps
+    the sqrt(1 - a^2) multiplier), and packed it gets the same, while its state still starts at zero."""
     model = model_of("recurrent_gemma")
     collator = DataCollatorWithFlattening(position_ids_start=1)
     batch = _without_labels(collator([{"input_ids": d} for d in DOCS]))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
 
 from deltapack.boundaries import Boundaries
-from deltapack.models.layers import register_layers
+from deltapack.models.layers import Family, PackedLayer, register_family
 from deltapack.ops import causal_conv1d
 from deltapack.ops.rg_lru import rg_lru_scan
 from deltapack.ops.varlen import starts
@@ -23,13 +25,20 @@ def _gate(x_1TD: torch.Tensor, weight_HWW: torch.Tensor, bias_HW: torch.Tensor) 
 
 
 def packed_recurrent_block(
-    block: nn.Module, hidden_states: torch.Tensor, bounds: Boundaries
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    bounds: Boundaries,
+    *args: Any,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``RecurrentGemmaRecurrentBlock`` on the packed stream ``hidden_states`` [1, T, D]: (output [1, T, D], None).
 
-    The conv never reads across a document start; the RG-LRU resets at every document start as the layer does at
-    position 0 (decay 0, input multiplier 1 instead of sqrt(1 - a^2)). The block's decoding caches are cleared, as
-    in its ``use_cache=False`` path.
+    The conv never reads across a document start; the RG-LRU state starts at zero in every document, and its input
+    multiplier is 1 instead of sqrt(1 - a^2) where the layer resets: at position 0 (``position_ids`` [1, T] of the
+    stream; without them, at every document start). A document numbered from 1 (``position_ids_start=1``) is not
+    reset alone either. The block's other call arguments (mask, cache position, use_cache) are not read; its
+    decoding caches are cleared, as in its ``use_cache=False`` path.
     """
     segments, rg_lru = bounds.segments, block.rg_lru
     block.conv1d_state = rg_lru.recurrent_states = None
@@ -40,7 +49,8 @@ def packed_recurrent_block(
     recurrent_gate = _gate(x_1TL, rg_lru.recurrent_gate_weight, rg_lru.recurrent_gate_bias)
     log_a_1TL = -8.0 * recurrent_gate * F.softplus(rg_lru.recurrent_param)
     multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a_1TL))
-    reset_1T1 = starts(segments)[None, :, None]
+    reset_T = starts(segments) if position_ids is None else position_ids.reshape(-1) == 0
+    reset_1T1 = reset_T[None, :, None]
     multiplier = reset_1T1 + ~reset_1T1 * multiplier
     x_1TL = (x_1TL * input_gate) * multiplier.type(x_1TL.dtype)
     h_1TL = rg_lru_scan(x_1TL, log_a_1TL, segments=segments)
@@ -58,11 +68,14 @@ def _long_memory(model: nn.Module) -> None:
 
 
 _MODELING = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
-register_layers(
-    "rg_lru",
-    ("recurrent_gemma",),
-    {f"{_MODELING}.RecurrentGemmaRecurrentBlock": packed_recurrent_block},
-    pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
+register_family(
+    Family(
+        name="rg_lru",
+        model_types=("recurrent_gemma",),
+        # call_args: the block's position_ids decide where its RG-LRU resets
+        layers=(PackedLayer((f"{_MODELING}.RecurrentGemmaRecurrentBlock",), packed_recurrent_block, call_args=True),),
+        pads_exactly=False,  # its recurrence reads left padding (it ignores attention_mask)
+    )
 )
 
 register_tinies(table("recurrent_gemma"), long_memory=_long_memory)
