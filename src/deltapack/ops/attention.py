@@ -156,7 +156,9 @@ def _load_flash_attn() -> Any:
     return _flash_runner(kernel)
 
 
-VARLEN_ATTENTION = register_op("varlen_attention", varlen_attention_ref, env="DELTAPACK_ATTENTION_BACKEND")
+VARLEN_ATTENTION = register_op(  # meta: [T, Hq, D] in the dtype of q
+    "varlen_attention", varlen_attention_ref, meta=opaque.like_first, env="DELTAPACK_ATTENTION_BACKEND"
+)
 VARLEN_ATTENTION.add_backend(
     Backend("torch_varlen", load=_load_torch_varlen, verify=_verify_flash("torch's varlen_attn"))
 )
@@ -217,5 +219,4 @@ def varlen_attention(
     return VARLEN_ATTENTION(q, k, v, segments=segments, scale=scale, segments_k=segments_k, backend=backend)
 
 
-VARLEN_ATTENTION.meta = opaque.like_first  # [T, Hq, D] in the dtype of q
 opaque.register(varlen_attention, VARLEN_ATTENTION)

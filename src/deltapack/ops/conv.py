@@ -12,8 +12,8 @@ from deltapack.ops.reference import causal_conv1d_ref
 
 __all__ = ["CAUSAL_CONV1D", "causal_conv1d", "causal_conv1d_ref"]
 
-CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref, fla.CONV_BACKEND)
-CAUSAL_CONV1D.meta = opaque.like_first  # y has the shape and dtype of x
+# y has the shape and dtype of x
+CAUSAL_CONV1D = register_op("causal_conv1d", causal_conv1d_ref, fla.CONV_BACKEND, meta=opaque.like_first)
 
 causal_conv1d = public_function(
     CAUSAL_CONV1D,

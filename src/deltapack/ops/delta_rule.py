@@ -26,10 +26,9 @@ def _check_decay_per_head(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
         )
 
 
-GATED_DELTA_RULE = register_op("gated_delta_rule", gated_delta_rule_ref, fla.GATED_DELTA_RULE_BACKEND)
-
-
-GATED_DELTA_RULE.meta = opaque.delta_rule_outputs
+GATED_DELTA_RULE = register_op(
+    "gated_delta_rule", gated_delta_rule_ref, fla.GATED_DELTA_RULE_BACKEND, meta=opaque.delta_rule_outputs
+)
 
 
 gated_delta_rule = public_function(

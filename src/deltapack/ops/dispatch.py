@@ -61,6 +61,14 @@ class Backend:
     hint: str = ""
 
 
+FLA_HINT = "install deltapack[gpu] on a CUDA machine or choose backend='reference'"
+
+
+def fla_backend(load: Callable[[], Callable[..., Any]], verify: Verifier, name: str = "fla") -> Backend:
+    """A backend on FLA's kernels (flash-linear-attention, the ``gpu`` extra)."""
+    return Backend(name, load=load, verify=verify, package="fla", hint=FLA_HINT)
+
+
 class Op:
     """One op family: its exact reference, its fast backends (fastest first) and the choice between them.
 
@@ -227,13 +235,21 @@ def _outside_graph(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
-def register_op(name: str, reference: Callable[..., Any], *backends: Backend, env: str = ENV) -> Op:
-    """Create and register the :class:`Op` ``name`` with its exact reference and its fast ``backends`` (fastest
-    first; more with :meth:`Op.add_backend`). Raises ValueError when the name is taken."""
+def register_op(
+    name: str,
+    reference: Callable[..., Any],
+    *backends: Backend,
+    meta: Callable[..., Any] | None = None,
+    env: str = ENV,
+) -> Op:
+    """Create and register the :class:`Op` ``name`` with its exact reference, its fast ``backends`` (fastest
+    first; more with :meth:`Op.add_backend`) and its ``meta`` (the output's shapes, for torch.compile; see
+    :attr:`Op.meta`). Raises ValueError when the name is taken."""
     if name in OPS:
         raise ValueError(f"deltapack: an op named {name!r} is already registered")
     OPS[name] = op = Op(name, reference, env=env)
     opaque.register(op, op)  # until public_function names the op's public function
     for backend in backends:
         op.add_backend(backend)
+    op.meta = meta
     return op

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltapack.ops.dispatch import Backend
+from deltapack.ops.dispatch import fla_backend
 from deltapack.ops.segments import Segments, chunk_indices
 
 __all__ = [
@@ -62,7 +62,6 @@ MAX_CHUNKS_PER_CALL = 65535  # CUDA's grid-axis-y limit; FLA puts the chunk inde
 MAX_HEAD_DIM = 256  # FLA's state kernels support K, V <= 256
 ACTIVATIONS = (None, "silu", "swish")
 FAST_DTYPES = (torch.bfloat16, torch.float16)  # for the delta rule; the conv accumulates in fp32 for any dtype
-_HINT = "install deltapack[gpu] on a CUDA machine or choose backend='reference'"
 
 
 @functools.cache
@@ -215,7 +214,7 @@ def _load(fn: Callable[..., Any]) -> Callable[[], Callable[..., Any]]:
     return load
 
 
-CONV_BACKEND = Backend("fla", load=_load(_causal_conv1d), verify=verify_causal_conv1d, package="fla", hint=_HINT)
+CONV_BACKEND = fla_backend(_load(_causal_conv1d), verify_causal_conv1d)
 
 
 # ---------------------------------------------------------------------------------------------- gated delta rule
@@ -269,9 +268,7 @@ def _gated_delta_rule(
     return o, final
 
 
-GATED_DELTA_RULE_BACKEND = Backend(
-    "fla", load=_load(_gated_delta_rule), verify=verify_gated_delta_rule, package="fla", hint=_HINT
-)
+GATED_DELTA_RULE_BACKEND = fla_backend(_load(_gated_delta_rule), verify_gated_delta_rule)
 
 
 # ---------------------------------------------------------------------------------------------- context parallelism

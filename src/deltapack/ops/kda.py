@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deltapack.ops import opaque
-from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.dispatch import fla_backend, public_function, register_op
 from deltapack.ops.fallback import KernelFailure, check_fast_backend
 from deltapack.ops.fla import verify_chunked
 from deltapack.ops.fla_index import host_offsets
@@ -196,11 +196,8 @@ def _verify_fla(q: Tensor, k: Tensor, v: Tensor, *_: Tensor, segments: Segments,
     return verify_chunked(q, k, v, segments, "FLA's chunk_kda")
 
 
-KDA = register_op("kda", kda_ref)
-KDA.add_backend(
-    Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
-)
-KDA.meta = opaque.delta_rule_outputs  # as the gated delta rule's: o like v in the dtype of q, final states
+# meta as the gated delta rule's: o like v in the dtype of q, final states
+KDA = register_op("kda", kda_ref, fla_backend(_load_fla, _verify_fla), meta=opaque.delta_rule_outputs)
 
 
 kda = public_function(

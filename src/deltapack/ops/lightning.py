@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from deltapack.ops import opaque
-from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.dispatch import fla_backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.fla import verify_chunked
 from deltapack.ops.fla_index import host_offsets
@@ -151,10 +151,13 @@ def _verify_fla_chunk(q, k, v, slope, *, segments: Segments, **_: object) -> tup
     return verify_chunked(q, k, v, segments, "FLA's simple GLA")
 
 
-LIGHTNING_ATTENTION = register_op("lightning_attention", lightning_attention_ref)
-LIGHTNING_ATTENTION.add_backend(Backend("fla", load=_load_fla_recurrent, verify=_verify_fla_recurrent, package="fla"))
-LIGHTNING_ATTENTION.add_backend(Backend("fla_chunk", load=_load_fla_chunk, verify=_verify_fla_chunk, package="fla"))
-LIGHTNING_ATTENTION.meta = opaque.like_value  # o [1, T, H, V] in the dtype of q
+LIGHTNING_ATTENTION = register_op(
+    "lightning_attention",
+    lightning_attention_ref,
+    fla_backend(_load_fla_recurrent, _verify_fla_recurrent),
+    fla_backend(_load_fla_chunk, _verify_fla_chunk, name="fla_chunk"),
+    meta=opaque.like_value,  # o [1, T, H, V] in the dtype of q
+)
 
 
 lightning_attention = public_function(

@@ -106,8 +106,7 @@ def mlstm_ref(
     return layout.from_chunks(h).to(q.dtype)
 
 
-MLSTM = register_op("mlstm", mlstm_ref)
-MLSTM.meta = opaque.like_value  # h [1, T, H, V] in the dtype of q
+MLSTM = register_op("mlstm", mlstm_ref, meta=opaque.like_value)  # h [1, T, H, V] in the dtype of q
 
 
 mlstm = public_function(

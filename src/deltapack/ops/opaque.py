@@ -221,14 +221,8 @@ def _op_backward(
 
 
 @_op_backward.register_fake
-def _op_backward_fake(
-    key: str,
-    tensors: list[Tensor | None],
-    cu_seqlens: Tensor,
-    seq_idx: Tensor,
-    cu_seqlens_cpu: Tensor,
-    grads: list[Tensor | None],
-) -> list[Tensor]:
+def _op_backward_fake(key: str, tensors: list[Tensor | None], *segments_and_grads: Any) -> list[Tensor]:
+    """The gradients' shapes: one per floating-point input (the segments and incoming gradients do not matter)."""
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors if _floating(t)]
 
 

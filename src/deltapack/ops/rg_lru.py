@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from deltapack.ops import opaque
-from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.dispatch import fla_backend, public_function, register_op
 from deltapack.ops.fallback import check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream, log_steps, starts
@@ -88,9 +88,8 @@ def _verify_fla(x: torch.Tensor, log_a: torch.Tensor, *, segments: Segments) -> 
     return True, ""
 
 
-RG_LRU_SCAN = register_op("rg_lru_scan", rg_lru_scan_ref)
-RG_LRU_SCAN.add_backend(Backend("fla", load=_load_fla, verify=_verify_fla, package="fla"))
-RG_LRU_SCAN.meta = opaque.like_first  # h has the shape and dtype of x
+# h has the shape and dtype of x
+RG_LRU_SCAN = register_op("rg_lru_scan", rg_lru_scan_ref, fla_backend(_load_fla, _verify_fla), meta=opaque.like_first)
 
 
 rg_lru_scan = public_function(

@@ -170,11 +170,12 @@ def _verify_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **
     return True, ""
 
 
-SELECTIVE_SCAN = register_op("selective_scan", selective_scan_ref)
-SELECTIVE_SCAN.add_backend(
-    Backend("triton", load=_load_triton, verify=_verify_triton, package="triton", hint="install triton (CUDA)")
+SELECTIVE_SCAN = register_op(
+    "selective_scan",
+    selective_scan_ref,
+    Backend("triton", load=_load_triton, verify=_verify_triton, package="triton", hint="install triton (CUDA)"),
+    meta=opaque.like_first,  # y has the shape and dtype of u
 )
-SELECTIVE_SCAN.meta = opaque.like_first  # y has the shape and dtype of u
 
 
 selective_scan = public_function(

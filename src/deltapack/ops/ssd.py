@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deltapack.ops import opaque, simple_gla_fla
-from deltapack.ops.dispatch import Backend, public_function, register_op
+from deltapack.ops.dispatch import fla_backend, public_function, register_op
 from deltapack.ops.fallback import Fallback, KernelFailure, check_fast_backend
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
@@ -415,12 +415,8 @@ def _choose_on_this_gpu(
     raise RuntimeError("; ".join(errors))
 
 
-SSD = register_op("ssd", ssd_ref)
-SSD.add_backend(
-    Backend("fla", load=_load_fla, verify=_verify_fla, package="fla", hint="install deltapack[gpu] on a CUDA machine")
-)
-
-SSD.meta = opaque.like_first  # y has the shape and dtype of x
+# y has the shape and dtype of x; one FLA backend whose strategy is chosen on first use (see STRATEGIES)
+SSD = register_op("ssd", ssd_ref, fla_backend(_load_fla, _verify_fla), meta=opaque.like_first)
 
 
 ssd = public_function(

@@ -24,8 +24,7 @@ def token_shift_ref(x: torch.Tensor, *, segments: Segments) -> torch.Tensor:
     return shifted.index_fill(1, segments.cu_seqlens[:-1].long(), 0)
 
 
-TOKEN_SHIFT = register_op("token_shift", token_shift_ref)
-TOKEN_SHIFT.meta = opaque.like_first
+TOKEN_SHIFT = register_op("token_shift", token_shift_ref, meta=opaque.like_first)
 
 
 def token_shift(x: torch.Tensor, *, segments: Segments, backend: str | None = None) -> torch.Tensor:

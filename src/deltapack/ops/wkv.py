@@ -82,8 +82,7 @@ def wkv_ref(
     return out.to(k.dtype)
 
 
-WKV = register_op("wkv", wkv_ref)
-WKV.meta = opaque.like(2)  # the shape and dtype of k
+WKV = register_op("wkv", wkv_ref, meta=opaque.like(2))  # the shape and dtype of k
 
 
 def wkv(
