@@ -14,7 +14,7 @@ from torch import nn
 
 import deltapack
 from deltapack.tiny import tiny_model
-from packing import max_doc_diff
+from packing import build, max_doc_diff
 
 ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 # transformers 5.23 and later refuse cu_seq_lens kwargs on the CPU for the GDN layers (no CUDA kernels); older ones
@@ -152,6 +152,39 @@ def checkpointing_arg() -> str:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def checkpointed_grads(
+    model: nn.Module, rows: list[list[list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train mode with transformers' gradient checkpointing: the gradients of the summed squared logits of every
+    document of ``rows`` (token ids, one list of documents per row) run alone, packed (indexed mask) through the
+    patched model, and packed through the unpatched one: (alone, packed, leaked)."""
+    docs = [d for row in rows for d in row]
+
+    def grads(loss_fn) -> torch.Tensor:
+        model.zero_grad()
+        loss_fn().backward()
+        out = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+        return out
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    try:
+        alone = grads(lambda: sum(model(torch.tensor([d]), use_cache=False).logits.square().sum() for d in docs))
+        batch = build(rows, "indexed_mask")
+        deltapack.patch(model)
+        try:
+            logits = lambda: model(**batch.kwargs, use_cache=False).logits  # noqa: E731
+            packed = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+        finally:
+            deltapack.unpatch(model)
+        leaked = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    return alone, packed, leaked
 
 
 def unpatched_result(model, kwargs, packed, alone):

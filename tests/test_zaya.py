@@ -13,6 +13,7 @@ from deltapack import Boundaries
 from deltapack.audit import audit_model
 from deltapack.audit.core import ATOL, GRAD_RTOL
 from deltapack.tiny import tiny_model
+from helpers import checkpointed_grads, norm_rel
 
 pytest.importorskip("transformers.models.zaya.modeling_zaya")
 from deltapack.models.families.zaya import packed_cca_projection  # noqa: E402
@@ -115,35 +116,9 @@ def test_zaya_unpacked_path_bit_identical_with_generate():
 def test_zaya_gradient_checkpointing_keeps_documents_apart():
     """Training mode with transformers' gradient checkpointing: the CCA projection replayed in the backward pass
     still sees the batch's documents; gradients equal the sum of each document's gradients alone."""
-    from packing import build
-
     model = tiny_model("zaya")
     gen = torch.Generator().manual_seed(5)
     rows = [[torch.randint(3, 100, (n,), generator=gen).tolist() for n in (6, 1, 9)], [[5, 6, 7, 8]]]
-    docs = [d for row in rows for d in row]
-
-    def grads(loss_fn) -> torch.Tensor:
-        model.zero_grad()
-        loss_fn().backward()
-        out = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        model.zero_grad()
-        return out
-
-    model.train()
-    model.gradient_checkpointing_enable()
-    try:
-        alone = grads(lambda: sum(model(torch.tensor([d]), use_cache=False).logits.square().sum() for d in docs))
-        batch = build(rows, "indexed_mask")
-        deltapack.patch(model)
-        try:
-            logits = lambda: model(**batch.kwargs, use_cache=False).logits  # noqa: E731
-            packed = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
-        finally:
-            deltapack.unpatch(model)
-        leaked = grads(lambda: sum(logits()[r, c : c + n].square().sum() for r, c, n in batch.places))
-    finally:
-        model.gradient_checkpointing_disable()
-        model.eval()
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    assert rel(packed, alone) <= GRAD_RTOL
-    assert rel(leaked, alone) > 100 * GRAD_RTOL
+    alone, packed, leaked = checkpointed_grads(model, rows)
+    assert norm_rel(packed, alone) <= GRAD_RTOL
+    assert norm_rel(leaked, alone) > 100 * GRAD_RTOL
