@@ -187,14 +187,15 @@ def checkpointed_grads(
     return alone, packed, leaked
 
 
-def unpatched_result(model, kwargs, packed, alone):
-    """max diff of the unpatched model on the packed input, or inf when it refuses the input."""
+def unpatched_diff(model, packed, alone):
+    """max diff of the unpatched model on the packed batch ``packed``, or inf when it refuses the input or gives NaN
+    logits (older transformers, eager attention, left padding): either way not what the documents alone give."""
     try:
         with torch.no_grad():
-            logits = model(**kwargs, use_cache=False).logits
+            diff = max_doc_diff(model(**packed.kwargs, use_cache=False).logits, packed, alone)
     except (ValueError, RuntimeError, ImportError, NotImplementedError):
         return float("inf")
-    return max_doc_diff(logits, packed, alone)
+    return diff if diff == diff else float("inf")
 
 
 def doc_loss_sum(logits, doc):

@@ -15,7 +15,7 @@ from transformers import __version__
 
 from deltapack.audit import audit
 from deltapack.tiny import available, tiny_model
-from helpers import alone_logits, doc_loss_sum, grads_of, patched
+from helpers import alone_logits, doc_loss_sum, grads_of, patched, unpatched_diff
 from helpers import installed as buildable
 from packing import build, max_doc_diff
 
@@ -46,15 +46,6 @@ def model_of(arch: str, attn: str = "sdpa"):
 def random_docs(lengths, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]  # 0-2: pad, bos, eos
-
-
-def unpatched_diff(model, packed, alone):
-    try:
-        with torch.no_grad():
-            diff = max_doc_diff(model(**packed.kwargs, use_cache=False).logits, packed, alone)
-    except (ValueError, RuntimeError, NotImplementedError):
-        return float("inf")
-    return diff if diff == diff else float("inf")  # NaN logits (older transformers, eager, left padding): wrong too
 
 
 rows_strategy = st.lists(st.lists(st.integers(1, 10), min_size=1, max_size=4), min_size=1, max_size=3).filter(

@@ -20,7 +20,17 @@ from deltapack.audit import audit
 from deltapack.models.families import inkling
 from deltapack.models.scope import packing_scope
 from deltapack.tiny import tiny_model
-from helpers import EXACT, LEAK, alone_logits, doc_loss_sum, enable_checkpointing, grads_of, norm_rel, patched
+from helpers import (
+    EXACT,
+    LEAK,
+    alone_logits,
+    doc_loss_sum,
+    enable_checkpointing,
+    grads_of,
+    norm_rel,
+    patched,
+    unpatched_diff,
+)
 from helpers import installed as buildable
 from packing import build, max_doc_diff
 
@@ -40,15 +50,6 @@ def model_of(arch: str, attn: str = "sdpa"):
 def random_docs(lengths, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]  # 0-2: pad, bos, eos
-
-
-def unpatched_diff(model, packed, alone):
-    try:
-        with torch.no_grad():
-            diff = max_doc_diff(model(**packed.kwargs, use_cache=False).logits, packed, alone)
-    except (ValueError, RuntimeError, NotImplementedError):
-        return float("inf")
-    return diff if diff == diff else float("inf")
 
 
 def packed_loss(model, packed):

@@ -26,7 +26,7 @@ from helpers import (
     norm_rel,
     patched,
     random_docs,
-    unpatched_result,
+    unpatched_diff,
 )
 from packing import build, max_doc_diff
 
@@ -63,7 +63,7 @@ def test_packed_logits_equal_alone(arch, attn, fmt, pad_left, rows):
     packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=1)
     alone = alone_logits(model, packed.docs)
 
-    assert unpatched_result(model, packed.kwargs, packed, alone) > LEAK
+    assert unpatched_diff(model, packed, alone) > LEAK
     with patched(model), torch.no_grad():
         logits = model(**packed.kwargs).logits
     assert logits.shape[:2] == packed.kwargs["input_ids"].shape

@@ -23,7 +23,7 @@ from helpers import (
     norm_rel,
     patched,
     random_docs,
-    unpatched_result,
+    unpatched_diff,
 )
 from packing import build, max_doc_diff
 
@@ -51,7 +51,7 @@ def test_packed_logits_equal_alone(rows, fmt, arch, attn, conv_width, ratio, pad
     packed = build([[next(it) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
     alone = alone_logits(model, packed.docs)
 
-    assert unpatched_result(model, packed.kwargs, packed, alone) > LEAK
+    assert unpatched_diff(model, packed, alone) > LEAK
     with patched(model), torch.no_grad():
         logits = model(**packed.kwargs).logits
     assert logits.shape[:2] == packed.kwargs["input_ids"].shape
