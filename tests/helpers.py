@@ -187,6 +187,44 @@ def checkpointed_grads(
     return alone, packed, leaked
 
 
+def assert_exact_in_every_format(model: nn.Module, arch: str) -> None:
+    """The audit of ``model`` (eval mode): patched, every input format exact, forward and gradient; unpatched, at
+    least one format leaks (so a no-op patch fails); the model is left unpatched."""
+    from deltapack.audit import audit_model
+    from deltapack.audit.core import ATOL, GRAD_RTOL
+
+    report = audit_model(model, arch, localise=False)
+    assert report.patch_supported, report.patch_error
+    patched, unpatched = report.states["patched"], report.states["unpatched"]
+    for name, result in patched.formats.items():
+        assert result.raised is None, (name, result.raised)
+        assert result.worst() <= ATOL, (name, result.worst())
+        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
+    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
+    assert not deltapack.is_patched(model)
+
+
+def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor) -> None:
+    """``ids`` [2, T] (row 1 left-padded by 3) without packing information: the patched model's logits and greedy
+    ``generate()`` (sequences and scores) are bit-identical to the unpatched model's."""
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
+    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        plain_gen = model.generate(ids, **kwargs)
+        deltapack.patch(model)
+        try:
+            patched = model(ids).logits
+            patched_gen = model.generate(ids, **kwargs)
+        finally:
+            deltapack.unpatch(model)
+    assert torch.equal(plain, patched)
+    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+
+
 def unpatched_diff(model, packed, alone):
     """max diff of the unpatched model on the packed batch ``packed``, or inf when it refuses the input or gives NaN
     logits (older transformers, eager attention, left padding): either way not what the documents alone give."""

@@ -15,11 +15,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import deltapack
-from deltapack.audit import audit_model
 from deltapack.audit import shrink as shrinking
 from deltapack.audit.build import FLOAT64_TYPES
-from deltapack.audit.core import ATOL, GRAD_RTOL
-from helpers import checkpointed_grads, norm_rel
+from deltapack.audit.core import GRAD_RTOL
+from helpers import assert_exact_in_every_format, assert_unpacked_bit_identical, checkpointed_grads, norm_rel
 
 # model type -> config overrides (windows and chunks of 3 tokens, so they act inside the audit's documents)
 SUBSET: dict[str, dict] = {
@@ -60,15 +59,7 @@ def _model(arch: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("arch", list(SUBSET))
 def test_packed_equals_alone_in_every_format(arch: str):
-    report = audit_model(_model(arch), arch, localise=False)
-    assert report.patch_supported, report.patch_error
-    patched, unpatched = report.states["patched"], report.states["unpatched"]
-    for name, result in patched.formats.items():
-        assert result.raised is None, (name, result.raised)
-        assert result.worst() <= ATOL, (name, result.worst())
-        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
-    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
-    assert not deltapack.is_patched(_model(arch))
+    assert_exact_in_every_format(_model(arch), arch)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_oss", "bloom", "mpt", "opt"])
@@ -76,22 +67,7 @@ def test_unpacked_path_bit_identical_with_generate(arch: str):
     model = _model(arch)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 100, (2, 8), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding, as for generation
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
-    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
-    with torch.no_grad():
-        plain = model(ids).logits
-        plain_gen = model.generate(ids, **kwargs)
-        deltapack.patch(model)
-        try:
-            patched = model(ids).logits
-            patched_gen = model.generate(ids, **kwargs)
-        finally:
-            deltapack.unpatch(model)
-    assert torch.equal(plain, patched)
-    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+    assert_unpacked_bit_identical(model, ids)
 
 
 def _tiny(arch: str, **overrides) -> torch.nn.Module:

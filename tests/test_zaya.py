@@ -8,12 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import deltapack
 from deltapack import Boundaries
-from deltapack.audit import audit_model
 from deltapack.audit.core import ATOL, GRAD_RTOL
 from deltapack.tiny import tiny_model
-from helpers import checkpointed_grads, norm_rel
+from helpers import assert_exact_in_every_format, assert_unpacked_bit_identical, checkpointed_grads, norm_rel
 
 pytest.importorskip("transformers.models.zaya.modeling_zaya")
 from deltapack.models.families.zaya import packed_cca_projection  # noqa: E402
@@ -81,36 +79,13 @@ def test_cca_projection_rejects_a_stream_of_the_wrong_length():
 
 def test_zaya_packed_equals_alone_in_every_format():
     model = tiny_model("zaya")
-    report = audit_model(model, "zaya", localise=False)
-    assert report.patch_supported, report.patch_error
-    patched, unpatched = report.states["patched"], report.states["unpatched"]
-    for name, result in patched.formats.items():
-        assert result.raised is None, (name, result.raised)
-        assert result.worst() <= ATOL, (name, result.worst())
-        assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
-    assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
-    assert not deltapack.is_patched(model)
+    assert_exact_in_every_format(model, "zaya")
 
 
 def test_zaya_unpacked_path_bit_identical_with_generate():
     model = tiny_model("zaya")
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding, as for generation
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
-    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
-    with torch.no_grad():
-        plain = model(ids).logits
-        plain_gen = model.generate(ids, **kwargs)
-        deltapack.patch(model)
-        try:
-            patched = model(ids).logits
-            patched_gen = model.generate(ids, **kwargs)
-        finally:
-            deltapack.unpatch(model)
-    assert torch.equal(plain, patched)
-    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+    assert_unpacked_bit_identical(model, ids)
 
 
 def test_zaya_gradient_checkpointing_keeps_documents_apart():
