@@ -225,6 +225,22 @@ def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor) -> None:
     assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
 
 
+def assert_packed_logits_equal_alone(
+    model: nn.Module, rows, fmt: str, *, seed: int, pad_left: bool, extra_pad: int, alone_fn=alone_logits
+) -> None:
+    """Random documents of the lengths ``rows`` (one list of lengths per row) packed in ``fmt``: the unpatched model
+    leaks on them or refuses them (so a no-op patch fails), the patched model gives each document's logits alone
+    (``alone_fn(model, docs)``)."""
+    flat = iter(random_docs([n for r in rows for n in r], seed=seed))
+    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
+    alone = alone_fn(model, packed.docs)
+    assert unpatched_diff(model, packed, alone) > LEAK
+    with patched(model), torch.no_grad():
+        logits = model(**packed.kwargs).logits
+    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
+    assert max_doc_diff(logits, packed, alone) <= EXACT
+
+
 def unpatched_diff(model, packed, alone):
     """max diff of the unpatched model on the packed batch ``packed``, or inf when it refuses the input or gives NaN
     logits (older transformers, eager attention, left padding): either way not what the documents alone give."""

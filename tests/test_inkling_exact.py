@@ -24,6 +24,7 @@ from helpers import (
     EXACT,
     LEAK,
     alone_logits,
+    assert_packed_logits_equal_alone,
     doc_loss_sum,
     enable_checkpointing,
     grads_of,
@@ -74,14 +75,7 @@ rows_strategy = st.lists(st.lists(st.integers(1, 10), min_size=1, max_size=3), m
 )
 def test_packed_logits_equal_alone(rows, arch, attn, fmt, pad_left, extra_pad, seed):
     model = model_of(arch, attn)
-    flat = iter(random_docs([n for r in rows for n in r], seed=seed))
-    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
-    alone = alone_logits(model, packed.docs)
-    assert unpatched_diff(model, packed, alone) > LEAK
-    with patched(model), torch.no_grad():
-        logits = model(**packed.kwargs).logits
-    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
-    assert max_doc_diff(logits, packed, alone) <= EXACT
+    assert_packed_logits_equal_alone(model, rows, fmt, seed=seed, pad_left=pad_left, extra_pad=extra_pad)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -21,12 +21,12 @@ from helpers import (
     EXACT,
     LEAK,
     alone_logits,
+    assert_packed_logits_equal_alone,
     doc_loss_sum,
     grads_of,
     norm_rel,
     patched,
     random_docs,
-    unpatched_diff,
 )
 from packing import build, max_doc_diff
 
@@ -59,15 +59,7 @@ def cases():
 @pytest.mark.parametrize(("arch", "attn", "fmt", "pad_left", "rows"), cases())
 def test_packed_logits_equal_alone(arch, attn, fmt, pad_left, rows):
     model = model_of(arch, attn)
-    flat = iter(random_docs([n for r in rows for n in r], seed=len(rows)))
-    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=1)
-    alone = alone_logits(model, packed.docs)
-
-    assert unpatched_diff(model, packed, alone) > LEAK
-    with patched(model), torch.no_grad():
-        logits = model(**packed.kwargs).logits
-    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
-    assert max_doc_diff(logits, packed, alone) <= EXACT
+    assert_packed_logits_equal_alone(model, rows, fmt, seed=len(rows), pad_left=pad_left, extra_pad=1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -17,13 +17,13 @@ from helpers import (
     EXACT,
     LEAK,
     alone_logits,
+    assert_packed_logits_equal_alone,
     cached_model,
     doc_loss_sum,
     grads_of,
     norm_rel,
     patched,
     random_docs,
-    unpatched_diff,
 )
 from packing import build, max_doc_diff
 
@@ -46,16 +46,7 @@ row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min
 )
 def test_packed_logits_equal_alone(rows, fmt, arch, attn, conv_width, ratio, pad_left, extra_pad, seed):
     model = cached_model(arch, attn, conv_width, ratio)
-    flat = random_docs([n for r in rows for n in r], seed=seed)
-    it = iter(flat)
-    packed = build([[next(it) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
-    alone = alone_logits(model, packed.docs)
-
-    assert unpatched_diff(model, packed, alone) > LEAK
-    with patched(model), torch.no_grad():
-        logits = model(**packed.kwargs).logits
-    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
-    assert max_doc_diff(logits, packed, alone) <= EXACT
+    assert_packed_logits_equal_alone(model, rows, fmt, seed=seed, pad_left=pad_left, extra_pad=extra_pad)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -17,7 +17,14 @@ from deltapack.audit import audit
 from deltapack.boundaries import Boundaries
 from deltapack.models.layers import packed_layer_of
 from deltapack.tiny import tiny_model
-from helpers import doc_loss_sum, grads_of, norm_rel, patched, random_docs, unpatched_diff
+from helpers import (
+    assert_packed_logits_equal_alone,
+    doc_loss_sum,
+    grads_of,
+    norm_rel,
+    patched,
+    random_docs,
+)
 from packing import build, max_doc_diff
 
 ARCHS = ("minimax", "recurrent_gemma", "rwkv", "xlstm")
@@ -97,14 +104,9 @@ row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min
 )
 def test_packed_logits_equal_alone(rows, fmt, arch, attn, pad_left, extra_pad, seed):
     model = model_of(arch, attn)
-    flat = iter(random_docs([n for r in rows for n in r], seed=seed))
-    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
-    alone = alone_logits(model, packed.docs)
-    assert unpatched_diff(model, packed, alone) > LEAK
-    with patched(model), torch.no_grad():
-        logits = model(**packed.kwargs).logits
-    assert logits.shape[:2] == packed.kwargs["input_ids"].shape
-    assert max_doc_diff(logits, packed, alone) <= EXACT
+    assert_packed_logits_equal_alone(  # this module's alone_logits: each document alone, without a cache
+        model, rows, fmt, seed=seed, pad_left=pad_left, extra_pad=extra_pad, alone_fn=alone_logits
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
