@@ -241,6 +241,13 @@ def assert_packed_logits_equal_alone(
     assert max_doc_diff(logits, packed, alone) <= EXACT
 
 
+def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:
+    """Max |diff| of each document's logits in a flattened [1, total] batch vs the document alone."""
+    lengths = [a.shape[0] for a in alone]
+    per_doc = torch.split(logits[0, : sum(lengths)], lengths)
+    return max((p - a).abs().max().item() for p, a in zip(per_doc, alone))
+
+
 def unpatched_diff(model, packed, alone):
     """max diff of the unpatched model on the packed batch ``packed``, or inf when it refuses the input or gives NaN
     logits (older transformers, eager attention, left padding): either way not what the documents alone give."""

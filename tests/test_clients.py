@@ -12,16 +12,9 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from helpers import EXACT, LEAK, cached_model, patched, random_docs
+from helpers import EXACT, LEAK, cached_model, patched, per_doc_diff, random_docs
 
 DOCS = random_docs([5, 1, 9, 4], seed=21)
-
-
-def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:
-    """Max |diff| of each document's logits in a flattened [1, total] batch vs the document alone."""
-    lengths = [a.shape[0] for a in alone]
-    per_doc = torch.split(logits[0, : sum(lengths)], lengths)
-    return max((p - a).abs().max().item() for p, a in zip(per_doc, alone))
 
 
 def unpatched_diff(model, batch: dict, alone: list[torch.Tensor]) -> float:

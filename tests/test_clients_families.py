@@ -34,6 +34,7 @@ from helpers import (
     norm_rel,
     one_step_args,
     patched,
+    per_doc_diff,
     random_docs,
 )
 
@@ -82,13 +83,6 @@ def model_of(arch: str) -> torch.nn.Module:
         except ValueError:
             continue
     raise AssertionError(f"{arch} builds with neither sdpa nor eager attention")
-
-
-def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:
-    """Max |diff| of each document's logits in a flattened [1, total] batch vs the document alone."""
-    lengths = [a.shape[0] for a in alone]
-    per_doc = torch.split(logits[0, : sum(lengths)], lengths)
-    return max((p - a).abs().max().item() for p, a in zip(per_doc, alone))
 
 
 def client_diff(model, batch: dict, alone: list[torch.Tensor]) -> float:
