@@ -83,3 +83,42 @@ def per_doc_diff(logits, places, alone_logits, dtype) -> float:
     if dtype == torch.float32:
         return max((logits[r, c : c + n] - a).abs().max().item() for (r, c, n), a in zip(places, alone_logits))
     return max(rel_err(logits[r, c : c + n], a) for (r, c, n), a in zip(places, alone_logits))
+
+
+# max |diff| in fp32 (TF32 matmuls in FLA), relative L2 in bf16: a tiny patched model vs each document alone
+MODEL_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+
+def packed_and_unpatched_diffs(model, dtype) -> tuple[float, float]:
+    """A tiny model on CUDA (``dtype``), fed the indexed-mask batch of :func:`make_batch`: the per-document diff
+    (:func:`per_doc_diff`) of the patched model, then of the unpatched one, vs each document alone through the
+    patched path. Leaves ``model`` patched."""
+    import deltapack
+
+    ids, doc_ids, places = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        leaky = model(input_ids=ids, attention_mask=doc_ids, use_cache=False).logits
+        deltapack.patch(model)
+        out = model(input_ids=ids, attention_mask=doc_ids).logits
+        alone_logits = [alone(model, ids[r, c : c + n]) for r, c, n in places]
+    return per_doc_diff(out, places, alone_logits, dtype), per_doc_diff(leaky, places, alone_logits, dtype)
+
+
+def packed_step_host_syncs(model) -> tuple[int, torch.Tensor]:
+    """A patched bf16 model in train mode: the host syncs of one packed forward+backward with boundaries built
+    before the call (after one step that compiles and checks the kernels), and that step's loss."""
+    from deltapack import Boundaries
+    from deltapack.diagnostics import count_host_syncs
+
+    ids, doc_ids, _ = make_batch(model.config.vocab_size, seed=2)
+
+    def step(bounds):
+        out = model(input_ids=ids, labels=ids, boundaries=bounds)
+        out.loss.backward()
+        return out.loss
+
+    step(Boundaries.from_document_ids(doc_ids.cpu()).to("cuda"))  # compiles the kernels, checks them once
+    bounds = Boundaries.from_document_ids(doc_ids.cpu()).to("cuda")
+    losses = []
+    syncs = count_host_syncs(lambda: losses.append(step(bounds)))
+    return syncs, losses[0]
