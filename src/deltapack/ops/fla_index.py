@@ -13,39 +13,27 @@ Legend: N = documents.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from deltapack.ops.segments import Segments, chunk_indices
+from deltapack.ops.segments import Segments
 
 __all__ = ["host_offsets", "install"]
 
-_ATTR = "_deltapack_chunk_indices"  # on the host offsets tensor: the _Index that answers for it
-
-
-class _Index:
-    """The device chunk indices of one batch, one per chunk length, built on first use (no host sync)."""
-
-    def __init__(self, segments: Segments) -> None:
-        self.cu_seqlens = segments.cu_seqlens  # FLA is handed this very tensor with the host offsets
-        self.lengths = segments.doc_lengths
-        self.by_chunk: dict[int, torch.Tensor] = {}
-
-    def get(self, chunk: int) -> torch.Tensor:
-        if chunk not in self.by_chunk:
-            self.by_chunk[chunk] = chunk_indices(self.cu_seqlens, self.lengths, chunk)
-        return self.by_chunk[chunk]
+_ATTR = "_deltapack_segments"  # on the host offsets tensor: a weak reference to the batch's Segments
 
 
 def host_offsets(segments: Segments) -> torch.Tensor:
     """[N + 1] int64 host offsets to pass as ``cu_seqlens_cpu`` (with ``cu_seqlens=segments.cu_seqlens``): one
-    tensor per batch (a plan of the segments: ``segments.plan(host_offsets)``), carrying the batch's device chunk
-    indices for the wrapped ``prepare_chunk_indices``."""
+    tensor per batch (a plan of the segments: ``segments.plan(host_offsets)``), through which the wrapped
+    ``prepare_chunk_indices`` finds the batch's device chunk indices (:meth:`Segments.chunk_indices`). The reference
+    is weak: the tensor is kept among the segments' plans, and a strong one would make a cycle."""
     cpu = torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
-    setattr(cpu, _ATTR, _Index(segments))
+    setattr(cpu, _ATTR, weakref.ref(segments))
     return cpu
 
 
@@ -53,9 +41,10 @@ def _wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def prepare_chunk_indices(
         cu_seqlens: torch.Tensor, chunk_size: int, cu_seqlens_cpu: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        index = getattr(cu_seqlens_cpu, _ATTR, None)
-        if index is not None and index.cu_seqlens is cu_seqlens and not kwargs:
-            return index.get(chunk_size)
+        ref = getattr(cu_seqlens_cpu, _ATTR, None)
+        segments = ref() if ref is not None else None
+        if segments is not None and segments.cu_seqlens is cu_seqlens and not kwargs:
+            return segments.chunk_indices(chunk_size)
         return original(cu_seqlens, chunk_size, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
 
     prepare_chunk_indices.deltapack_original = original  # type: ignore[attr-defined]
