@@ -33,6 +33,7 @@ from torch import Tensor
 from deltapack.ops import opaque, simple_gla_fla
 from deltapack.ops.dispatch import fla_backend, public_function, register_op
 from deltapack.ops.fallback import Fallback, KernelFailure, check_fast_backend
+from deltapack.ops.fla_index import host_offsets
 from deltapack.ops.segments import Segments
 from deltapack.ops.varlen import acc_dtype, check_stream
 
@@ -273,13 +274,9 @@ def _chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, segments: Segm
         g=g.float().contiguous(),
         scale=1.0,
         cu_seqlens=segments.cu_seqlens,
-        cu_seqlens_cpu=segments.plan(_host_offsets),
+        cu_seqlens_cpu=segments.plan(host_offsets),
     )
     return o
-
-
-def _host_offsets(segments: Segments) -> torch.Tensor:
-    return torch.tensor(segments.cu_seqlens_host, dtype=torch.long)
 
 
 def _caught(kernel: Gla) -> Gla:
