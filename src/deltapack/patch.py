@@ -131,9 +131,8 @@ def patch(model: ModelT, chunked_loss: bool | int = False) -> ModelT:
     target = _target(model)
     if is_patched(target):
         return model
-    if chunked_loss is not False and (isinstance(chunked_loss, bool) or int(chunked_loss) < 1):
-        if chunked_loss is not True:
-            raise ValueError(f"deltapack: chunked_loss={chunked_loss!r}; expected True, False or tokens per chunk >= 1")
+    if not isinstance(chunked_loss, bool) and int(chunked_loss) < 1:
+        raise ValueError(f"deltapack: chunked_loss={chunked_loss!r}; expected True, False or tokens per chunk >= 1")
     arch, stacks = _decoder_stacks(target)
     pads_exactly = family_of(str(target.config.model_type)).pads_exactly
     layers = tuple(m for stack in stacks for m in stack.modules() if isinstance(m, GradientCheckpointingLayer))
