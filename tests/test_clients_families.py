@@ -52,6 +52,8 @@ REPRESENTATIVES = (
     "recurrent_gemma",  # RG-LRU + local attention
     "rwkv",  # RWKV-4
     "xlstm",  # mLSTM
+    "inkling_text",  # residual fp32 short convs + log-scaled attention
+    "zaya",  # convolutional q/k projection, delayed values + MoE
     "llama",  # attention only, rotary
     "gpt2",  # attention only, learned absolute positions
     "gpt_oss",  # attention only: sinks, a sliding window of 3, MoE (router aux loss)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deltapack
 from deltapack import Boundaries
 from deltapack.audit.core import ATOL, GRAD_RTOL
 from deltapack.tiny import tiny_model
@@ -102,3 +103,29 @@ def test_deepseek_v4_gradient_checkpointing_keeps_documents_apart():
     alone, packed, leaked = checkpointed_grads(model, rows)
     assert norm_rel(packed, alone) <= GRAD_RTOL
     assert norm_rel(leaked, alone) > 100 * GRAD_RTOL
+
+
+def test_documents_numbered_from_1_are_refused_not_wrong():
+    """DataCollatorWithFlattening(position_ids_start=1): a document's last queries would admit a compressed window
+    that only its row's padding completes (the document alone has no such entry), so the patched model raises,
+    naming what it expects, rather than return those logits; numbered from 0, the same batch is exact."""
+    from transformers import DataCollatorWithFlattening
+
+    model = _model()
+    gen = torch.Generator().manual_seed(4)
+    docs = [torch.randint(3, 100, (n,), generator=gen).tolist() for n in (5, 1, 9, 4)]
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([d]), use_cache=False).logits[0] for d in docs])
+        deltapack.patch(model)
+        try:
+            for start in (0, 1):
+                collator = DataCollatorWithFlattening(return_position_ids=True, position_ids_start=start)
+                batch = collator([{"input_ids": d} for d in docs])
+                batch.pop("labels")
+                if start == 0:
+                    assert (model(**batch).logits[0] - alone).abs().max() <= ATOL
+                else:
+                    with pytest.raises(ValueError, match="positions to start at 0"):
+                        model(**batch)
+        finally:
+            deltapack.unpatch(model)

@@ -44,7 +44,9 @@ def packed_compressor_forward(
         hidden_states: [1, T, D] the unpadded stream ``bounds`` describes.
         bounds: the batch's boundaries.
         q_residual: [1, T, Q] the attention's query residual (read by the CSA indexer).
-        position_ids: the stream's per-document positions (unused: the rows restart them).
+        position_ids: [1, T] the stream's positions, each document's from 0, laid into the rows with the tokens
+            (each query's compressed entries are those its position admits, as for the document alone); None: each
+            document from 0.
         cache: must be None (packed documents share no cache).
         layer_idx: the layer's index, passed through.
 
@@ -53,7 +55,8 @@ def packed_compressor_forward(
         -inf elsewhere, or None when there is no entry), what the attention concatenates to its keys and mask.
 
     Raises:
-        ValueError: a cache, or a context-parallel shard (a document's windows would span ranks).
+        ValueError: a cache, a context-parallel shard (a document's windows would span ranks), or a document whose
+            positions do not start at 0.
     """
     check_packed_stream(layer, hidden_states, bounds)
     segments = bounds.segments
@@ -69,7 +72,19 @@ def packed_compressor_forward(
         buf = x_1TC.new_zeros((num_docs * longest, x_1TC.shape[-1])).index_copy(0, dest_T, x_1TC[0])
         return buf.view(num_docs, longest, -1)
 
-    pos_NL = torch.arange(longest, device=hidden_states.device).expand(num_docs, -1)
+    if position_ids is None:
+        pos_NL = torch.arange(longest, device=hidden_states.device).expand(num_docs, -1)
+    else:  # the caller's positions, which the entries' causal thresholds read
+        starts_N = position_ids.reshape(-1)[segments.cu_seqlens[:-1].long()]
+        if bool((starts_N != 0).any()):  # a host sync; this model runs eager attention with a dense mask anyway
+            # numbered from 1, a document's last queries admit a window that only its row's padding completes: the
+            # document alone has no such entry, and the indexer's top-k would see it
+            raise ValueError(
+                "deltapack: deepseek_v4's compressors need every document's positions to start at 0 (got "
+                f"{sorted(set(starts_N.tolist()))}); expected position_ids restarting at 0 (e.g. "
+                "DataCollatorWithFlattening(position_ids_start=0))"
+            )
+        pos_NL = rows(position_ids.reshape(1, -1, 1)).squeeze(-1)
     own_forward = type(layer).forward  # the class's forward: the instance's is deltapack's wrapper
     kv_N1nK, bias_N1Ln = own_forward(layer, rows(hidden_states), rows(q_residual), pos_NL, None, layer_idx)
     entries = kv_N1nK.shape[2]
