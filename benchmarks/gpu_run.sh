@@ -4,7 +4,8 @@
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [mamba-tests] [fla-families] [recurrences] [llama] [family-tests]
 #   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
-#   [probe] (which FLA kernels run fwd+bwd here) [profile] (one packed training step of the e2e model by kernel category)
+#   [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
+#   model by kernel category: eager, or the recommended configuration)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
@@ -59,7 +60,8 @@ for what in "${stages[@]}"; do
     tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short --timeout="${TEST_TIMEOUT:-150}" -m gpu tests/gpu -p no:cacheprovider ;;
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
-    e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ;;
+    # E2E_ARGS=--compile: also the recommended configuration (chunked loss, compiled layers, FlashQLA if installed)
+    e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ${E2E_ARGS:-} ;;
     # the same benchmarks on an earlier build exported to .prev/ (git archive COMMIT src benchmarks | tar -x -C .prev)
     prev-layer) PYTHONPATH="$PWD/.prev/src:$site" stage prev-layer "${LAYER_LIMIT:-240}" \
         python .prev/benchmarks/bench_layer.py --out "$out/prev_layer.json" ;;
@@ -85,8 +87,11 @@ for what in "${stages[@]}"; do
     probe) stage probe 240 python benchmarks/probe_fla_kernels.py --out "$out/probe_fla.json" ;;
     # one optimizer step of the e2e model under the torch profiler (GPU time by category, idle time, MFU)
     # (PROFILE_TRACE=<file.json.gz>: also keep the profiler's trace)
+    # (PROFILE_ARGS=--recommended: the recommended configuration; profile-recommended: that, as a second stage)
     profile) stage profile "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py --out "$out/profile.json" \
-        ${PROFILE_TRACE:+--trace "$PROFILE_TRACE"} ;;
+        ${PROFILE_TRACE:+--trace "$PROFILE_TRACE"} ${PROFILE_ARGS:-} ;;
+    profile-recommended) stage profile-recommended "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py \
+        --recommended --out "$out/profile_recommended.json" ;;
     gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
     # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
     largest-9b) stage largest-9b "${LARGEST_9B_LIMIT:-540}" python benchmarks/largest_row.py --model 9b \

@@ -12,7 +12,11 @@ boundaries built beforehand as a collator does). Stages, each written to the JSO
    union of kernel intervals: host overhead), by phase (forward, backward, optimizer), and the top kernels.
    A kernel's category comes from its name and the ops that launched it (the profiler's CPU op stack).
 
-Usage: python benchmarks/profile_step.py [--out profile.json] [--trace trace.json] [--tiny]
+``--recommended``: the configuration README recommends for GPU training instead of the eager default:
+``patch(model, chunked_loss=True)`` and every decoder layer compiled (``layer.compile()``); FLA picks FlashQLA for
+the GDN core when ``FLA_FLASH_QLA=1`` and the ``flash_qla`` package is installed.
+
+Usage: python benchmarks/profile_step.py [--out profile.json] [--trace trace.json] [--tiny] [--recommended]
 ``--tiny``: a 2-layer model of the same layout on 1024 tokens on the CPU (checks the script; the categories are
 then of CPU ops, the numbers meaningless).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import statistics
 import sys
@@ -228,6 +233,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on 1024 tokens on the CPU")
+    parser.add_argument("--recommended", action="store_true", help="chunked loss and compiled decoder layers")
     args = parser.parse_args()
 
     spec = load_spec()
@@ -247,7 +253,10 @@ def main() -> None:
         total, row = spec["tokens"]["total"], 8192
         lengths = document_lengths(total)
     model.train()
-    deltapack.patch(model)
+    deltapack.patch(model, chunked_loss=args.recommended)
+    if args.recommended:
+        for layer in model.get_decoder().layers:
+            layer.compile()
     label_ops()
     rows = rows_of(documents(lengths, model.config.vocab_size), row)
     batch, doc_ids = deltapack_batch(rows, row)
@@ -264,6 +273,8 @@ def main() -> None:
         "documents": len(lengths),
         "batch_shape": list(batch["input_ids"].shape),
         "optimizer": "torch.optim.AdamW (defaults, bf16 parameters and states)",
+        "configuration": "recommended: chunked loss, compiled decoder layers" if args.recommended else "eager",
+        "fla_flash_qla": os.environ.get("FLA_FLASH_QLA", "0"),
     }
     clock = time.perf_counter()
     try:
