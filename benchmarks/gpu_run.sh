@@ -4,7 +4,7 @@
 #   [cp-tests] [cp-665m] [cp-9b]   (the cp-* stages need 2 GPUs; each of the last two stands for its settings)
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [mamba-tests] [fla-families] [recurrences] [llama] [family-tests]
 #   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
-#   [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
+#   [compile-tests] [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
 #   model by kernel category: eager, or the recommended configuration)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
@@ -21,8 +21,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 site="${PYTHONPATH#*:}"  # the GPU packages (what .gpu/env.sh put after src/)
 cache="${KERNEL_CACHE_DIR:-$PWD/.kernel-cache}"  # Triton's and TileLang's compiled kernels
-export TRITON_CACHE_DIR="$cache/triton" TILELANG_CACHE_DIR="$cache/tilelang"
-mkdir -p "$TRITON_CACHE_DIR" "$TILELANG_CACHE_DIR"
+# (and inductor's compiled graphs, so that a compiled model's next process skips most of its compile)
+export TRITON_CACHE_DIR="$cache/triton" TILELANG_CACHE_DIR="$cache/tilelang" TORCHINDUCTOR_CACHE_DIR="$cache/inductor"
+mkdir -p "$TRITON_CACHE_DIR" "$TILELANG_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then tar -C "$cache" -xJf "$KERNEL_CACHE"; fi
 # Triton's autotuning results alone (kilobytes): with them each kernel compiles its chosen config only, not every
 # candidate; the full cache of the 2-GPU checks is too large to carry next to the GPU packages
@@ -58,6 +59,8 @@ done
 for what in "${stages[@]}"; do
   case "$what" in
     tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short --timeout="${TEST_TIMEOUT:-150}" -m gpu tests/gpu -p no:cacheprovider ;;
+    compile-tests) stage compile-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
+        tests/gpu/test_compile_gpu.py ;;
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     # E2E_ARGS=--compile: also the recommended configuration (chunked loss, compiled layers, FlashQLA if installed)
