@@ -135,3 +135,64 @@ def test_chunked_lm_loss_matches_its_reference_twin():
         chunked_lm_loss(head, hidden, labels, chunk=0)
     with pytest.raises(ValueError, match="chunked_loss"):
         deltapack.patch(_model("llama"), chunked_loss=0)
+
+
+def _matmuls(fn) -> int:
+    """aten matrix products run by ``fn()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.matmul):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "checkpointed"])
+def test_both_chunk_paths_match_the_reference_in_every_gradient(hooked: bool):
+    """A plain nn.Linear head takes the fused path (gradients computed in the forward, nothing recomputed); a head
+    with a forward hook (as FSDP's) the checkpointed one. Both equal the full-logits loss in the loss and in the
+    gradients of the hidden states, the weight and the bias."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 31, bias=True)
+    if hooked:
+        head.register_forward_pre_hook(lambda module, args: None)
+    hidden = torch.randn(2, 13, 8, requires_grad=True)
+    labels = torch.randint(0, 31, (2, 13))
+    labels[0, ::3] = labels[1, -4:] = -100
+    params = (hidden, head.weight, head.bias)
+    ref = chunked_lm_loss_ref(head, hidden, labels, 17)
+    ref_grads = torch.autograd.grad(ref * 3.0, params)  # an upstream gradient other than 1
+    got = chunked_lm_loss(head, hidden, labels, 17, chunk=6)
+    got_grads = torch.autograd.grad(got * 3.0, params)
+    assert rel(got, ref) <= TOL
+    for g, r in zip(got_grads, ref_grads):
+        assert rel(g, r) <= TOL
+    chunks = 5  # 26 tokens in chunks of 6
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = chunked_lm_loss(head, hidden, labels, chunk=6)
+
+    forward_mm = _matmuls(forward)
+    backward_mm = _matmuls(lambda: torch.autograd.grad(loss, params))
+    if hooked:  # the logits once in the forward; recomputed, then two products per chunk, in the backward
+        assert (forward_mm, backward_mm) == (chunks, 3 * chunks)
+    else:  # logits and both gradient products per chunk in the forward; the backward only scales
+        assert (forward_mm, backward_mm) == (3 * chunks, 0)
+
+
+def test_fused_chunk_loss_refuses_a_second_backward():
+    head = torch.nn.Linear(8, 31, bias=False)
+    hidden = torch.randn(1, 9, 8, requires_grad=True)
+    loss = chunked_lm_loss(head, hidden, torch.randint(0, 31, (1, 9)), chunk=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -1,8 +1,12 @@
 """The chunked LM-head cross-entropy of packed training calls (``deltapack.patch(model, chunked_loss=True)``).
 
 The loss of a causal LM is ``ForCausalLMLoss(lm_head(h), labels)``: [N, V] logits in fp32 for N tokens. Here the
-LM head and the cross-entropy run on ``chunk`` tokens at a time, each chunk under activation checkpointing, so only
-one chunk's logits exist at once, in the forward and in the backward pass (which recomputes them). The result is
+LM head and the cross-entropy run on ``chunk`` tokens at a time, so only one chunk's logits exist at once. Where
+the head is a plain ``nn.Linear`` (no hooks, as FSDP's would gather its weight; a plain tensor weight), each
+chunk's gradients with respect to the hidden states, the weight and the bias are computed in the forward pass,
+while its logits exist, and the backward pass only scales them (:class:`_LinearCrossEntropySum`): one LM-head
+matrix product per chunk in the forward, two in the backward's place, none recomputed. Any other head runs each
+chunk under activation checkpointing (the backward recomputes its logits). Either way the result is
 transformers' ``ForCausalLMLoss`` up to fp32 summation order: the sum over tokens divided by
 ``num_items_in_batch`` when it is given, else by the number of labels that are not ``ignore_index``.
 """
@@ -39,6 +43,76 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits_CV, labels_C, ignore_index=ignore_index, reduction="sum")
 
 
+def _plain_linear(head: nn.Module) -> bool:
+    """Whether ``head(x)`` is exactly ``F.linear(x, head.weight, head.bias)`` on plain tensors: an ``nn.Linear``
+    with no hooks of its own or global ones (FSDP gathers a sharded weight in a pre-forward hook) and a weight
+    that is no tensor subclass (a DTensor)."""
+    hooks = (head._forward_hooks, head._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)  # fmt: skip
+    plain = type(head.weight) is nn.Parameter or type(head.weight) is torch.Tensor
+    return type(head) is nn.Linear and plain and not any(hooks)
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Sum over tokens of ``cross_entropy(F.linear(h, W, b).float(), y)``, chunk by chunk, its gradients
+    computed in the forward while each chunk's logits exist.
+
+    hidden_ND [N, D], weight_VD [V, D] (and bias_V) in the head's dtype; labels_N int64. Per chunk of C tokens the
+    fp32 logits [C, V] give the loss and ``softmax - one_hot`` (zero on ignored labels), which, in the head's dtype
+    as autograd would cast it, makes dh = g @ W, dW += g^T @ h (fp32 accumulator) and db += sum(g). The backward
+    multiplies them by the incoming gradient of the sum.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, bias_V, labels_N, ignore_index: int, chunk: int):  # noqa: ANN001
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        total = hidden_ND.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden_ND) if need_h else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
+        grad_b = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if need_b else None
+        for start in range(0, hidden_ND.shape[0], chunk):
+            h_CD, y_C = hidden_ND[start : start + chunk], labels_N[start : start + chunk]
+            logits_CV = F.linear(h_CD, weight_VD, bias_V).float()
+            valid_C = y_C != ignore_index
+            target_C = torch.where(valid_C, y_C, 0)
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            picked_C = logits_CV.gather(1, target_C[:, None])[:, 0]
+            total = total + torch.where(valid_C, lse_C - picked_C, 0.0).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
+            g_CV[torch.arange(len(y_C), device=y_C.device), target_C] -= 1.0
+            g_CV.mul_(valid_C[:, None])
+            g_CV = g_CV.to(weight_VD.dtype)
+            if need_h:
+                grad_h[start : start + chunk] = g_CV @ weight_VD
+            if need_w:
+                grad_w += (g_CV.transpose(0, 1) @ h_CD).float()
+            if need_b:
+                grad_b += g_CV.float().sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight_VD.dtype, None if bias_V is None else bias_V.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: ANN001
+        if ctx.grads is None:
+            raise RuntimeError(
+                "deltapack: the chunked loss's gradients were already used by an earlier backward; expected one "
+                "backward per forward (retain_graph is not supported by the chunked loss)"
+            )
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        weight_dtype, bias_dtype = ctx.dtypes
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_total.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_total).to(weight_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_total).to(bias_dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
 def chunked_lm_loss(
     head: nn.Linear,
     hidden_NTD: torch.Tensor,
@@ -50,7 +124,9 @@ def chunked_lm_loss(
     """Causal-LM cross-entropy of ``head(hidden)`` against ``shift_labels`` (target of token t at t), in chunks.
 
     hidden_NTD: [N, T, D] any float dtype; shift_labels_NT: [N, T] int64, ``ignore_index`` where no target;
-    returns a 0-dim fp32 loss. Peak memory for logits: one [chunk, V] block (fp32), forward and backward.
+    returns a 0-dim fp32 loss. Peak memory for logits: one [chunk, V] block (fp32) and, with gradients, its
+    softmax gradient in the head's dtype; the gradients of hidden (its dtype) and of the weight (fp32) are held from
+    the forward to the backward.
     """
     if chunk < 1:
         raise ValueError(f"deltapack: chunked loss chunk of {chunk} tokens; expected a positive number of tokens")
@@ -61,13 +137,16 @@ def chunked_lm_loss(
             f"deltapack: shift_labels of shape {tuple(shift_labels_NT.shape)}; expected "
             f"{tuple(hidden_NTD.shape[:-1])}, one label per hidden state"
         )
-    total = hidden_ND.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden_ND.shape[0], chunk):
-        h_CD, y_C = hidden_ND[start : start + chunk], labels_N[start : start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, h_CD, y_C, ignore_index, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(head, h_CD, y_C, ignore_index)
+    if _plain_linear(head):
+        total = _LinearCrossEntropySum.apply(hidden_ND, head.weight, head.bias, labels_N, ignore_index, chunk)
+    else:
+        total = hidden_ND.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden_ND.shape[0], chunk):
+            h_CD, y_C = hidden_ND[start : start + chunk], labels_N[start : start + chunk]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss_sum, head, h_CD, y_C, ignore_index, use_reentrant=False)
+            else:
+                total = total + _chunk_loss_sum(head, h_CD, y_C, ignore_index)
     if num_items_in_batch is None:
         return total / (labels_N != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
