@@ -14,7 +14,9 @@ With ``--compile``, the GPU training configuration README recommends, step by st
 - deltapack_compiled: that, with every decoder layer compiled on its own (``layer.compile()``, inductor, as
   torchtitan compiles), two warm-up passes (the first compiles);
 - deltapack_compiled_flashqla: that, with FLA's FlashQLA GDN backend (``FLA_FLASH_QLA=1``; only if the
-  ``flash_qla`` package is installed; its first call JIT-compiles for about 90 s).
+  ``flash_qla`` package is installed; its first call JIT-compiles for about 90 s);
+- deltapack_compiled_flashqla_gluon_conv: that, with FLA's Gluon conv kernels (``FLA_CONV_GLUON=1``; only if this
+  Triton has Gluon).
 
 ``recommended`` is the fastest of the compiled modes; ``speedup_vs_eager`` its tokens/s over the deltapack mode's
 (today's eager path), both from this run; ``mfu`` is the recommended mode's (``mfu_eager`` the deltapack mode's).
@@ -134,15 +136,17 @@ def time_passes(model, make_steps, warmup: int = 1, reps: int = 3) -> dict:
     }
 
 
-COMPILED_MODES = ("deltapack_compiled", "deltapack_compiled_flashqla")
+COMPILED_MODES = ("deltapack_compiled", "deltapack_compiled_flashqla", "deltapack_compiled_flashqla_gluon_conv")
 
 
 def configure(model, mode: str, compiled: bool) -> None:
     """Put the patched ``model`` in ``mode``'s configuration: chunked loss for every mode past the eager one,
-    FlashQLA for the ``*_flashqla`` mode, every decoder layer compiled (``compiled``) or not."""
+    FlashQLA for the ``*_flashqla*`` modes, FLA's Gluon conv for ``*_gluon_conv``, every decoder layer compiled
+    (``compiled``) or not."""
     deltapack.unpatch(model)
     deltapack.patch(model, chunked_loss=mode != "deltapack")
-    os.environ["FLA_FLASH_QLA"] = "1" if mode.endswith("_flashqla") else "0"  # FLA reads it at every call
+    os.environ["FLA_FLASH_QLA"] = "1" if "_flashqla" in mode else "0"  # FLA reads both at every call
+    os.environ["FLA_CONV_GLUON"] = "1" if mode.endswith("_gluon_conv") else "0"
     for layer in model.get_decoder().layers:
         if compiled:
             layer.compile()
@@ -156,6 +160,8 @@ def compiled_modes(model, modes: dict, make_steps, reps: int) -> None:
     plan = [("deltapack_chunked_loss", False, 1), ("deltapack_compiled", True, 2)]
     if importlib.util.find_spec("flash_qla") is not None:
         plan.append(("deltapack_compiled_flashqla", True, 2))
+        if importlib.util.find_spec("triton.experimental.gluon") is not None:  # the compiled graphs stay: one warm-up
+            plan.append(("deltapack_compiled_flashqla_gluon_conv", True, 1))
     for name, compiled, warmup in plan:
         try:
             configure(model, name, compiled)

@@ -6,7 +6,8 @@
 #   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
 #   [compile-tests] [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
 #   model by kernel category: eager, or the recommended configuration)
-#   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [largest-9b] (the 9B config's largest row, one GPU)
+#   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [conv] (FLA's conv kernels vs the memory floor)
+#   [largest-9b] (the 9B config's largest row, one GPU)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
@@ -95,6 +96,7 @@ for what in "${stages[@]}"; do
         ${PROFILE_TRACE:+--trace "$PROFILE_TRACE"} ${PROFILE_ARGS:-} ;;
     profile-recommended) stage profile-recommended "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py \
         --recommended --out "$out/profile_recommended.json" ;;
+    conv) stage conv 120 python benchmarks/bench_conv.py --out "$out/conv.json" ;;
     gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
     # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
     largest-9b) stage largest-9b "${LARGEST_9B_LIMIT:-540}" python benchmarks/largest_row.py --model 9b \
