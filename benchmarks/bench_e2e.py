@@ -23,7 +23,8 @@ With ``--compile``, the GPU training configuration README recommends, step by st
 
 Then exactness: the patched model's logits for every document of the packed batch against that document alone
 through the same patched path (bf16), and against the unpatched model alone; with ``--compile`` also the
-recommended configuration's logits for ``--sample`` documents against each alone through that configuration.
+recommended configuration's logits for ``--sample`` documents against each alone through that configuration, and
+its loss and parameter gradients on the packed batch against the eager path's (full logits).
 
 Usage: python benchmarks/bench_e2e.py [--out e2e.json] [--compile] [--sample 12]
 """
@@ -172,6 +173,16 @@ def compiled_modes(model, modes: dict, make_steps, reps: int) -> None:
     configure(model, "deltapack", compiled=False)
 
 
+def loss_and_grads(model, step: dict) -> tuple[float, torch.Tensor]:
+    """One forward+backward of ``step``: the loss and every parameter's gradient, flattened into one fp32 vector."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**step).loss
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
 def document_diffs(model, ids: torch.Tensor, bounds: Boundaries, places: list[tuple[int, int, int]]):
     """Max |logit difference| of each document (row, start, length) of the packed batch against that document
     alone through the same model, and the packed logits' largest magnitude."""
@@ -268,14 +279,19 @@ def main() -> None:
         configure(model, best, compiled=best != "deltapack")
         sample = sorted(torch.randperm(len(places), generator=torch.Generator().manual_seed(0))[: args.sample])
         diffs, logit_max = document_diffs(model, batch["input_ids"], bounds, [places[i] for i in sample])
+        loss, grads = loss_and_grads(model, deltapack_steps()[0])
+        configure(model, "deltapack", compiled=False)
+        loss_eager, grads_eager = loss_and_grads(model, deltapack_steps()[0])
         result["e2e"]["exact"] = {
             "configuration": best,
             "max_abs_logit_diff": max(diffs),
             "documents_bit_exact": sum(d == 0 for d in diffs),
             "documents": len(diffs),
             "logit_abs_max": logit_max,
+            # the same batch's loss and parameter gradients against the eager path's (full logits), bf16
+            "loss_rel_diff_vs_eager": abs(loss - loss_eager) / abs(loss_eager),
+            "grad_rel_diff_vs_eager": float((grads - grads_eager).norm() / grads_eager.norm()),
         }
-        configure(model, "deltapack", compiled=False)
         write(args.out, result)
     diffs, logit_max = document_diffs(model, batch["input_ids"], bounds, places)
     with torch.no_grad():

@@ -196,3 +196,33 @@ def test_fused_chunk_loss_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+
+
+def test_a_chunk_step_is_taken_only_after_it_matched_the_reference(caplog):
+    """The check that admits FLA's cross-entropy kernels on a GPU, run here with stand-ins: one that matches the
+    reference is taken; one whose loss is off by 1e-3 (relative), one whose gradient is wrong and one
+    that raises all give the reference, with a warning naming them."""
+    from deltapack.chunked_loss import checked, logit_grad_ref
+
+    weight = torch.randn(50, 8).to(torch.bfloat16)
+
+    def same(logits, labels, ignore_index, grad):
+        return logit_grad_ref(logits, labels, ignore_index, grad)
+
+    def loss_off(logits, labels, ignore_index, grad):
+        loss, g = logit_grad_ref(logits, labels, ignore_index, grad)
+        return loss * (1 + 1e-3), g
+
+    def grad_off(logits, labels, ignore_index, grad):
+        loss, g = logit_grad_ref(logits, labels, ignore_index, grad)
+        return loss, g.roll(1, dims=1)
+
+    def raises(logits, labels, ignore_index, grad):
+        raise RuntimeError("no kernel here")
+
+    assert checked(same, weight) is same
+    for wrong in (loss_off, grad_off, raises):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="deltapack"):
+            assert checked(wrong, weight) is logit_grad_ref
+        assert wrong.__name__ in caplog.text

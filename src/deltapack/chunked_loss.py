@@ -13,13 +13,24 @@ transformers' ``ForCausalLMLoss`` up to fp32 summation order: the sum over token
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "chunked_lm_loss", "chunked_lm_loss_ref", "why_not_chunked"]
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "chunked_lm_loss",
+    "chunked_lm_loss_ref",
+    "logit_grad_fla",
+    "logit_grad_ref",
+    "why_not_chunked",
+]
+
+logger = logging.getLogger("deltapack")
 
 DEFAULT_CHUNK_TOKENS = 4096
 # config fields through which a model scales or caps its logits before the loss (the chunked path would skip them)
@@ -53,14 +64,106 @@ def _plain_linear(head: nn.Module) -> bool:
     return type(head) is nn.Linear and plain and not any(hooks)
 
 
+def logit_grad_ref(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_index: int, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's cross-entropy: (the sum over its tokens, a 0-dim fp32 tensor; with ``grad``, the gradient of
+    that sum with respect to the logits, ``softmax - one_hot`` with zero rows where the label is ``ignore_index``,
+    in the logits' dtype, else None). logits_CV: [C, V] in the LM head's dtype, upcast to fp32 as the model's loss
+    does; labels_C: [C] int64. May overwrite ``logits_CV``."""
+    dtype = logits_CV.dtype
+    logits_CV = logits_CV.float()
+    valid_C = labels_C != ignore_index
+    target_C = torch.where(valid_C, labels_C, 0)
+    lse_C = torch.logsumexp(logits_CV, dim=-1)
+    picked_C = logits_CV.gather(1, target_C[:, None])[:, 0]
+    loss = torch.where(valid_C, lse_C - picked_C, 0.0).sum()
+    if not grad:
+        return loss, None
+    g_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the fp32 logits
+    g_CV[torch.arange(len(labels_C), device=labels_C.device), target_C] -= 1.0
+    return loss, g_CV.mul_(valid_C[:, None]).to(dtype)
+
+
+def logit_grad_fla(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, ignore_index: int, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logit_grad_ref` on FLA's fused cross-entropy Triton kernels (CUDA, fp16 / bf16 logits): one pass for
+    the loss and the log-sum-exp, one that writes the gradient over the logits (fp32 math in both)."""
+    from fla.modules.fused_cross_entropy.ops import cross_entropy_bwd, cross_entropy_fwd
+
+    losses_C, _, lse_C, classes, first = cross_entropy_fwd(logits_CV, labels_C, ignore_index=ignore_index)
+    if not grad:
+        return losses_C.sum(), None
+    g_CV = cross_entropy_bwd(
+        logits_CV, labels_C, lse_C, torch.ones_like(losses_C), ignore_index=ignore_index, total_classes=classes,
+        class_start_idx=first, inplace_backward=True,
+    )  # fmt: skip
+    return losses_C.sum(), g_CV
+
+
+# the chosen chunk step per (dtype, vocabulary) on CUDA: FLA's kernels once they matched the reference, else it
+_LOGIT_GRAD: dict[tuple[torch.dtype, int], object] = {}
+LOGIT_GRAD_TOL = {"loss": 1e-5, "grad": 1e-2}  # relative L2; the gradient is rounded to bf16 / fp16 (2^-8 / 2^-11)
+
+
+def _logit_grad_fn(weight_VD: torch.Tensor):
+    """The chunk step for this head: on CUDA in half precision FLA's kernels if they match :func:`logit_grad_ref`
+    on random logits of its vocabulary and dtype (checked once per process; a mismatch or a failure is logged and
+    the reference runs from then on), else (CPU, fp32, under torch.compile) the reference."""
+    half = weight_VD.dtype in (torch.float16, torch.bfloat16)
+    if not (weight_VD.is_cuda and half) or torch.compiler.is_compiling():
+        return logit_grad_ref
+    key = (weight_VD.dtype, weight_VD.shape[0])
+    if key not in _LOGIT_GRAD:
+        _LOGIT_GRAD[key] = checked(logit_grad_fla, weight_VD) if _has_fla() else logit_grad_ref
+    return _LOGIT_GRAD[key]
+
+
+def _has_fla() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
+def checked(candidate, weight_VD: torch.Tensor):  # noqa: ANN001, ANN201
+    """``candidate`` (a chunk step with :func:`logit_grad_ref`'s signature) if it matches the reference on random
+    logits of this head's vocabulary, dtype and device within :data:`LOGIT_GRAD_TOL`, else the reference (logged)."""
+    try:
+        with torch.no_grad():
+            gen = torch.Generator(device=weight_VD.device).manual_seed(0)
+            shape = (64, weight_VD.shape[0])
+            logits = (4 * torch.randn(shape, generator=gen, device=weight_VD.device)).to(weight_VD.dtype)
+            labels = torch.randint(0, shape[1], shape[:1], generator=gen, device=weight_VD.device)
+            labels[::7] = -100
+            ref_loss, ref_grad = logit_grad_ref(logits.clone(), labels, -100, True)
+            loss, grad = candidate(logits.clone(), labels, -100, True)
+            errors = {
+                "loss": float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-30)),
+                "grad": float((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm().clamp_min(1e-30)),
+            }
+    except Exception as err:  # noqa: BLE001 - any failure means: not this backend
+        logger.warning("deltapack: %s failed (%r); the chunked loss runs its reference", candidate.__name__, err)
+        return logit_grad_ref
+    if any(errors[k] > LOGIT_GRAD_TOL[k] for k in errors):
+        logger.warning(
+            "deltapack: %s differs from the reference (relative %s, tolerance %s); the chunked loss runs its "
+            "reference", candidate.__name__, errors, LOGIT_GRAD_TOL,
+        )  # fmt: skip
+        return logit_grad_ref
+    logger.info("deltapack: the chunked loss runs %s (checked: relative %s)", candidate.__name__, errors)
+    return candidate
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """Sum over tokens of ``cross_entropy(F.linear(h, W, b).float(), y)``, chunk by chunk, its gradients
     computed in the forward while each chunk's logits exist.
 
     hidden_ND [N, D], weight_VD [V, D] (and bias_V) in the head's dtype; labels_N int64. Per chunk of C tokens the
-    fp32 logits [C, V] give the loss and ``softmax - one_hot`` (zero on ignored labels), which, in the head's dtype
-    as autograd would cast it, makes dh = g @ W, dW += g^T @ h (fp32 accumulator) and db += sum(g). The backward
-    multiplies them by the incoming gradient of the sum.
+    logits [C, V] give (the chunk step, :func:`logit_grad_ref` or FLA's kernels) the loss and the gradient
+    ``softmax - one_hot`` (fp32 math, zero on ignored labels) in the head's dtype, as autograd would cast it; then
+    dh = g @ W, dW += g^T @ h (fp32 accumulator) and db += sum(g). The backward multiplies them by the incoming
+    gradient of the sum.
     """
 
     @staticmethod
@@ -70,20 +173,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h = torch.empty_like(hidden_ND) if need_h else None
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
         grad_b = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if need_b else None
+        logit_grad = _logit_grad_fn(weight_VD)
         for start in range(0, hidden_ND.shape[0], chunk):
             h_CD, y_C = hidden_ND[start : start + chunk], labels_N[start : start + chunk]
-            logits_CV = F.linear(h_CD, weight_VD, bias_V).float()
-            valid_C = y_C != ignore_index
-            target_C = torch.where(valid_C, y_C, 0)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            picked_C = logits_CV.gather(1, target_C[:, None])[:, 0]
-            total = total + torch.where(valid_C, lse_C - picked_C, 0.0).sum()
-            if not (need_h or need_w or need_b):
+            loss, g_CV = logit_grad(F.linear(h_CD, weight_VD, bias_V), y_C, ignore_index, need_h or need_w or need_b)
+            total = total + loss
+            if g_CV is None:
                 continue
-            g_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
-            g_CV[torch.arange(len(y_C), device=y_C.device), target_C] -= 1.0
-            g_CV.mul_(valid_C[:, None])
-            g_CV = g_CV.to(weight_VD.dtype)
             if need_h:
                 grad_h[start : start + chunk] = g_CV @ weight_VD
             if need_w:
