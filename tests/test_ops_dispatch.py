@@ -49,7 +49,7 @@ def test_asking_for_fla_on_cpu_raises_a_clear_error():
 def test_unknown_backend_names_the_choices(monkeypatch):
     x, w = conv_inputs()
     with pytest.raises(ValueError, match="expected one of"):
-        ops.causal_conv1d(x, w, segments=seg_of([2, 4]), backend="triton")
+        ops.causal_conv1d(x, w, segments=seg_of([2, 4]), backend="tilelang")
     monkeypatch.setenv("DELTAPACK_ATTENTION_BACKEND", "xformers")
     with pytest.raises(ValueError, match="expected one of"):
         attention.resolve_attention_backend(None, torch.empty(0, 1, 8))
