@@ -1,10 +1,13 @@
 """The varlen depthwise causal conv of the GDN layer against its memory floor: FLA's Triton kernels vs FLA's Gluon
-kernels (``FLA_CONV_GLUON=1``, if this Triton has Gluon), forward and forward+backward, bf16.
+kernels (``FLA_CONV_GLUON=1``, if this Triton has Gluon) vs deltapack's own Triton kernels
+(:mod:`deltapack.ops.conv_triton`), forward and forward+backward, bf16.
 
 The e2e spec's 32768 tokens (40 documents) and the model's conv (channels 2 * 16 * 128 + 32 * 128 = 8192, width 4,
-no bias, SiLU), through ``deltapack.ops.causal_conv1d(..., backend="fla")``. For each FLA backend:
+no bias, SiLU), through ``deltapack.ops.causal_conv1d(..., backend="fla")`` (entries "triton" and "gluon") and
+``backend="triton"`` (entry "deltapack_triton"). For each entry:
 
-- ``forward_ms`` / ``forward_backward_ms``: medians (CUDA events);
+- ``forward_ms`` / ``forward_backward_ms``: medians (CUDA events); ``backward_ms`` their difference;
+- ``kernel_failure`` (deltapack_triton): why its kernels failed and the reference ran instead, else None;
 - ``dispatch_log``: what FLA's dispatcher logged (the Gluon backend's verifier may refuse an input; then FLA's
   Triton kernels ran);
 - ``vs_reference``: relative L2 errors of y and of the x and weight gradients against deltapack's exact reference
@@ -31,7 +34,8 @@ from common import cuda_time_ms, document_lengths, environment, load_spec, write
 
 from deltapack import Boundaries, ops  # noqa: E402
 
-BACKENDS = {"triton": "0", "gluon": "1"}  # FLA_CONV_GLUON for each
+# entry: (deltapack backend, FLA_CONV_GLUON)
+BACKENDS = {"triton": ("fla", "0"), "gluon": ("fla", "1"), "deltapack_triton": ("triton", "0")}
 
 
 class _Dispatch(logging.Handler):
@@ -113,21 +117,26 @@ def main() -> None:
     logging.getLogger("fla").setLevel(logging.INFO)
     bandwidth = copy_bandwidth()
     stream = total * channels * x.element_size()
-    floors = {"forward": 2 * stream / bandwidth * 1e3, "forward_backward": 5 * stream / bandwidth * 1e3}
+    floors = {k: n * stream / bandwidth * 1e3 for k, n in (("forward", 2), ("backward", 3), ("forward_backward", 5))}
     result["copy_bandwidth_TBps"] = bandwidth / 1e12
     result["floor_ms"] = floors
-    for name, flag in BACKENDS.items():
+    for name, (backend, flag) in BACKENDS.items():
         os.environ["FLA_CONV_GLUON"] = flag  # FLA reads it at every call
-        entry: dict = {}
+        entry: dict = {"backend": backend}
         try:
-            got = run("fla")
+            got = run(backend)
             entry["vs_reference"] = dict(zip(("y", "dx", "dweight"), map(rel, got, ref)))
             with torch.no_grad():
                 entry["forward_ms"] = cuda_time_ms(
-                    lambda: ops.causal_conv1d(x, weight, None, "silu", segments=segments, backend="fla")
+                    lambda b=backend: ops.causal_conv1d(x, weight, None, "silu", segments=segments, backend=b)
                 )["median_ms"]
-            entry["forward_backward_ms"] = cuda_time_ms(lambda: run("fla"))["median_ms"]
+            entry["forward_backward_ms"] = cuda_time_ms(lambda b=backend: run(b))["median_ms"]
+            entry["backward_ms"] = entry["forward_backward_ms"] - entry["forward_ms"]
             entry["vs_floor"] = {k: entry[f"{k}_ms"] / floors[k] for k in floors}
+            if backend == "triton":  # a kernel that failed at run time is logged and the reference runs instead
+                from deltapack.ops import conv_triton
+
+                entry["kernel_failure"] = conv_triton.FAILURE.reason or None
         except Exception as err:  # noqa: BLE001 - recorded; the other backend still runs
             entry["error"] = repr(err)[:500]
         entry["dispatch_log"] = list(dispatch.lines)
