@@ -11,9 +11,13 @@ Forward: one pass, x read and y written, fp32 accumulation, y in x's dtype; noth
 Backward: one pass over dy and x. With dz = dy * act'(pre) (the pre-activation recomputed from x):
     dx[t, c] = sum_s weight[c, W-1-s] * dz[t+s, c]          (t+s in t's document)
     dweight[c, W-1-j] = sum_t dz[t, c] * x[t-j, c]            (t-j in t's document),   dbias[c] = sum_t dz[t, c]
-A program walks TILES consecutive token tiles of one channel block and writes its fp32 partial sums of dweight
-and dbias ([programs along T, D, W] and [programs along T, D]); one ``.sum(0)`` adds them up in a fixed order
-(deterministic, no atomics). The dz of the W - 1 rows below a tile are recomputed, not exchanged.
+A tile loads each of the 2W - 1 rows of x it needs (offsets -(W-1)..W-1) once, masked to its document, and
+recomputes the dz of the W - 1 rows below it (Triton cannot shift a tile in registers; the SiLU is recomputed W
+times per element instead of exchanged). A program walks TILES consecutive token tiles of one channel block, sums
+dweight and dbias per tile row in fp32 and writes one partial per program ([programs along T, D, W] and
+[programs along T, D]); one ``.sum(0)`` adds them up in a fixed order (deterministic, no atomics).
+
+Block sizes (no autotuning) keep the registers below spilling on sm_90, checked with ptxas.
 
 Legend: T = tokens, D = channels, W = conv width (taps), BT x BD = a program's tile.
 """
@@ -31,11 +35,11 @@ from deltapack.ops.segments import Segments
 __all__ = ["FAILURE", "MAX_WIDTH", "CausalConv1dTriton", "causal_conv1d_triton"]
 
 MAX_WIDTH = 4  # the dweight accumulators are spelled out for up to 4 taps
-FWD_BT, FWD_BD, FWD_WARPS = 64, 128, 4
-BWD_BT, BWD_BD, BWD_WARPS = 32, 128, 4
-# A backward program walks TILES token tiles (a power of two up to MAX_TILES, so at most 5 compiled variants):
+FWD_BT, FWD_BD, FWD_WARPS = 32, 128, 8  # one 8-channel vector per thread per row: ~70 registers on sm_90
+BWD_BT, BWD_BD, BWD_WARPS = 16, 64, 4  # one row of 8 channels per thread: ~170 registers on sm_90, no spills
+# A backward program walks TILES token tiles (a power of two up to MAX_TILES, so at most 6 compiled variants):
 # about BWD_TOKEN_PROGRAMS programs along T, which bounds the fp32 partials to about 64 x D x (W + 1)
-BWD_TOKEN_PROGRAMS, MAX_TILES = 64, 16
+BWD_TOKEN_PROGRAMS, MAX_TILES = 64, 32
 FAILURE = KernelFailure("the Triton causal conv1d", "causal_conv1d")
 
 
@@ -71,21 +75,65 @@ def _conv_fwd(x, w, b, seq, y, T, D, W: tl.constexpr, HAS_BIAS: tl.constexpr, SI
 
 
 @triton.jit
+def _rows(x, seq, t, o: tl.constexpr, doc, T, c, cmask, D, LOAD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """x at rows t + o [BT] where that row is in document ``doc`` (else 0), [BT, BD] in x's dtype (half the
+    registers of fp32 for bf16; converted where used); zeros unless LOAD."""
+    if LOAD:
+        v = t + o
+        ok = (v >= 0) & (v < T)
+        ok = ok & (tl.load(seq + v, mask=ok, other=-1) == doc)
+        xo = tl.load(x + v.to(tl.int64)[:, None] * D + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+    else:
+        xo = tl.zeros((BT, BD), dtype=x.dtype.element_ty)
+    return xo
+
+
+@triton.jit
+def _pick(o: tl.constexpr, xm3, xm2, xm1, x0, xp1, xp2, xp3):
+    """The tile of offset o in -3..3, in fp32."""
+    if o == -3:
+        r = xm3
+    elif o == -2:
+        r = xm2
+    elif o == -1:
+        r = xm1
+    elif o == 0:
+        r = x0
+    elif o == 1:
+        r = xp1
+    elif o == 2:
+        r = xp2
+    else:
+        r = xp3
+    return r.to(tl.float32)
+
+
+@triton.jit
 def _conv_bwd(x, w, b, seq, dy, dx, dw_part, db_part, T, D, TILES: tl.constexpr, W: tl.constexpr,
               HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
     pid_t = tl.program_id(0)
     c = tl.program_id(1) * BD + tl.arange(0, BD)
     cmask = c < D
-    # dweight[:, W-1-j] partials for j = 0..3 (those with j >= W stay unused) and dbias
-    dw0 = tl.zeros((BD,), dtype=tl.float32)
-    dw1 = tl.zeros((BD,), dtype=tl.float32)
-    dw2 = tl.zeros((BD,), dtype=tl.float32)
-    dw3 = tl.zeros((BD,), dtype=tl.float32)
-    db = tl.zeros((BD,), dtype=tl.float32)
+    # dweight[:, W-1-j] partials for j = 0..3 (those with j >= W stay unused) and dbias, kept per row of the tile
+    # and summed over the rows once at the end (a cross-warp reduction per tile would cost more)
+    dw0 = tl.zeros((BT, BD), dtype=tl.float32)
+    dw1 = tl.zeros((BT, BD), dtype=tl.float32)
+    dw2 = tl.zeros((BT, BD), dtype=tl.float32)
+    dw3 = tl.zeros((BT, BD), dtype=tl.float32)
+    db = tl.zeros((BT, BD), dtype=tl.float32)
     for i in range(0, TILES):
         t = (pid_t * TILES + i) * BT + tl.arange(0, BT)
         tmask = t < T
         doc = tl.load(seq + t, mask=tmask, other=-2)
+        # each row of x this tile reads, once: offsets -(W-1)..W-1 (the positive ones only to recompute the
+        # pre-activation under SiLU), zero outside t's document
+        xm3 = _rows(x, seq, t, -3, doc, T, c, cmask, D, W > 3, BT, BD)
+        xm2 = _rows(x, seq, t, -2, doc, T, c, cmask, D, W > 2, BT, BD)
+        xm1 = _rows(x, seq, t, -1, doc, T, c, cmask, D, W > 1, BT, BD)
+        x0 = _rows(x, seq, t, 0, doc, T, c, cmask, D, True, BT, BD)
+        xp1 = _rows(x, seq, t, 1, doc, T, c, cmask, D, SILU and W > 1, BT, BD)
+        xp2 = _rows(x, seq, t, 2, doc, T, c, cmask, D, SILU and W > 2, BT, BD)
+        xp3 = _rows(x, seq, t, 3, doc, T, c, cmask, D, SILU and W > 3, BT, BD)
         dx_acc = tl.zeros((BT, BD), dtype=tl.float32)
         dz0 = tl.zeros((BT, BD), dtype=tl.float32)
         for s in tl.static_range(W):
@@ -94,8 +142,13 @@ def _conv_bwd(x, w, b, seq, dy, dx, dw_part, db_part, T, D, TILES: tl.constexpr,
             keep = keep & (tl.load(seq + u, mask=keep, other=-1) == doc)
             g = tl.load(dy + u.to(tl.int64)[:, None] * D + c[None, :], mask=keep[:, None] & cmask[None, :], other=0.0)
             g = g.to(tl.float32)
-            if SILU:
-                pre = _pre(x, w, b, seq, u, doc, keep, c, cmask, D, W, HAS_BIAS, BT, BD)
+            if SILU:  # the pre-activation of row u (in t's document where keep; g is 0 elsewhere)
+                pre = tl.zeros((BT, BD), dtype=tl.float32)
+                if HAS_BIAS:
+                    pre += tl.load(b + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                for j in tl.static_range(W):
+                    wj = tl.load(w + c * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)
+                    pre += _pick(s - j, xm3, xm2, xm1, x0, xp1, xp2, xp3) * wj[None, :]
                 sig = tl.sigmoid(pre)
                 g = g * sig * (1.0 + pre * (1.0 - sig))
             ws = tl.load(w + c * W + (W - 1 - s), mask=cmask, other=0.0).to(tl.float32)
@@ -104,31 +157,25 @@ def _conv_bwd(x, w, b, seq, dy, dx, dw_part, db_part, T, D, TILES: tl.constexpr,
                 dz0 = g
         tl.store(dx + t.to(tl.int64)[:, None] * D + c[None, :], dx_acc.to(dx.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])  # fmt: skip
-        db += tl.sum(dz0, axis=0)
-        for j in tl.static_range(W):
-            v = t - j
-            take = tmask & (v >= 0)
-            take = take & (tl.load(seq + v, mask=take, other=-1) == doc)
-            xv = tl.load(x + v.to(tl.int64)[:, None] * D + c[None, :], mask=take[:, None] & cmask[None, :], other=0.0)
-            part = tl.sum(dz0 * xv.to(tl.float32), axis=0)
-            if j == 0:
-                dw0 += part
-            elif j == 1:
-                dw1 += part
-            elif j == 2:
-                dw2 += part
-            else:
-                dw3 += part
+        if HAS_BIAS:
+            db += dz0
+        dw0 += dz0 * x0.to(tl.float32)
+        if W > 1:
+            dw1 += dz0 * xm1.to(tl.float32)
+        if W > 2:
+            dw2 += dz0 * xm2.to(tl.float32)
+        if W > 3:
+            dw3 += dz0 * xm3.to(tl.float32)
     row = dw_part + (pid_t * D + c) * W
-    tl.store(row + (W - 1), dw0, mask=cmask)
+    tl.store(row + (W - 1), tl.sum(dw0, axis=0), mask=cmask)
     if W > 1:
-        tl.store(row + (W - 2), dw1, mask=cmask)
+        tl.store(row + (W - 2), tl.sum(dw1, axis=0), mask=cmask)
     if W > 2:
-        tl.store(row + (W - 3), dw2, mask=cmask)
+        tl.store(row + (W - 3), tl.sum(dw2, axis=0), mask=cmask)
     if W > 3:
-        tl.store(row + (W - 4), dw3, mask=cmask)
+        tl.store(row + (W - 4), tl.sum(dw3, axis=0), mask=cmask)
     if HAS_BIAS:
-        tl.store(db_part + pid_t * D + c, db, mask=cmask)
+        tl.store(db_part + pid_t * D + c, tl.sum(db, axis=0), mask=cmask)
 
 
 def _reference_grads(ctx, x_TD, weight, bias, dy_TD):  # noqa: ANN001, ANN202
