@@ -7,7 +7,11 @@ there these tests skip, and the GPU test ``tests/gpu/test_conv_triton_gpu.py`` c
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported; a no-op where it was imported already
 
@@ -89,3 +93,20 @@ def test_verifier_and_registration():
     assert ops.OPS["causal_conv1d"].names == ("fla", "triton", "reference")  # automatic order unchanged: fla first
     with pytest.raises(RuntimeError, match="backend 'triton' was requested for causal_conv1d .*CUDA"):
         ops.causal_conv1d(x, w, segments=segments, backend="triton")
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The compiled (not interpreted) kernels: built for sm_90 by Triton's NVIDIA backend and its ptxas (no GPU
+    needed), in a subprocess without TRITON_INTERPRET; the chosen block sizes must not spill registers."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = Path(__file__).with_name("conv_triton_sm90_build.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(conv_triton.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("Triton's ptxas is not installed")
+    assert done.returncode == 0, done.stderr[-2000:]
+    built = json.loads(done.stdout)
+    assert len(built) == 8
+    for variant, figures in built.items():
+        assert figures["spill_bytes"] == 0, (variant, figures)
