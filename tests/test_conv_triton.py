@@ -50,7 +50,7 @@ def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
 
 
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
 @pytest.mark.parametrize(("with_bias", "activation"), [(False, None), (True, "silu"), (False, "swish")])
 def test_triton_conv_equals_the_reference(width, with_bias, activation):
     gen = torch.Generator().manual_seed(width)

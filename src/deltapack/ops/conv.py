@@ -39,8 +39,8 @@ def verify_causal_conv1d_triton(
         return False, f"x is {x.dtype}; the Triton conv takes fp16, bf16 or fp32"
     if x.dim() != 3 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         return False, f"x {tuple(x.shape)}, weight {tuple(weight.shape)}; the Triton conv takes [1, T, D] and [D, W]"
-    if weight.shape[1] > TRITON_MAX_WIDTH:
-        return False, f"width {weight.shape[1]}; the Triton conv takes at most {TRITON_MAX_WIDTH} taps"
+    if not 1 <= weight.shape[1] <= TRITON_MAX_WIDTH:
+        return False, f"width {weight.shape[1]}; the Triton conv takes 1 to {TRITON_MAX_WIDTH} taps"
     if weight.dtype not in (x.dtype, torch.float32):
         # the reference rounds x to the weight's dtype first; the kernel reads x as it is
         return False, f"weight is {weight.dtype}, x {x.dtype}; the Triton conv takes a weight in x's dtype or fp32"
