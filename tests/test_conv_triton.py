@@ -66,6 +66,8 @@ def test_triton_conv_equals_the_reference(width, with_bias, activation):
     for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert _max_err(g, r) <= 1e-5, (name, _max_err(g, r))
+    if width == 1:  # one tap reads no other token: there is no cut to ignore
+        return
     # the same input as one document: the cut matters, so a conv that ignored it would fail above
     whole = _run(causal_conv1d_ref, x, w, b, activation, Segments.from_cu_seqlens([0, total]), dy)
     assert _max_err(whole[0], want[0]) > 1e-2 and _max_err(whole[1], want[1]) > 1e-2
