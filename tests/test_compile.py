@@ -117,11 +117,14 @@ def test_compiled_model_equals_eager_without_recompiling(arch: str):
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "llama"])
 def test_each_decoder_layer_compiles_as_one_graph(arch: str):
-    """As torchtitan compiles: every decoder layer on its own with fullgraph=True (a graph break would raise)."""
+    """As torchtitan compiles: every decoder layer on its own with fullgraph=True (a graph break would raise), for
+    packed batches and for an unpacked one."""
     model = _model(arch)
     deltapack.patch(model)
     splits = [_batch(split) for split in SPLITS]
     want = [_step(model, model, ids, mask) for _, ids, mask in splits]
+    _, one_ids, one_mask = _batch((sum(SPLITS[0]),))  # one document: unpacked, the layers' own path
+    want_unpacked = _step(model, model, one_ids, one_mask)
     counter = CompileCounterWithBackend("aot_eager")
     layers = model.get_decoder().layers
     for layer in layers:
@@ -133,6 +136,7 @@ def test_each_decoder_layer_compiles_as_one_graph(arch: str):
         frames = counter.frame_count if frames is None else frames
         assert counter.frame_count == frames
     assert frames >= 1
+    _assert_close(_step(model, model, one_ids, one_mask), want_unpacked)  # also one graph per layer
     deltapack.unpatch(model)
     for layer in layers:
         layer._compiled_call_impl = None

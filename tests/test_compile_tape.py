@@ -125,16 +125,21 @@ def test_a_saved_buffer_the_backward_does_not_get_is_recomputed(runs):
         assert not opaque._TAPES
 
 
-def test_checkpoint_around_a_compiled_function_is_exact(runs):
-    """A non-reentrant checkpoint around compiled ops: the recomputed forward keeps the tapes the backward uses (the
-    op's saved tensors do not go to the checkpoint's hooks), gradients equal eager's, nothing is left over."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["hooks", "reentrant"])
+def test_checkpoint_around_a_compiled_function_is_exact(runs, reentrant):
+    """A checkpoint around compiled ops: the recomputed forward keeps the tapes the backward uses (the op's saved
+    tensors do not go to a non-reentrant checkpoint's hooks, which drop the first forward's handles, so its tapes go
+    at once; a reentrant one's first forward runs without grad and keeps none), gradients equal eager's."""
     compiled = torch.compile(_three_ops, backend="aot_eager", fullgraph=True)
     inputs, segments = _gdn_inputs((30, 34, 6))
     want = torch.autograd.grad(_three_ops(*inputs, segments), inputs)
     compiled(*inputs, segments)
     runs.clear()
-    out = torch.utils.checkpoint.checkpoint(compiled, *inputs, segments, use_reentrant=False)
-    got = torch.autograd.grad(out, inputs)
+    out = torch.utils.checkpoint.checkpoint(compiled, *inputs, segments, use_reentrant=reentrant)
+    gc.collect()
+    assert not opaque._TAPES  # the checkpoint keeps no handle: the first forward's tapes are freed at once
+    out.backward()  # a reentrant checkpoint refuses autograd.grad
+    got = [t.grad for t in inputs]
     assert _rel(got, want) <= GRAD_RTOL
     assert runs == Counter(dict.fromkeys(OPS, 2))  # the checkpoint's recompute, then the tape
     gc.collect()

@@ -750,6 +750,8 @@ def _packed_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     bounds: Boundaries | None = kwargs.get("boundaries") or active_boundaries()
     spec = packed_layer_of(self)
     if bounds is None:
+        if torch.compiler.is_compiling():  # dynamo cannot trace the check below; compiled, the replay is the graph's
+            return inner(*args, **kwargs)
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1 and self.__dict__.get(_LAST_PACKED):
             # a replay in the backward pass (activation checkpointing) outside the packing scope: running the
             # layer's own forward would treat the packed stream as one document
