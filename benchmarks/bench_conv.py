@@ -95,6 +95,7 @@ def main() -> None:
         y.backward(dy)
         return y, x.grad, weight.grad
 
+    torch.backends.cudnn.allow_tf32 = False  # the fp32 reference in fp32, not TF32 (cuDNN's default)
     x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     y_ref = ops.causal_conv1d(x32, w32, None, "silu", segments=segments, backend="reference")
     y_ref.backward(dy.float())

@@ -67,14 +67,19 @@ def _check_on_this_gpu(kernels: Any) -> None:
     total, channels, width = 200, 160, 4
     inputs = [torch.randn(1, total, channels, generator=gen), torch.randn(channels, width, generator=gen),
               torch.randn(channels, generator=gen)]  # fmt: skip
-    check_fast_backend(
-        "the Triton causal conv1d",
-        lambda x, w, b: kernels.causal_conv1d_triton(x, w, b, "silu", segments=segments),
-        lambda x, w, b: causal_conv1d_ref(x, w, b, "silu", segments=segments),
-        [t.cuda() for t in inputs],
-        tol=1e-4,
-        failure=kernels.FAILURE,
-    )
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the reference's fp32 conv in fp32, not TF32 (cuDNN's default)
+    try:
+        check_fast_backend(
+            "the Triton causal conv1d",
+            lambda x, w, b: kernels.causal_conv1d_triton(x, w, b, "silu", segments=segments),
+            lambda x, w, b: causal_conv1d_ref(x, w, b, "silu", segments=segments),
+            [t.cuda() for t in inputs],
+            tol=1e-4,
+            failure=kernels.FAILURE,
+        )
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 TRITON_BACKEND = Backend(
