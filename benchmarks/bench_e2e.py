@@ -16,7 +16,8 @@ With ``--compile``, the GPU training configuration README recommends, step by st
 - deltapack_compiled_flashqla: that, with FLA's FlashQLA GDN backend (``FLA_FLASH_QLA=1``; only if the
   ``flash_qla`` package is installed; its first call JIT-compiles for about 90 s);
 - deltapack_compiled_flashqla_gluon_conv: that, with FLA's Gluon conv kernels (``FLA_CONV_GLUON=1``; only if this
-  Triton has Gluon).
+  Triton has Gluon);
+- deltapack_compiled_flashqla_triton_conv: that, with deltapack's own Triton conv (``DELTAPACK_BACKEND=triton``).
 
 ``recommended`` is the fastest of the compiled modes; ``speedup_vs_eager`` its tokens/s over the deltapack mode's
 (today's eager path), both from this run; ``mfu`` is the recommended mode's (``mfu_eager`` the deltapack mode's).
@@ -137,22 +138,35 @@ def time_passes(model, make_steps, warmup: int = 1, reps: int = 3) -> dict:
     }
 
 
-COMPILED_MODES = ("deltapack_compiled", "deltapack_compiled_flashqla", "deltapack_compiled_flashqla_gluon_conv")
+COMPILED_MODES = (
+    "deltapack_compiled",
+    "deltapack_compiled_flashqla",
+    "deltapack_compiled_flashqla_gluon_conv",
+    "deltapack_compiled_flashqla_triton_conv",
+)
 
 
 def configure(model, mode: str, compiled: bool) -> None:
     """Put the patched ``model`` in ``mode``'s configuration: chunked loss for every mode past the eager one,
-    FlashQLA for the ``*_flashqla*`` modes, FLA's Gluon conv for ``*_gluon_conv``, every decoder layer compiled
-    (``compiled``) or not."""
-    deltapack.unpatch(model)
-    deltapack.patch(model, chunked_loss=mode != "deltapack")
-    os.environ["FLA_FLASH_QLA"] = "1" if "_flashqla" in mode else "0"  # FLA reads both at every call
+    FlashQLA for the ``*_flashqla*`` modes, FLA's Gluon conv for ``*_gluon_conv``, deltapack's Triton conv for
+    ``*_triton_conv``, every decoder layer compiled (``compiled``) or not. The kernel choices are environment
+    variables read at every call, so a mode that changes only them keeps the compiled layers (no recompile)."""
+    state = (mode != "deltapack", compiled)
+    if getattr(model, "_bench_state", None) != state:
+        deltapack.unpatch(model)
+        deltapack.patch(model, chunked_loss=state[0])
+        for layer in model.get_decoder().layers:
+            if compiled:
+                layer.compile()
+            else:
+                layer._compiled_call_impl = None
+        model._bench_state = state
+    os.environ["FLA_FLASH_QLA"] = "1" if "_flashqla" in mode else "0"
     os.environ["FLA_CONV_GLUON"] = "1" if mode.endswith("_gluon_conv") else "0"
-    for layer in model.get_decoder().layers:
-        if compiled:
-            layer.compile()
-        else:
-            layer._compiled_call_impl = None
+    if mode.endswith("_triton_conv"):  # the conv is the one op of this model with a "triton" backend
+        os.environ["DELTAPACK_BACKEND"] = "triton"
+    else:
+        os.environ.pop("DELTAPACK_BACKEND", None)
 
 
 def compiled_modes(model, modes: dict, make_steps, reps: int) -> None:
@@ -163,6 +177,7 @@ def compiled_modes(model, modes: dict, make_steps, reps: int) -> None:
         plan.append(("deltapack_compiled_flashqla", True, 2))
         if importlib.util.find_spec("triton.experimental.gluon") is not None:  # the compiled graphs stay: one warm-up
             plan.append(("deltapack_compiled_flashqla_gluon_conv", True, 1))
+        plan.append(("deltapack_compiled_flashqla_triton_conv", True, 1))
     for name, compiled, warmup in plan:
         try:
             configure(model, name, compiled)
