@@ -178,12 +178,21 @@ def compiled_modes(model, modes: dict, make_steps, reps: int) -> None:
         if importlib.util.find_spec("triton.experimental.gluon") is not None:  # the compiled graphs stay: one warm-up
             plan.append(("deltapack_compiled_flashqla_gluon_conv", True, 1))
         plan.append(("deltapack_compiled_flashqla_triton_conv", True, 1))
+    from deltapack.ops import opaque
+
     for name, compiled, warmup in plan:
         try:
             configure(model, name, compiled)
             modes[name] = time_passes(model, make_steps, warmup=warmup, reps=reps)
         except Exception as err:  # noqa: BLE001 - record it; the other modes stand
             modes[name] = {"error": repr(err)[:500]}
+            if compiled and not opaque.RECOMPUTE:  # once more with each op's forward recomputed in its backward
+                opaque.RECOMPUTE = True
+                try:
+                    modes[name] = time_passes(model, make_steps, warmup=warmup, reps=reps)
+                    modes[name]["opaque_recompute_after"] = repr(err)[:500]
+                except Exception as again:  # noqa: BLE001
+                    modes[name]["error_with_recompute"] = repr(again)[:500]
         torch.cuda.empty_cache()
     configure(model, "deltapack", compiled=False)
 

@@ -60,9 +60,11 @@ done
 for what in "${stages[@]}"; do
   case "$what" in
     tests) stage tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short --timeout="${TEST_TIMEOUT:-150}" -m gpu tests/gpu -p no:cacheprovider ;;
-    # the chunked loss on FLA's cross-entropy kernels, then torch.compile (COMPILE_TESTS_K: a pytest -k selection)
+    # the chunked loss on FLA's cross-entropy kernels, deltapack's Triton conv, then torch.compile (COMPILE_TESTS_K:
+    # a pytest -k selection)
     compile-tests) stage compile-tests "${TESTS_LIMIT:-400}" python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
-        --timeout="${TEST_TIMEOUT:-150}" tests/gpu/test_chunked_loss_gpu.py tests/gpu/test_compile_gpu.py \
+        --timeout="${TEST_TIMEOUT:-150}" tests/gpu/test_chunked_loss_gpu.py tests/gpu/test_conv_triton_gpu.py \
+        tests/gpu/test_compile_gpu.py \
         ${COMPILE_TESTS_K:+-k "$COMPILE_TESTS_K"} ;;
     layer) stage layer "${LAYER_LIMIT:-240}" python benchmarks/bench_layer.py --out "$out/layer.json" ;;
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
