@@ -45,6 +45,9 @@ stage() {  # name, time limit (s), command...
   grep -v "TileLang\|falling back to its reference" "$out/$name.log" | tail -n "${TAIL:-40}"
   # after every stage, so that a run cut short still hands its autotuning on
   (cd "$cache" && find . -name '*.autotune.json' | tar -cJf "$out/autotune_cache.tar.xz" -T -)
+  # and every JSON and log so far in one file that sorts first: a transfer that returns only the first few files
+  # of the folder (alphabetically) still returns all of them
+  (cd "$out" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) | tar -cJf 00_outputs.tar.xz -T -)
 }
 cp2_rows() {  # CP=2's rows: $3 if set (comma-separated), else from the CP=1 run of this call, else a ladder from $2
   if [ -n "$3" ]; then echo "--sizes $3"; elif [ -f "$1" ]; then echo "--from-cp1 $1"; else echo "--first-tokens $2"; fi
