@@ -7,7 +7,8 @@
 #   [compile-tests] [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
 #   model by kernel category: eager, or the recommended configuration)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [conv] (FLA's conv kernels vs the memory floor)
-#   [largest-9b] (the 9B config's largest row, one GPU)
+#   [largest-9b] (the 9B config's largest row, one GPU) [summary] (summarize_run.py over this folder)
+#   [recipe] (e2e-recommended gdn-core conv profile profile-recommended largest-9b summary: the GPU recipe's figures)
 # Kernel caches: when KERNEL_CACHE (a .tar.xz of Triton's and TileLang's caches) exists it is unpacked first, so
 # autotuning and compiling are skipped; the caches are packed again into $OUT/kernel_cache.tar.xz at the end
 # (SAVE_KERNEL_CACHE=0: not) and Triton's autotuning results into $OUT/autotune_cache.tar.xz (AUTOTUNE_CACHE).
@@ -57,6 +58,8 @@ for what in "$@"; do  # cp-665m and cp-9b stand for all of their settings
   case "$what" in
     cp-665m) stages+=(cp-665m-cp1 cp-665m-cp2) ;;
     cp-9b) stages+=(cp-9b-cp1 cp-9b-cp2 cp-9b-one-gpu) ;;
+    # the GPU recipe's figures in one call (~8 minutes warm), summarised at the end into summary.json
+    recipe) stages+=(e2e-recommended gdn-core conv profile profile-recommended largest-9b summary) ;;
     *) stages+=("$what") ;;
   esac
 done
@@ -73,6 +76,9 @@ for what in "${stages[@]}"; do
     attention) stage attention 90 python benchmarks/bench_attention.py --out "$out/attention.json" ;;
     # E2E_ARGS=--compile: also the recommended configuration (chunked loss, compiled layers, FlashQLA if installed)
     e2e) stage e2e "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --out "$out/e2e.json" ${E2E_ARGS:-} ;;
+    e2e-recommended) stage e2e-recommended "${E2E_LIMIT:-300}" python benchmarks/bench_e2e.py --compile \
+        --out "$out/e2e_recommended.json" ;;
+    summary) stage summary 30 python benchmarks/summarize_run.py "$out" --out "$out/summary.json" ;;
     # the same benchmarks on an earlier build exported to .prev/ (git archive COMMIT src benchmarks | tar -x -C .prev)
     prev-layer) PYTHONPATH="$PWD/.prev/src:$site" stage prev-layer "${LAYER_LIMIT:-240}" \
         python .prev/benchmarks/bench_layer.py --out "$out/prev_layer.json" ;;
@@ -107,7 +113,7 @@ for what in "${stages[@]}"; do
     gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
     # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
     largest-9b) stage largest-9b "${LARGEST_9B_LIMIT:-540}" python benchmarks/largest_row.py --model 9b \
-        --first "${LARGEST_9B_FIRST:-32768}" --out "$out/largest_9b.json" ;;
+        --first "${LARGEST_9B_FIRST:-65536}" --out "$out/largest_9b.json" ;;
     # two GPUs: context-parallel exactness, then the largest packed row at CP=1 vs CP=2
     cp-tests) DELTAPACK_CP_REPORT="$out/cp_exact.json" DELTAPACK_CP_STACKS_AFTER=200 stage cp-tests "${CP_TESTS_LIMIT:-240}" python -m pytest -v -s \
         --tb=short -m gpu tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_attention.py -p no:cacheprovider ;;

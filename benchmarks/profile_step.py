@@ -13,8 +13,9 @@ boundaries built beforehand as a collator does). Stages, each written to the JSO
    A kernel's category comes from its name and the ops that launched it (the profiler's CPU op stack).
 
 ``--recommended``: the configuration README recommends for GPU training instead of the eager default:
-``patch(model, chunked_loss=True)`` and every decoder layer compiled (``layer.compile()``); FLA picks FlashQLA for
-the GDN core when ``FLA_FLASH_QLA=1`` and the ``flash_qla`` package is installed.
+``patch(model, chunked_loss=True)``, every decoder layer compiled (``layer.compile()``), FLA's FlashQLA for the GDN
+core (where the ``flash_qla`` package is installed) and FLA's Gluon conv (``FLA_CONV_GLUON=1``). Without it, FLA's
+Triton kernels (both variables set to 0).
 
 Usage: python benchmarks/profile_step.py [--out profile.json] [--trace trace.json] [--tiny] [--recommended]
 ``--tiny``: a 2-layer model of the same layout on 1024 tokens on the CPU (checks the script; the categories are
@@ -253,6 +254,9 @@ def main() -> None:
         total, row = spec["tokens"]["total"], 8192
         lengths = document_lengths(total)
     model.train()
+    # the configuration is the flag's, whatever the environment asks: FLA reads both variables at every call
+    os.environ["FLA_FLASH_QLA"] = "1" if args.recommended else "0"
+    os.environ["FLA_CONV_GLUON"] = "1" if args.recommended else "0"
     deltapack.patch(model, chunked_loss=args.recommended)
     if args.recommended:
         for layer in model.get_decoder().layers:
@@ -274,7 +278,8 @@ def main() -> None:
         "batch_shape": list(batch["input_ids"].shape),
         "optimizer": "torch.optim.AdamW (defaults, bf16 parameters and states)",
         "configuration": "recommended: chunked loss, compiled decoder layers" if args.recommended else "eager",
-        "fla_flash_qla": os.environ.get("FLA_FLASH_QLA", "0"),
+        "fla_flash_qla": os.environ["FLA_FLASH_QLA"],
+        "fla_conv_gluon": os.environ["FLA_CONV_GLUON"],
     }
     clock = time.perf_counter()
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/summarize_run.py RUN_DIR --out summary.json
 
-RUN_DIR holds the call's ``e2e.json`` (``bench_e2e.py --compile``), ``profile.json`` and
+RUN_DIR holds the call's ``e2e_recommended.json`` or ``e2e.json`` (``bench_e2e.py --compile``), ``profile.json`` and
 ``profile_recommended.json`` (``profile_step.py``, eager and ``--recommended``), ``gdn_core.json``,
 ``conv.json`` and ``largest_9b.json``; a missing file leaves its fields out (and is named under ``missing``).
 Every number is copied from those files, none computed here except ratios named as such.
@@ -27,7 +27,8 @@ def _load(run: Path, name: str, missing: list[str]) -> dict | None:
 
 def summarize(run: Path) -> dict:
     missing: list[str] = []
-    e2e, conv = _load(run, "e2e.json", missing), _load(run, "conv.json", missing)
+    name = "e2e_recommended.json" if (run / "e2e_recommended.json").exists() else "e2e.json"
+    e2e, conv = _load(run, name, missing), _load(run, "conv.json", missing)
     profiles = {"eager": _load(run, "profile.json", missing)}
     profiles["recommended"] = _load(run, "profile_recommended.json", missing)
     gdn, largest = _load(run, "gdn_core.json", missing), _load(run, "largest_9b.json", missing)
