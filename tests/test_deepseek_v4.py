@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import deltapack
 from deltapack import Boundaries
 from deltapack.audit.core import ATOL, GRAD_RTOL
 from deltapack.tiny import tiny_model
-from helpers import assert_exact_in_every_format, assert_unpacked_bit_identical, checkpointed_grads, norm_rel
+from helpers import (
+    assert_exact_in_every_format,
+    assert_unpacked_bit_identical,
+    checkpointed_grads,
+    norm_rel,
+    patched,
+)
 
 pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
 from deltapack.models.families.deepseek_v4 import (  # noqa: E402
@@ -192,9 +199,9 @@ def _peak_numel(fn) -> int:
 
 @pytest.mark.parametrize("layer_idx", [1, 2], ids=["csa", "hca"])
 def test_stream_forward_builds_no_document_rows(layer_idx: int):
-    """One long document and many 1- and 2-token ones: the reference lays out N rows of the longest length (its
-    largest tensor holds at least N * L * D elements), the stream forward's largest tensor is a few times T * D and
-    grows linearly when the short documents double (it holds no N * L layout)."""
+    """One long document and many 1- and 2-token ones: the row layout ([N, L], the HCA reference's) holds N rows
+    of the longest length (its largest tensor holds at least N * L * D elements), the stream forward's largest
+    tensor is a few times T * D and grows linearly when the short documents double (it holds no N * L layout)."""
     model = _model()
     peaks = {}
     for short in (40, 80):
@@ -202,9 +209,80 @@ def test_stream_forward_builds_no_document_rows(layer_idx: int):
         compressor, x, bounds, q_res = _layer_inputs(model, layer_idx, lengths, 0)
         args = (compressor, x, bounds, q_res, None, None, layer_idx)
         stream = _peak_numel(lambda: packed_compressor_forward(*args))  # noqa: B023
-        rows = _peak_numel(lambda: packed_compressor_forward_ref(*args))  # noqa: B023
+        cu = bounds.cu_seqlens_host
+        x_NLD, q_NLQ = (
+            torch.stack([F.pad(t[0, a:b], (0, 0, 0, 24 - b + a)) for a, b in zip(cu, cu[1:])]) for t in (x, q_res)
+        )
+        pos_NL = torch.arange(24).expand(len(lengths), -1)
+        # the row layout (the reference's for HCA; the CSA reference runs each document alone)
+        rows = _peak_numel(lambda: type(compressor).forward(compressor, x_NLD, q_NLQ, pos_NL, None, layer_idx))  # noqa: B023
         hidden = model.config.hidden_size
         assert rows >= len(lengths) * 24 * hidden  # the test can fail: the row layout is there to see
         assert stream <= 4 * sum(lengths) * hidden and 4 * stream < rows
         peaks[short] = stream
     assert peaks[80] <= 2 * peaks[40]
+
+
+TIED = (33, 25, 19, 16)  # a row of the longest document's 16 entries breaks ties unlike 12, 9 or 8 entries
+
+
+def _tied() -> torch.nn.Module:
+    """The tiny model with its CSA indexers' head weights at zero: every entry's score ties at 0."""
+    model = _model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            indexer = getattr(layer.self_attn.compressor, "indexer", None)
+            if indexer is not None:
+                indexer.scorer.weights_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("forward", [packed_compressor_forward, packed_compressor_forward_ref], ids=["stream", "ref"])
+def test_indexer_keeps_tied_entries_as_alone(forward):
+    """Every indexer score tied: each packed query keeps exactly the entries it keeps alone, both in the stream
+    forward and its reference; alone in a row padded to the longest document, some query keeps others."""
+    model = _tied()
+    compressor, x, bounds, q_res = _layer_inputs(model, 1, list(TIED), 0)
+    with torch.no_grad():
+        kv, bias = forward(compressor, x, bounds, q_res, None, None, 1)
+    first = _first_entries(forward, list(TIED), compressor.compress_rate)
+    longest, differs = max(TIED), []
+    for d, (a, b) in enumerate(zip(bounds.cu_seqlens_host[:-1], bounds.cu_seqlens_host[1:])):
+        pos, pad = torch.arange(b - a)[None], longest - (b - a)
+        with torch.no_grad():
+            _, bias_d = compressor(x[:, a:b], q_res[:, a:b], pos, None, 1)
+            _, bias_row = compressor(
+                F.pad(x[:, a:b], (0, 0, 0, pad)),
+                F.pad(q_res[:, a:b], (0, 0, 0, pad)),
+                torch.arange(longest)[None],
+                None,
+                1,
+            )
+        n = bias_d.shape[-1]
+        assert torch.equal(bias[0, 0, a:b, first[d] : first[d] + n].isfinite(), bias_d[0, 0].isfinite())
+        differs.append(not torch.equal(bias_row[0, 0, : b - a, :n].isfinite(), bias_d[0, 0].isfinite()))
+    assert any(differs)  # the test can fail: the row of the longest document's length keeps other entries
+
+
+def test_indexer_ties_are_broken_as_for_the_document_alone():
+    """The CSA indexer keeps each query's top ``index_topk`` entries; its scores are sums of ReLUs, so entries tie
+    exactly (here all of them: the scorer's head weights are zero), and torch.topk breaks ties in an order that
+    depends on the length of the row it searches. A packed document's entries are searched in a row of its own
+    length, as alone: exact; in a row as long as the longest document (what the unpatched layout would give it),
+    other entries are kept and the document's logits differ."""
+    model = _tied()
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(3, 100, (n,), generator=gen).tolist() for n in (33, 25, 19, 16)]
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), use_cache=False).logits[0] for d in docs]
+        padded = [  # each document in a row as long as the longest, padded after its end
+            model(torch.tensor([d + [0] * (len(docs[0]) - len(d))]), use_cache=False).logits[0, : len(d)] for d in docs
+        ]
+        assert max((p - a).abs().max().item() for p, a in zip(padded, alone)) > 1e-3  # the test can fail
+        batch = {
+            "input_ids": torch.tensor([sum(docs, [])]),
+            "position_ids": torch.tensor([[i for d in docs for i in range(len(d))]]),
+        }
+        with patched(model):
+            packed = model(**batch, use_cache=False).logits[0]
+    assert (packed - torch.cat(alone)).abs().max() <= ATOL

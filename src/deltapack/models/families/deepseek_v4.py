@@ -14,8 +14,10 @@ window of the same document only, and query t (in-document position p) may see w
 w < (p + 1) // rate, the document alone's causal rule. The entries of all documents form one list of E = sum of
 (L_d // rate) entries, document after document; the per-query bias [T, E] admits only the query's own document's
 entries. The indexer scores each query against its own document's entries only ([T, n] with n the most entries of
-one document), so nothing is laid out per document row. :func:`packed_compressor_forward_ref` is the reference with
-the same signature: the stream laid out one document per row ([N, L]) and the compressor's own forward run on it.
+one document), so nothing is laid out per document row, and searches its top-k among as many entries as the document
+alone has (scores tie exactly, and torch.topk's order among ties depends on the length of the row it searches).
+:func:`packed_compressor_forward_ref` is the reference with the same signature: the stream laid out one document per
+row ([N, L]) and the compressor's own forward run on it (the CSA compressor's on each document alone).
 
 Legend: T = tokens of the packed stream, N = documents, L = the longest document, E = entries of the stream,
 n = the most entries of one document (L // rate), m = rate (tokens per window), D = hidden size, Q = the query LoRA
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltapack.boundaries import Boundaries
@@ -138,6 +141,7 @@ def _indexer_bias(
     pos_T: torch.Tensor,
     win: Windows,
     doc_T: torch.Tensor,
+    segments: Segments,
 ) -> torch.Tensor:
     """[T, E] bool: the entries the CSA indexer keeps for each query, its top ``index_topk`` among its own
     document's complete windows (as the document alone picks them). x: [T, D], q_residual: [T, Q], pos, doc: [T]
@@ -152,10 +156,33 @@ def _indexer_bias(
     scores_Tn = indexer.scorer(q_THK[:, None], keys_EK[cols_Tn.clamp(max=keys_EK.shape[0] - 1)], x_TD[:, None])[:, 0]
     seen_T = torch.minimum((pos_T + 1) // indexer.compress_rate, win.count[doc_T])  # complete windows at the query
     future_Tn = torch.arange(win.most, device=x_TD.device) >= seen_T[:, None]
-    top_Tk = scores_Tn.masked_fill(future_Tn, float("-inf")).topk(min(indexer.index_topk, win.most), dim=-1).indices
+    top_Tk = _top_k_per_length(scores_Tn.masked_fill(future_Tn, float("-inf")), indexer, segments)
     picks_Tk = torch.where(top_Tk < seen_T[:, None], win.first[doc_T][:, None] + top_Tk, keys_EK.shape[0])
     keep_TE = torch.zeros((total, keys_EK.shape[0] + 1), dtype=torch.bool, device=x_TD.device)
     return keep_TE.scatter_(1, picks_Tk, True)[:, :-1]
+
+
+def _top_k_per_length(scores_Tn: torch.Tensor, indexer: nn.Module, segments: Segments) -> torch.Tensor:
+    """[T, k] int64 each query's top ``index_topk`` columns of scores [T, n] (its own document's entries, -inf past
+    what it may see), searched as the document alone searches them: in a row of its document's own number of entries.
+
+    The scores are sums of ReLUs, so entries tie exactly (every head at zero), and torch.topk breaks ties in an order
+    that depends on the length of the row it searches: in a row of the longest document's n entries a shorter
+    document would keep other entries than it keeps alone. So the queries are searched in groups of documents with
+    the same number of entries (host lengths: no sync). Columns a document lacks come back as n (never seen)."""
+    rate, most = indexer.compress_rate, scores_Tn.shape[1]
+    top_Tk = torch.full((scores_Tn.shape[0], min(indexer.index_topk, most)), most, device=scores_Tn.device)
+    groups: dict[int, list[int]] = {}
+    start = 0
+    for length in segments.doc_lengths:
+        if length // rate:  # a document without a complete window keeps nothing
+            groups.setdefault(length // rate, []).extend(range(start, start + length))
+        start += length
+    for entries, tokens in groups.items():
+        rows = torch.tensor(tokens, device=scores_Tn.device)
+        k = min(indexer.index_topk, entries)
+        top_Tk[rows, :k] = scores_Tn[rows, :entries].topk(k, dim=-1).indices
+    return top_Tk
 
 
 def packed_compressor_forward(
@@ -198,7 +225,7 @@ def packed_compressor_forward(
     doc_T = bounds.seq_idx.reshape(-1).long()
     pos_T = (bounds.position_ids if position_ids is None else position_ids).reshape(-1).to(doc_T.device)
     if csa:
-        keep_TE = _indexer_bias(layer.indexer, x_TD, q_residual[0], pos_T, win, doc_T)
+        keep_TE = _indexer_bias(layer.indexer, x_TD, q_residual[0], pos_T, win, doc_T, bounds.segments)
     else:  # every complete window of the query's own document
         seen_T = (pos_T + 1) // layer.compress_rate
         keep_TE = (doc_T[:, None] == win.doc) & (win.index < seen_T[:, None])
@@ -218,7 +245,8 @@ def packed_compressor_forward_ref(
     """The reference twin of :func:`packed_compressor_forward` (same signature and inputs): the stream laid out one
     document per row ([N, L], each row starting at a document start, zeros after its end, which only fill windows
     that none of its queries sees) and the compressor's own forward run on that batch, so each row's windows, overlap
-    and top-k are its document's alone. Costs N * L tokens per layer rather than T.
+    and top-k are its document's alone (the CSA compressor runs on each document alone: see :func:`_per_document`).
+    Costs N * L tokens per layer rather than T.
 
     Args:
         layer: the transformers compressor.
@@ -252,7 +280,10 @@ def packed_compressor_forward_ref(
     else:  # the caller's positions, which the entries' causal thresholds read
         pos_NL = rows(position_ids.reshape(1, -1, 1)).squeeze(-1)
     own_forward = type(layer).forward  # the class's forward: the instance's is deltapack's wrapper
-    kv_N1nK, bias_N1Ln = own_forward(layer, rows(hidden_states), rows(q_residual), pos_NL, None, layer_idx)
+    if getattr(layer, "indexer", None) is None:
+        kv_N1nK, bias_N1Ln = own_forward(layer, rows(hidden_states), rows(q_residual), pos_NL, None, layer_idx)
+    else:  # each document in a row of its own length, where the indexer's top-k breaks ties as alone
+        kv_N1nK, bias_N1Ln = _per_document(layer, hidden_states, q_residual, pos_NL, bounds, layer_idx)
     entries = kv_N1nK.shape[2]
     kv_11EK = kv_N1nK.transpose(0, 1).reshape(1, 1, num_docs * entries, kv_N1nK.shape[-1])
     if entries == 0:
@@ -264,6 +295,47 @@ def packed_compressor_forward_ref(
     same_TN = doc_T[:, None] == torch.arange(num_docs, device=doc_T.device)
     bias_TNn = torch.where(same_TN[..., None], own_Tn[:, None, :], float("-inf"))
     return kv_11EK, bias_TNn.reshape(1, 1, -1, num_docs * entries)
+
+
+def _per_document(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    q_residual: torch.Tensor,
+    pos_NL: torch.Tensor,
+    bounds: Boundaries,
+    layer_idx: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CSA compressor's own forward run on each document alone (the indexer's top-k breaks exactly tied scores in
+    an order that depends on the length of the row it searches: see :func:`_top_k_per_length`), its results laid
+    out as the batched call lays them.
+
+    Args:
+        hidden_states: [1, T, D] and q_residual: [1, T, Q], the packed stream; pos_NL: [N, L] each document's
+            positions laid into rows.
+
+    Returns:
+        (kv [N, 1, n, K], bias [N, 1, L, n]) with n = L // rate: document d's entries first in its row, zeros after
+        them, and its queries' bias over them, -inf elsewhere.
+    """
+    segments = bounds.segments
+    num_docs, longest = segments.num_docs, segments.max_seqlen
+    cu = bounds.cu_seqlens_host
+    entries = longest // layer.compress_rate
+    kv_1nK_per_doc = []
+    bias_N1Ln = hidden_states.new_full((num_docs, 1, longest, entries), float("-inf"))
+    for d, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        pos_1S = pos_NL[d : d + 1, : b - a]
+        kv_11nK, bias_11Sn = type(layer).forward(
+            layer, hidden_states[:, a:b], q_residual[:, a:b], pos_1S, None, layer_idx
+        )
+        n = kv_11nK.shape[2]
+        kv_1nK_per_doc.append(F.pad(kv_11nK[0], (0, 0, 0, entries - n)))
+        if bias_11Sn is not None:  # None: a single query, which sees every entry
+            bias_N1Ln[d, :, : b - a, :n] = bias_11Sn[0]
+        else:
+            bias_N1Ln[d, :, : b - a, :n] = 0.0
+    kv_N1nK = torch.stack(kv_1nK_per_doc)
+    return kv_N1nK, bias_N1Ln
 
 
 COMPRESSORS = (
