@@ -423,18 +423,36 @@ def test_fused_head_with_an_indexed_mask(arch, tmp_path, quick_trainer):
     assert abs(logged - ref_aux) <= 1e-6 * ref_aux
 
 
+# linear layers left without an adapter: jamba's router (see test_sft_trainer_with_lora)
+NO_ADAPTER = {"jamba": ["router"]}
+
+
 @pytest.mark.parametrize(
-    "arch,order", [("mamba2", "patch_then_trainer"), ("lfm2", "trainer_then_patch"), ("rwkv", "trainer_then_patch")]
+    "arch,order",
+    [
+        ("mamba2", "patch_then_trainer"),
+        ("lfm2", "trainer_then_patch"),
+        ("rwkv", "trainer_then_patch"),
+        ("jamba", "patch_then_trainer"),  # with the router's auxiliary loss
+    ],
 )
 def test_sft_trainer_with_lora(arch, order, tmp_path, quick_trainer):
     """SFTTrainer with a peft_config (TRL wraps the model in LoRA itself; padding-free): two steps, each loss and
     the first update of the adapters equal the per-document computation on the same LoRA model; the unpatched
-    model leaks on the batch the trainer fed it."""
+    model leaks on the batch the trainer fed it.
+
+    jamba's router gets no adapter. transformers 5.24 holds it as a weight of its own router class, which
+    "all-linear" does not wrap; 5.17 holds it as an nn.Linear and records router_logits from every nn.Linear whose
+    name holds ".router.", hooked at the model's first forward. Wrapped by LoRA, that is the base layer alone (the
+    logits without the adapter) where the model ran before PEFT wrapped it (the trainer's model, run once by
+    aux_loss_coef), and also lora_A's [tokens, r] output and lora_B's where it did not: with r = num_experts the
+    load-balancing loss takes them all as router logits, and the two models' auxiliary losses have different
+    gradients (the adapters' first update 1.5e-3 relative from the reference's)."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
     targets = ["in_proj"] if arch == "mamba2" else "all-linear"  # PEFT refuses Mamba's out_proj
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, exclude_modules=NO_ADAPTER.get(arch), lora_dropout=0.0)
     initial = model_of(arch)
     model = copy.deepcopy(initial)
     if order == "patch_then_trainer":
