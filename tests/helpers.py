@@ -204,25 +204,31 @@ def assert_exact_in_every_format(model: nn.Module, arch: str) -> None:
     assert not deltapack.is_patched(model)
 
 
-def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor) -> None:
-    """``ids`` [2, T] (row 1 left-padded by 3) without packing information: the patched model's logits and greedy
-    ``generate()`` (sequences and scores) are bit-identical to the unpatched model's."""
+def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor, left_padded: bool = True) -> None:
+    """``ids`` [2, T] without packing information: the patched model's logits (without a mask and with an all-ones
+    mask) and greedy ``generate()`` are bit-identical to the unpatched model's; with ``left_padded`` the generation
+    also runs with row 1 left-padded by 3 and compares its scores too."""
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding, as for generation
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True)
-    kwargs.update(return_dict_in_generate=True, pad_token_id=0)
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    padded = dict(greedy, attention_mask=mask, output_scores=True, return_dict_in_generate=True)
+
+    def calls():
+        out = [model(ids).logits, model(ids, attention_mask=torch.ones_like(ids)).logits, model.generate(ids, **greedy)]
+        return out + ([model.generate(ids, **padded)] if left_padded else [])
+
     with torch.no_grad():
-        plain = model(ids).logits
-        plain_gen = model.generate(ids, **kwargs)
+        plain = calls()
         deltapack.patch(model)
         try:
-            patched = model(ids).logits
-            patched_gen = model.generate(ids, **kwargs)
+            got = calls()
         finally:
             deltapack.unpatch(model)
-    assert torch.equal(plain, patched)
-    assert torch.equal(plain_gen.sequences, patched_gen.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain_gen.scores, patched_gen.scores))
+    for a, b in zip(plain[:3], got[:3]):
+        assert torch.equal(a, b)
+    if left_padded:
+        assert torch.equal(plain[3].sequences, got[3].sequences)
+        assert all(torch.equal(a, b) for a, b in zip(plain[3].scores, got[3].scores))
 
 
 def assert_packed_logits_equal_alone(

@@ -25,6 +25,7 @@ from helpers import (
     LEAK,
     alone_logits,
     assert_packed_logits_equal_alone,
+    assert_unpacked_bit_identical,
     doc_loss_sum,
     enable_checkpointing,
     grads_of,
@@ -134,15 +135,8 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
 
 @pytest.mark.parametrize("arch", PARAMS)
 def test_unpacked_calls_are_bit_identical_generate_included(arch):
-    model = model_of(arch)
     ids = torch.tensor([random_docs([7], seed=5)[0], random_docs([7], seed=6)[0]])
-    with torch.no_grad():
-        logits = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        with patched(model):
-            assert torch.equal(model(ids).logits, logits)
-            assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, logits)
-            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), tokens)
+    assert_unpacked_bit_identical(model_of(arch), ids)
 
 
 @pytest.mark.parametrize("arch", PARAMS)

@@ -22,6 +22,7 @@ from helpers import (
     LEAK,
     alone_logits,
     assert_packed_logits_equal_alone,
+    assert_unpacked_bit_identical,
     doc_loss_sum,
     grads_of,
     norm_rel,
@@ -85,16 +86,9 @@ def test_packed_gradient_equals_sum_of_alone(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unpacked_path_is_bit_identical_with_generate(arch):
-    model = model_of(arch)
     ids = torch.tensor([random_docs([9], seed=7)[0], random_docs([9], seed=8)[0]])
-    with torch.no_grad():
-        before = model(ids).logits
-        gen_before = model.generate(ids, max_new_tokens=4, do_sample=False)
-        with patched(model):
-            after = model(ids).logits
-            gen_after = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert torch.equal(before, after)
-    assert torch.equal(gen_before, gen_after)
+    # no left-padded generation: transformers 5.17's falcon_h1 fails it unpatched (a mask of the wrong length)
+    assert_unpacked_bit_identical(model_of(arch), ids, left_padded=False)
 
 
 @pytest.mark.parametrize("arch", MOE)
