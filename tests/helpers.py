@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,15 @@ def assert_exact_in_every_format(model: nn.Module, arch: str) -> None:
         assert result.grad_rel is not None and result.grad_rel <= GRAD_RTOL, (name, result.grad_rel)
     assert any(unpatched.leaking(f, ATOL, GRAD_RTOL) for f in unpatched.formats)  # the test can fail
     assert not deltapack.is_patched(model)
+
+
+# every option combination of transformers' DataCollatorWithFlattening that marks documents
+FLATTENING = [
+    dict(return_position_ids=pos, return_flash_attn_kwargs=flash, return_seq_idx=seq, position_ids_start=start)
+    for pos, flash, seq, start in itertools.product([True, False], [True, False], [True, False], [0, 1])
+    if pos or flash or seq  # without any of them the batch holds input_ids and labels only: nothing marks documents
+    if pos or start == 0  # position_ids_start only changes position_ids
+]
 
 
 def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor, left_padded: bool = True) -> None:

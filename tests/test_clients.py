@@ -6,13 +6,11 @@ Every exactness check also runs the unpatched model on the same batch and shows 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from helpers import EXACT, LEAK, cached_model, patched, per_doc_diff, random_docs
+from helpers import EXACT, FLATTENING, LEAK, cached_model, patched, per_doc_diff, random_docs
 
 DOCS = random_docs([5, 1, 9, 4], seed=21)
 
@@ -23,14 +21,6 @@ def unpatched_diff(model, batch: dict, alone: list[torch.Tensor]) -> float:
             return per_doc_diff(model(**batch, use_cache=False).logits, alone)
     except (ValueError, RuntimeError):
         return float("inf")
-
-
-FLATTENING = [
-    dict(return_position_ids=pos, return_flash_attn_kwargs=flash, return_seq_idx=seq, position_ids_start=start)
-    for pos, flash, seq, start in itertools.product([True, False], [True, False], [True, False], [0, 1])
-    if pos or flash or seq  # without any of them the batch holds input_ids and labels only: nothing marks documents
-    if pos or start == 0  # position_ids_start only changes position_ids
-]
 
 
 @pytest.mark.parametrize("options", FLATTENING, ids=lambda o: ",".join(k for k, v in o.items() if v))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ from deltapack.audit import shrink as shrinking
 from deltapack.tiny import tiny_model
 from helpers import (
     EXACT,
+    FLATTENING,
     LEAK,
     LR,
     PAD,
@@ -95,14 +95,6 @@ def client_diff(model, batch: dict, alone: list[torch.Tensor]) -> float:
             return per_doc_diff(model(**batch).logits, alone)
     except (ValueError, RuntimeError, NotImplementedError):
         return float("inf")
-
-
-FLATTENING = [
-    dict(return_position_ids=pos, return_flash_attn_kwargs=flash, return_seq_idx=seq, position_ids_start=start)
-    for pos, flash, seq, start in itertools.product([True, False], [True, False], [True, False], [0, 1])
-    if pos or flash or seq  # without any of them the batch holds input_ids and labels only: nothing marks documents
-    if pos or start == 0  # position_ids_start only changes position_ids
-]
 
 
 @pytest.mark.parametrize("arch", REPRESENTATIVES)
