@@ -30,30 +30,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cuda_time_ms, document_lengths, environment, load_spec, write  # noqa: E402
+from common import (  # noqa: E402
+    FlaDispatchLog,
+    cuda_time_ms,
+    document_lengths,
+    environment,
+    load_spec,
+    rel,
+    write,
+)
 
 from deltapack import Boundaries, ops  # noqa: E402
 
 # entry: (deltapack backend, FLA_CONV_GLUON)
 BACKENDS = {"triton": ("fla", "0"), "gluon": ("fla", "1"), "deltapack_triton": ("triton", "0")}
-
-
-class _Dispatch(logging.Handler):
-    """FLA's dispatcher logs "[FLA Backend] <op> -> <backend>" once per backend taken."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if "[FLA Backend]" in text and "conv" in text:
-            self.lines.append(text)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def copy_bandwidth() -> float:
@@ -113,7 +103,7 @@ def main() -> None:
         result["backends"]["reference"] = {"vs_reference": dict(zip(("y", "dx", "dweight"), map(rel, got, ref)))}
         write(args.out, result)
         return
-    dispatch = _Dispatch()
+    dispatch = FlaDispatchLog("conv")
     logging.getLogger("fla").addHandler(dispatch)
     logging.getLogger("fla").setLevel(logging.INFO)
     bandwidth = copy_bandwidth()

@@ -33,29 +33,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cuda_time_ms, document_lengths, environment, load_spec, write  # noqa: E402
+from common import (  # noqa: E402
+    FlaDispatchLog,
+    cuda_time_ms,
+    document_lengths,
+    environment,
+    load_spec,
+    rel,
+    write,
+)
 
 from deltapack import Boundaries, ops  # noqa: E402
 
 BACKENDS = {"triton": "0", "flash_qla": "1"}  # FLA_FLASH_QLA for each
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-class _Dispatch(logging.Handler):
-    """FLA's dispatcher logs "[FLA Backend] gated_delta_rule.chunk_gated_delta_rule -> <backend>" once per backend."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if "[FLA Backend]" in text and "gated_delta_rule" in text:
-            self.lines.append(text)
 
 
 def inputs(total: int, hk: int, hv: int, dim: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -136,7 +126,7 @@ def main() -> None:
         }
 
     fla_ok = device == "cuda" and importlib.util.find_spec("fla") is not None
-    handler = _Dispatch()
+    handler = FlaDispatchLog("gated_delta_rule")
     fla_logger = logging.getLogger("fla")
     fla_logger.addHandler(handler)
     fla_logger.setLevel(logging.INFO)

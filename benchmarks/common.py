@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import statistics
 from collections.abc import Callable
@@ -129,3 +130,24 @@ def sample_documents(cu_host: list[int] | tuple[int, ...], budget: int = 8192) -
             picks[i] = None
             used += length[i]
     return sorted(picks)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class FlaDispatchLog(logging.Handler):
+    """The lines FLA's dispatcher logs ("[FLA Backend] <op> -> <backend>", once per backend taken) that name
+    ``op``; attach with ``logging.getLogger("fla").addHandler(...)`` and the logger at INFO."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(logging.INFO)
+        self.op = op
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "[FLA Backend]" in text and self.op in text:
+            self.lines.append(text)
