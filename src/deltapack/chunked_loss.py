@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from deltapack.ops import fla
+
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "chunked_lm_loss",
@@ -116,14 +118,8 @@ def _logit_grad_fn(weight_VD: torch.Tensor):
         return logit_grad_ref
     key = (weight_VD.dtype, weight_VD.shape[0])
     if key not in _LOGIT_GRAD:
-        _LOGIT_GRAD[key] = checked(logit_grad_fla, weight_VD) if _has_fla() else logit_grad_ref
+        _LOGIT_GRAD[key] = checked(logit_grad_fla, weight_VD) if fla.AVAILABLE else logit_grad_ref
     return _LOGIT_GRAD[key]
-
-
-def _has_fla() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("fla") is not None
 
 
 def checked(candidate, weight_VD: torch.Tensor):  # noqa: ANN001, ANN201
