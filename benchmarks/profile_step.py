@@ -11,6 +11,7 @@ boundaries built beforehand as a collator does). Stages, each written to the JSO
    norm_elementwise, copy_cast, loss, optimizer, other), the GPU idle time inside the step (wall time minus the
    union of kernel intervals: host overhead), by phase (forward, backward, optimizer), and the top kernels.
    A kernel's category comes from its name and the ops that launched it (the profiler's CPU op stack).
+   ``largest_idle_gaps``: the longest stretches with the GPU idle, what ended each and what the host ran meanwhile.
 
 ``--recommended``: the configuration README recommends for GPU training instead of the eager default:
 ``patch(model, chunked_loss=True)``, every decoder layer compiled (``layer.compile()``), FLA's FlashQLA for the GDN
@@ -18,6 +19,9 @@ core (where the ``flash_qla`` package is installed) and FLA's Gluon conv (``FLA_
 Triton kernels (both variables set to 0).
 
 Usage: python benchmarks/profile_step.py [--out profile.json] [--trace trace.json] [--tiny] [--recommended]
+       [--host-profile]
+``--host-profile``: also one step under cProfile (the host's Python functions by own and cumulative time, and its
+garbage collections), between the timed steps and the profiled one.
 ``--tiny``: a 2-layer model of the same layout on 1024 tokens on the CPU (checks the script; the categories are
 then of CPU ops, the numbers meaningless).
 """
@@ -97,6 +101,33 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _largest_gaps(intervals, after, start: float, cpu: list[dict], top: int = 8) -> list[dict]:
+    """The ``top`` longest stretches with no kernel on the GPU after the step's start: each one's length, where it
+    begins (ms into the step), the kernel that ends it with the ops around that kernel's launch, and the longest
+    CPU ops that ran wholly inside it (what the host was doing meanwhile)."""
+    gaps, end = [], start
+    for (s, e), nxt in sorted(zip(intervals, after), key=lambda pair: pair[0]):
+        if s > end:
+            gaps.append((s - end, end, nxt))
+        end = max(end, e)
+    gaps.sort(key=lambda g: -g[0])
+    out = []
+    for length, at, (_, kernel, ops) in gaps[:top]:
+        inside = sorted(
+            (e for e in cpu if e["ts"] >= at and e["ts"] + e["dur"] <= at + length), key=lambda e: -e["dur"]
+        )
+        out.append(
+            {
+                "ms": length / 1e3,
+                "at_ms": (at - start) / 1e3,
+                "ended_by": kernel,
+                "launched_under": ops,
+                "host_ops_inside": [{"name": e["name"][:120], "ms": e["dur"] / 1e3} for e in inside[:5]],
+            }
+        )
+    return out
+
+
 def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, list[str]]:
     """For each event of ``points``: the names of the ``ops`` of its thread open at its start, outermost first
     (keyed by ``id`` of the point). An op holds a point when it starts at or before it and ends at or after it."""
@@ -159,6 +190,7 @@ def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dic
     by_phase: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
+    after = []  # (start, kernel, the innermost ops around its launch): to name what ends each idle gap
     for e in device:
         launch = launches.get(e.get("args", {}).get("correlation")) if on_gpu else e
         at = launch["ts"] if launch else e["ts"]
@@ -174,6 +206,7 @@ def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dic
         k[0] += ms
         k[1] += 1
         intervals.append((e["ts"], e["ts"] + e["dur"]))
+        after.append((e["ts"], e["name"][:120], ops[-4:]))
     busy_ms = _union_us(intervals) / 1e3
     if step and intervals:  # the step's wall span: its CPU start to the later of its CPU end and the last kernel end
         span_ms = (max(hi, max(e for _, e in intervals)) - lo) / 1e3
@@ -188,6 +221,7 @@ def analyse(trace: dict, step_name: str = "profiled_step", top: int = 30) -> dic
         "kernel_time_ms": sum(by_cat.values()),
         "by_category_ms": {name: by_cat.get(name, 0.0) for name, _ in CATEGORIES} | {"other": by_cat.get("other", 0.0)},
         "by_phase_ms": {p: dict(c) for p, c in by_phase.items()},
+        "largest_idle_gaps": _largest_gaps(intervals, after, lo, cpu) if on_gpu and step else [],
         "top_kernels": [{"name": n, "category": c, "ms": ms, "calls": calls} for (n, c), (ms, calls) in kernels[:top]],
         "other_kernels": [{"name": n, "ms": ms, "calls": calls} for (n, c), (ms, calls) in kernels if c == "other"][
             :top
@@ -227,6 +261,55 @@ def train_step(model, batch: dict, make_bounds, optimizer, device: str) -> tuple
     return mid - start, time.perf_counter() - mid
 
 
+def host_profile(step, top: int = 30) -> dict:
+    """One call of ``step`` under cProfile: its wall time and the ``top`` Python functions by own time and by
+    cumulative time (seconds), to tell where a host-bound step spends its time."""
+    import cProfile
+    import gc
+    import pstats
+
+    collections = []  # (generation, seconds) of each garbage collection during the step: cProfile does not see them
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append([info["generation"], time.perf_counter()])
+        else:
+            collections[-1][1] = time.perf_counter() - collections[-1][1]
+
+    profiler = cProfile.Profile()
+    gc.callbacks.append(on_gc)
+    start = time.perf_counter()
+    try:
+        profiler.runcall(step)
+    finally:
+        wall = time.perf_counter() - start
+        gc.callbacks.remove(on_gc)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+
+    def rows(key: int) -> list[dict]:
+        ranked = sorted(stats.items(), key=lambda kv: kv[1][key], reverse=True)[:top]
+        return [
+            {
+                "function": f"{Path(f).name}:{line}:{name}",
+                "calls": c[0],
+                "own_s": round(c[2], 5),
+                "cum_s": round(c[3], 5),
+            }
+            for (f, line, name), c in ranked
+        ]
+
+    return {
+        "wall_s": wall,
+        "gc": {
+            "collections": len(collections),
+            "seconds": sum(c[1] for c in collections),
+            "by_generation": [sum(1 for c in collections if c[0] == g) for g in range(3)],
+        },
+        "by_own_time": rows(2),
+        "by_cumulative_time": rows(3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
@@ -235,6 +318,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on 1024 tokens on the CPU")
     parser.add_argument("--recommended", action="store_true", help="chunked loss and compiled decoder layers")
+    parser.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="also one step under cProfile: where the host spends its time (the Python functions)",
+    )
     args = parser.parse_args()
 
     spec = load_spec()
@@ -306,6 +394,9 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - recorded; the profile below may still run
         result["step"] = {"error": repr(err)[:2000]}
     write(args.out, result)
+    if args.host_profile:
+        result["host_profile"] = host_profile(lambda: train_step(model, batch, make_bounds, optimizer, device))
+        write(args.out, result)
 
     try:
         activities = [torch.profiler.ProfilerActivity.CPU]
