@@ -5,7 +5,7 @@
 #   [prev-layer] [prev-e2e] (an earlier build in .prev/) [mamba] [mamba-tests] [fla-families] [recurrences] [llama] [family-tests]
 #   [fla-recurrence-tests]   (RECURRENCES_ARGS: more arguments of bench_recurrences.py, e.g. --lightning-chunk)
 #   [compile-tests] [probe] (which FLA kernels run fwd+bwd here) [profile] [profile-recommended] (one packed training step of the e2e
-#   model by kernel category: eager, or the recommended configuration)
+#   model by kernel category: eager, or the recommended configuration with one more step under cProfile)
 #   [gdn-core] (FLA's Triton GDN kernels vs FlashQLA, if installed) [conv] (FLA's conv kernels vs the memory floor)
 #   [largest-9b] (the 9B config's largest row, one GPU) [summary] (summarize_run.py over this folder)
 #   [recipe] (e2e-recommended gdn-core conv profile profile-recommended largest-9b summary: the GPU recipe's figures)
@@ -108,7 +108,7 @@ for what in "${stages[@]}"; do
     profile) stage profile "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py --out "$out/profile.json" \
         ${PROFILE_TRACE:+--trace "$PROFILE_TRACE"} ${PROFILE_ARGS:-} ;;
     profile-recommended) stage profile-recommended "${PROFILE_LIMIT:-300}" python benchmarks/profile_step.py \
-        --recommended --out "$out/profile_recommended.json" ;;
+        --recommended --host-profile --out "$out/profile_recommended.json" ;;
     conv) stage conv 120 python benchmarks/bench_conv.py --out "$out/conv.json" ;;
     gdn-core) stage gdn-core "${GDN_CORE_LIMIT:-240}" python benchmarks/bench_gdn_core.py --out "$out/gdn_core.json" ;;
     # each row in a fresh process (an out-of-memory leaves the next a clean card); LARGEST_9B_FIRST: the first row
