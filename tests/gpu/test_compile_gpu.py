@@ -50,26 +50,37 @@ def _step(model, params, ids, mask):
     return out.logits.detach().float(), grads
 
 
+def _compile(model, mode: str, backend):
+    if mode == "layers":  # as torchtitan compiles
+        for layer in model.get_decoder().layers:
+            layer.compile(backend=backend, fullgraph=True)
+        return model
+    return torch.compile(model, backend=backend)
+
+
 @pytest.mark.parametrize("mode", ["layers", "model"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["qwen3_5", "llama", "mamba2"])
 def test_compiled_equals_eager_on_gpu(arch, dtype, mode):
     torch._dynamo.reset()
     counters.clear()
-    model = deltapack.patch(_model(arch, dtype))
+    base = _model(arch, dtype)
+    unpatched = copy.deepcopy(base)
+    model = deltapack.patch(base)
     eager = copy.deepcopy(model)
     counter = CompileCounterWithBackend("inductor")
-    if mode == "layers":  # as torchtitan compiles
-        for layer in model.get_decoder().layers:
-            layer.compile(backend=counter, fullgraph=True)
-        compiled = model
-    else:
-        compiled = torch.compile(model, backend=counter)
+    compiled = _compile(model, mode, counter)
+    unpatched_compiled = _compile(unpatched, mode, "inductor")
     frames = []
     for split in SPLITS:
         ids, mask = _batch(split, model.config.vocab_size)
         logits, grads = _step(compiled, model, ids, mask)
-        logits_ref, grads_ref = _step(eager, eager, ids, mask)
+        if len(split) > 1:
+            logits_ref, grads_ref = _step(eager, eager, ids, mask)
+        else:  # one document: the model's own path, which deltapack leaves alone. On it compiled and eager differ by
+            # the model's own kernels under inductor (FLA's fp32 kernels: 5e-4), so the reference is the unpatched
+            # model compiled the same way
+            logits_ref, grads_ref = _step(unpatched_compiled, unpatched, ids, mask)
         errors = {"logits": rel_err(logits, logits_ref), "grads": rel_err(grads, grads_ref)}
         assert max(errors.values()) <= TOL[dtype], (split, errors)
         frames.append(counter.frame_count)
