@@ -276,3 +276,22 @@ def test_trainer_torch_compile_with_checkpointing_equals_padded_step(tmp_path):
     assert update_rel(step, step_ref) <= 1e-5
     breaks = list(counters["graph_break"])
     assert breaks and all("_read_batch" in reason for reason in breaks), breaks
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_attention_backend_choice_inside_a_compiled_region(backend: str):
+    """A whole compiled model decides its attention backend inside the graph (on CUDA, once per batch): that choice
+    builds its probe segments on the host, which must run eagerly, not be traced (traced, ``repeat_interleave``'s
+    data-dependent size failed inductor on an H200 and ``maybe_mark_dynamic`` fails aot_eager)."""
+    from deltapack.ops import attention
+
+    def choose(q: torch.Tensor) -> torch.Tensor:
+        return q * 2 if attention.resolve_attention_backend(None, q) == "reference" else q
+
+    q = torch.randn(4, 1, 8)
+    attention._probe_segments.cache_clear()  # the first choice of the process, as in a fresh training run
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(torch.compile(choose, backend=backend)(q), choose(q))
+    finally:
+        torch._dynamo.reset()

@@ -51,8 +51,12 @@ def _varlen_backend(bounds: Boundaries, text_model: nn.Module | None, dtype: tor
     if not attention or not all(WRAPPED_ATTR in m.__dict__ for m in attention):
         return None
     probe = torch.empty(0, 1, attention[0].head_dim, dtype=dtype, device=bounds.device)
-    backend = resolve_attention_backend(None, probe)
+    backend = _resolve_eagerly(None, probe)
     return None if backend == "reference" else backend
+
+
+# a host decision once per batch (it may run a backend's first-use check): under a compiled model it runs eagerly
+_resolve_eagerly = torch._dynamo.disable(resolve_attention_backend)
 
 
 def varlen_backend_of(bounds: Boundaries) -> str | None:

@@ -73,6 +73,7 @@ class Segments:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    @torch._dynamo.disable  # host work on host values: under torch.compile it runs eagerly, never traced
     def from_cu_seqlens(
         cls, cu_seqlens: torch.Tensor | Sequence[int], device: torch.device | str | None = None
     ) -> Segments:
