@@ -292,6 +292,26 @@ def norm_rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def packed_loss(model, packed):
+    """Summed next-token loss of every document of the packed batch ``packed``, each read at its own place."""
+    logits = model(**packed.kwargs, use_cache=False).logits
+    return sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
+
+
+def assert_packed_grads_equal_alone(model, packed, **alone_kwargs) -> None:
+    """The gradient of ``packed_loss``: unpatched it leaks (relative > LEAK, so a no-op patch fails), patched it is
+    the gradient of the documents run alone (``model(ids, **alone_kwargs)``) within 1e-4 relative; the model's
+    gradients are cleared afterwards."""
+    try:
+        alone = sum(doc_loss_sum(model(torch.tensor([d]), **alone_kwargs).logits[0], d) for d in packed.docs)
+        reference = grads_of(model, alone)
+        assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) > LEAK  # unpatched: it leaks
+        with patched(model):
+            assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) <= 1e-4
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def installed(archs: tuple[str, ...]) -> tuple[str, ...]:
     """The tiny archs the installed transformers can build (its model type exists and takes the tiny config); CI also
     runs the oldest supported transformers, which lacks newer model types."""

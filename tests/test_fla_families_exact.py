@@ -17,10 +17,9 @@ from deltapack.audit import audit
 from deltapack.tiny import available, tiny_model
 from helpers import (
     alone_logits,
+    assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
     assert_unpacked_bit_identical,
-    doc_loss_sum,
-    grads_of,
     patched,
     unpatched_diff,
 )
@@ -94,22 +93,7 @@ def test_every_arch_is_exact_with_padding_on_both_sides(arch, attn):
 def test_packed_gradient_equals_sum_of_alone(arch):
     model = model_of(arch)
     packed = build([random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)], "indexed_mask", extra_pad=2)
-    reference = grads_of(model, sum(doc_loss_sum(model(torch.tensor([d])).logits[0], d) for d in packed.docs))
-
-    def packed_grads():
-        logits = model(**packed.kwargs, use_cache=False).logits
-        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-        return grads_of(model, loss)
-
-    def rel(a):
-        return ((a - reference).norm() / reference.norm()).item()
-
-    try:
-        assert rel(packed_grads()) > LEAK  # unpatched: the gradient leaks
-        with patched(model):
-            assert rel(packed_grads()) <= 1e-4
-    finally:
-        model.zero_grad(set_to_none=True)
+    assert_packed_grads_equal_alone(model, packed)
 
 
 @pytest.mark.parametrize("arch", PARAMS)
@@ -175,18 +159,7 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
     model = tiny_model(arch).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = build([random_docs([6, 1, 9], seed=9), random_docs([4, 8], seed=10)], "indexed_mask", extra_pad=2)
-    loss_alone = sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
-    reference = grads_of(model, loss_alone)
-
-    def packed_loss():
-        logits = model(**packed.kwargs, use_cache=False).logits
-        return sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-
-    leaky = grads_of(model, packed_loss())
-    assert ((leaky - reference).norm() / reference.norm()).item() > LEAK  # unpatched: the gradient leaks
-    with patched(model):
-        got = grads_of(model, packed_loss())
-    assert ((got - reference).norm() / reference.norm()).item() <= 1e-4
+    assert_packed_grads_equal_alone(model, packed, use_cache=False)
 
 
 @pytest.mark.parametrize("pad_left", [False, True])

@@ -24,11 +24,10 @@ from helpers import (
     EXACT,
     LEAK,
     alone_logits,
+    assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
     assert_unpacked_bit_identical,
-    doc_loss_sum,
     enable_checkpointing,
-    grads_of,
     norm_rel,
     patched,
     unpatched_diff,
@@ -52,11 +51,6 @@ def model_of(arch: str, attn: str = "sdpa"):
 def random_docs(lengths, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]  # 0-2: pad, bos, eos
-
-
-def packed_loss(model, packed):
-    logits = model(**packed.kwargs, use_cache=False).logits
-    return sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
 
 
 rows_strategy = st.lists(st.lists(st.integers(1, 10), min_size=1, max_size=3), min_size=1, max_size=2).filter(
@@ -111,13 +105,7 @@ def test_padding_only_is_exact(arch, pad_left):
 def test_packed_gradient_equals_sum_of_alone(arch):
     model = model_of(arch)
     packed = build([random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)], "indexed_mask", extra_pad=2)
-    try:
-        reference = grads_of(model, sum(doc_loss_sum(model(torch.tensor([d])).logits[0], d) for d in packed.docs))
-        assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) > LEAK  # unpatched: it leaks
-        with patched(model):
-            assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) <= 1e-4
-    finally:
-        model.zero_grad(set_to_none=True)
+    assert_packed_grads_equal_alone(model, packed)
 
 
 @pytest.mark.parametrize("arch", PARAMS)
@@ -126,11 +114,7 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
     model = tiny_model(arch).train()
     enable_checkpointing(model, use_reentrant=False)
     packed = build([random_docs([6, 1, 9], seed=9), random_docs([4, 8], seed=10)], "indexed_mask", extra_pad=2)
-    loss_alone = sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
-    reference = grads_of(model, loss_alone)
-    assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) > LEAK  # unpatched: it leaks
-    with patched(model):
-        assert norm_rel(grads_of(model, packed_loss(model, packed)), reference) <= 1e-4
+    assert_packed_grads_equal_alone(model, packed, use_cache=False)
 
 
 @pytest.mark.parametrize("arch", PARAMS)

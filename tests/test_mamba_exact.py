@@ -19,13 +19,10 @@ from deltapack.models.layers import packed_layer_of
 from deltapack.tiny import tiny_model
 from helpers import (
     EXACT,
-    LEAK,
     alone_logits,
+    assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
     assert_unpacked_bit_identical,
-    doc_loss_sum,
-    grads_of,
-    norm_rel,
     patched,
     random_docs,
 )
@@ -68,20 +65,7 @@ def test_packed_gradient_equals_sum_of_alone(arch):
     model = model_of(arch)
     rows = [random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)]
     packed = build(rows, "indexed_mask", pad_left=arch in SCAN, extra_pad=2)
-    alone_total = sum(doc_loss_sum(model(torch.tensor([d])).logits[0], d) for d in packed.docs)
-    reference = grads_of(model, alone_total)
-
-    def packed_grads():
-        logits = model(**packed.kwargs, use_cache=False).logits
-        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-        return grads_of(model, loss)
-
-    try:
-        assert norm_rel(packed_grads(), reference) > LEAK  # unpatched: the gradient leaks
-        with patched(model):
-            assert norm_rel(packed_grads(), reference) <= 1e-4
-    finally:
-        model.zero_grad(set_to_none=True)
+    assert_packed_grads_equal_alone(model, packed)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -18,10 +18,8 @@ from deltapack.boundaries import Boundaries
 from deltapack.models.layers import packed_layer_of
 from deltapack.tiny import tiny_model
 from helpers import (
+    assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
-    doc_loss_sum,
-    grads_of,
-    norm_rel,
     patched,
     random_docs,
 )
@@ -127,21 +125,7 @@ def test_left_padded_rows_are_exact(arch):
 def test_packed_gradient_equals_sum_of_alone(arch):
     model = model_of(arch)
     packed = build([random_docs([6, 1, 9], seed=3), random_docs([4, 8], seed=4)], "indexed_mask", extra_pad=2)
-    reference = grads_of(
-        model, sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
-    )
-
-    def packed_grads():
-        logits = model(**packed.kwargs, use_cache=False).logits
-        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-        return grads_of(model, loss)
-
-    try:
-        assert norm_rel(packed_grads(), reference) > LEAK
-        with patched(model):
-            assert norm_rel(packed_grads(), reference) <= 1e-4
-    finally:
-        model.zero_grad(set_to_none=True)
+    assert_packed_grads_equal_alone(model, packed, use_cache=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -175,13 +159,7 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
     model = tiny_model(arch, attn_implementation="sdpa" if arch in WITH_ATTENTION else "eager").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = build([random_docs([6, 1, 9], seed=9), random_docs([4, 8], seed=10)], "indexed_mask", extra_pad=2)
-    reference = grads_of(
-        model, sum(doc_loss_sum(model(torch.tensor([d]), use_cache=False).logits[0], d) for d in packed.docs)
-    )
-    with patched(model):
-        logits = model(**packed.kwargs).logits
-        loss = sum(doc_loss_sum(logits[r, c : c + n], d) for (r, c, n), d in zip(packed.places, packed.docs))
-        assert norm_rel(grads_of(model, loss), reference) <= 1e-4
+    assert_packed_grads_equal_alone(model, packed, use_cache=False)
 
 
 def test_xlstm_chunked_inference_over_a_packed_stream_raises():
