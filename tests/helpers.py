@@ -244,17 +244,34 @@ def assert_unpacked_bit_identical(model: nn.Module, ids: torch.Tensor, left_padd
 def assert_packed_logits_equal_alone(
     model: nn.Module, rows, fmt: str, *, seed: int, pad_left: bool, extra_pad: int, alone_fn=alone_logits
 ) -> None:
-    """Random documents of the lengths ``rows`` (one list of lengths per row) packed in ``fmt``: the unpatched model
-    leaks on them or refuses them (so a no-op patch fails), the patched model gives each document's logits alone
-    (``alone_fn(model, docs)``)."""
+    """``assert_packed_docs_exact`` on random documents of the lengths ``rows`` (one list of lengths per row)."""
     flat = iter(random_docs([n for r in rows for n in r], seed=seed))
-    packed = build([[next(flat) for _ in r] for r in rows], fmt, pad_left=pad_left, extra_pad=extra_pad)
+    docs = [[next(flat) for _ in r] for r in rows]
+    assert_packed_docs_exact(model, docs, fmt, pad_left=pad_left, extra_pad=extra_pad, alone_fn=alone_fn)
+
+
+def assert_packed_docs_exact(
+    model: nn.Module, rows, fmt: str, *, pad_left: bool, extra_pad: int, alone_fn=alone_logits
+) -> None:
+    """The documents ``rows`` (token ids, one list of documents per row) packed in ``fmt``: the unpatched model leaks
+    on them or refuses them (so a no-op patch fails), the patched model gives each document's logits alone
+    (``alone_fn(model, docs)``)."""
+    packed = build(rows, fmt, pad_left=pad_left, extra_pad=extra_pad)
     alone = alone_fn(model, packed.docs)
     assert unpatched_diff(model, packed, alone) > LEAK
     with patched(model), torch.no_grad():
         logits = model(**packed.kwargs).logits
     assert logits.shape[:2] == packed.kwargs["input_ids"].shape
     assert max_doc_diff(logits, packed, alone) <= EXACT
+
+
+def assert_padding_only_exact(model: nn.Module, docs: list[list[int]], pad_left: bool) -> None:
+    """One document per row, padded on the left or right (``padding_mask``): the patched model gives each document's
+    logits alone. No leak check: transformers is exact on such batches too."""
+    packed = build([[d] for d in docs], "padding_mask", pad_left=pad_left)
+    alone = alone_logits(model, packed.docs)
+    with patched(model), torch.no_grad():
+        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
 
 
 def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:

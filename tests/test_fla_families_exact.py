@@ -16,15 +16,15 @@ from transformers import __version__
 from deltapack.audit import audit
 from deltapack.tiny import available, tiny_model
 from helpers import (
-    alone_logits,
+    assert_packed_docs_exact,
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
+    assert_padding_only_exact,
     assert_unpacked_bit_identical,
     patched,
-    unpatched_diff,
 )
 from helpers import installed as buildable
-from packing import build, max_doc_diff
+from packing import build
 
 available()  # the families register their tiny configs
 ALL_ARCHS = ("kimi_linear", "bailing_hybrid", "olmo_hybrid", "lara_mini", "qwen4_exp", "lfm2", "lfm2_moe", "lfm3")
@@ -82,11 +82,7 @@ def test_every_arch_is_exact_with_padding_on_both_sides(arch, attn):
     model = model_of(arch, attn)
     rows = [random_docs([6, 1, 9], seed=1), random_docs([1, 4, 8], seed=2)]
     for fmt, pad_left in (("indexed_mask", True), ("position_ids", False)):
-        packed = build(rows, fmt, pad_left=pad_left, extra_pad=2)
-        alone = alone_logits(model, packed.docs)
-        assert unpatched_diff(model, packed, alone) > LEAK
-        with patched(model), torch.no_grad():
-            assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+        assert_packed_docs_exact(model, rows, fmt, pad_left=pad_left, extra_pad=2)
 
 
 @pytest.mark.parametrize("arch", PARAMS)
@@ -167,7 +163,4 @@ def test_training_with_gradient_checkpointing_is_exact(arch):
 def test_padding_only_is_exact(arch, pad_left):
     """One document per row with padding on either side: exact (transformers' own path is exact here too)."""
     model = model_of(arch)
-    packed = build([[d] for d in random_docs([7, 3, 11], seed=2)], "padding_mask", pad_left=pad_left)
-    alone = alone_logits(model, packed.docs)
-    with patched(model), torch.no_grad():
-        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+    assert_padding_only_exact(model, random_docs([7, 3, 11], seed=2), pad_left)

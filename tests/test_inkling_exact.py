@@ -24,13 +24,14 @@ from helpers import (
     EXACT,
     LEAK,
     alone_logits,
+    assert_packed_docs_exact,
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
+    assert_padding_only_exact,
     assert_unpacked_bit_identical,
     enable_checkpointing,
     norm_rel,
     patched,
-    unpatched_diff,
 )
 from helpers import installed as buildable
 from packing import build, max_doc_diff
@@ -82,11 +83,7 @@ def test_every_arch_is_exact_with_padding_on_both_sides(arch, attn):
         pytest.skip(f"{arch} runs {model.config._attn_implementation} attention only")
     rows = [random_docs([6, 1, 9], seed=1), random_docs([1, 4, 8], seed=2)]
     for fmt, pad_left in (("indexed_mask", True), ("position_ids", False), ("cu_seqlens", True)):
-        packed = build(rows, fmt, pad_left=pad_left, extra_pad=2)
-        alone = alone_logits(model, packed.docs)
-        assert unpatched_diff(model, packed, alone) > LEAK
-        with patched(model), torch.no_grad():
-            assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+        assert_packed_docs_exact(model, rows, fmt, pad_left=pad_left, extra_pad=2)
 
 
 @pytest.mark.parametrize("pad_left", [False, True])
@@ -95,10 +92,7 @@ def test_padding_only_is_exact(arch, pad_left):
     """One document per row: exact on either side (left padding shifts transformers' log-scaling positions, so
     deltapack unpads such batches too)."""
     model = model_of(arch)
-    packed = build([[d] for d in random_docs([7, 3, 11], seed=2)], "padding_mask", pad_left=pad_left)
-    alone = alone_logits(model, packed.docs)
-    with patched(model), torch.no_grad():
-        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+    assert_padding_only_exact(model, random_docs([7, 3, 11], seed=2), pad_left)
 
 
 @pytest.mark.parametrize("arch", PARAMS)

@@ -19,6 +19,7 @@ from helpers import (
     alone_logits,
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
+    assert_padding_only_exact,
     cached_model,
     doc_loss_sum,
     patched,
@@ -65,10 +66,7 @@ def test_position_ids_with_default_use_cache(arch):
 def test_padding_only_is_exact(pad_left):
     """One document per row with padding: unpadded by deltapack, exact; transformers is exact here too."""
     model = cached_model("qwen3_5")
-    packed = build([[d] for d in random_docs([7, 3, 11], seed=2)], "padding_mask", pad_left=pad_left)
-    alone = alone_logits(model, packed.docs)
-    with patched(model), torch.no_grad():
-        assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+    assert_padding_only_exact(model, random_docs([7, 3, 11], seed=2), pad_left)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
