@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -272,6 +273,29 @@ def assert_padding_only_exact(model: nn.Module, docs: list[list[int]], pad_left:
     alone = alone_logits(model, packed.docs)
     with patched(model), torch.no_grad():
         assert max_doc_diff(model(**packed.kwargs).logits, packed, alone) <= EXACT
+
+
+def assert_routing_is_each_document_alone(model: nn.Module, docs: list[list[int]]) -> None:
+    """``docs`` (four documents) packed in two rows: unpatched, the router logits of the real tokens leak (so a no-op
+    patch fails); patched, every real token is routed as in its document alone, token by token, and padding gets no
+    router logits. Skips when the model returns no router logits in the installed transformers."""
+    packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), output_router_logits=True) for d in docs]
+        if getattr(alone[0], "router_logits", None) is None:
+            pytest.skip(f"{model.config.model_type} returns no router logits with this transformers")
+        leaky = model(**packed.kwargs, output_router_logits=True, use_cache=False).router_logits
+        with patched(model):
+            out = model(**packed.kwargs, output_router_logits=True)
+    layers = len(alone[0].router_logits)
+    expected = [torch.cat([a.router_logits[i].reshape(len(d), -1) for a, d in zip(alone, docs)]) for i in range(layers)]
+    width = packed.kwargs["input_ids"].shape[1]
+    rows = torch.cat([torch.arange(n) + r * width + c for r, c, n in packed.places])  # real tokens of the [B, T] batch
+    assert max((lg[rows] - e).abs().max().item() for lg, e in zip(leaky, expected)) > LEAK  # unpatched: it leaks
+    assert len(out.router_logits) == layers > 0
+    for logits, want in zip(out.router_logits, expected):
+        assert logits.shape[0] == len(rows)  # each real token once, none of the padding
+        assert (logits - want).abs().max() <= EXACT
 
 
 def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:

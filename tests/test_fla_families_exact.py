@@ -20,6 +20,7 @@ from helpers import (
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
     assert_padding_only_exact,
+    assert_routing_is_each_document_alone,
     assert_unpacked_bit_identical,
     patched,
 )
@@ -130,23 +131,7 @@ def test_moe_routing_is_each_document_alone(arch):
     """Every real token is routed as in its document alone (router logits equal token by token, none for padding)."""
     model = model_of(arch)
     docs = random_docs([5, 1, 11, 4], seed=9)
-    packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
-    with torch.no_grad():
-        alone = [model(torch.tensor([d]), output_router_logits=True) for d in docs]
-        if getattr(alone[0], "router_logits", None) is None:
-            pytest.skip(f"{arch} returns no router logits with this transformers")
-        leaky = model(**packed.kwargs, output_router_logits=True, use_cache=False).router_logits
-        with patched(model):
-            out = model(**packed.kwargs, output_router_logits=True)
-    layers = len(alone[0].router_logits)
-    expected = [torch.cat([a.router_logits[i].reshape(len(d), -1) for a, d in zip(alone, docs)]) for i in range(layers)]
-    width = packed.kwargs["input_ids"].shape[1]
-    rows = torch.cat([torch.arange(n) + r * width + c for r, c, n in packed.places])  # real tokens of the [B, T] batch
-    assert max((lg[rows] - e).abs().max().item() for lg, e in zip(leaky, expected)) > LEAK  # unpatched: it leaks
-    assert len(out.router_logits) == layers > 0
-    for logits, want in zip(out.router_logits, expected):
-        assert logits.shape[0] == len(rows)  # each real token once, none of the padding
-        assert (logits - want).abs().max() <= EXACT
+    assert_routing_is_each_document_alone(model, docs)
 
 
 @pytest.mark.parametrize("arch", [p for p in PARAMS if p.values[0] in ("kimi_linear", "olmo_hybrid", "lfm2")])

@@ -22,8 +22,8 @@ from helpers import (
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
     assert_padding_only_exact,
+    assert_routing_is_each_document_alone,
     assert_unpacked_bit_identical,
-    patched,
     random_docs,
 )
 from packing import build
@@ -77,21 +77,10 @@ def test_unpacked_path_is_bit_identical_with_generate(arch):
 
 @pytest.mark.parametrize("arch", MOE)
 def test_moe_routing_is_each_document_alone(arch):
-    """Every real token is routed as in its document alone (router logits equal token by token)."""
+    """Every real token is routed as in its document alone (router logits equal token by token, none for padding)."""
     model = model_of(arch)
     docs = random_docs([5, 1, 11, 4], seed=9)
-    packed = build([docs[:3], docs[3:]], "indexed_mask", extra_pad=1)
-    with torch.no_grad():
-        alone = [getattr(model(torch.tensor([d]), output_router_logits=True), "router_logits", None) for d in docs]
-        if alone[0] is None:
-            pytest.skip(f"{arch} returns no router logits in this transformers version")
-        with patched(model):
-            out = model(**packed.kwargs, output_router_logits=True)
-    real = sum(len(d) for d in docs)
-    for layer, logits in enumerate(out.router_logits):
-        expected = torch.cat([a[layer].reshape(len(d), -1) for a, d in zip(alone, docs)])
-        assert logits.shape[0] == real  # each real token once, none of the padding
-        assert (logits - expected).abs().max() <= EXACT
+    assert_routing_is_each_document_alone(model, docs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
