@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from hypothesis import strategies as st
 from packaging.version import Version
 from torch import nn
 
@@ -296,6 +297,22 @@ def assert_routing_is_each_document_alone(model: nn.Module, docs: list[list[int]
     for logits, want in zip(out.router_logits, expected):
         assert logits.shape[0] == len(rows)  # each real token once, none of the padding
         assert (logits - want).abs().max() <= EXACT
+
+
+def packed_examples(archs, *, max_length: int = 12, max_docs: int = 4, max_rows: int = 3) -> dict:
+    """Strategies for ``@given(**packed_examples(ARCHS))`` before ``assert_packed_logits_equal_alone``: ``rows`` of
+    document lengths (at least one row holds two or more documents, where a leak can happen), ``arch``, ``attn``,
+    ``fmt``, ``pad_left``, ``extra_pad`` and ``seed``."""
+    lengths = st.lists(st.integers(1, max_length), min_size=1, max_size=max_docs)
+    return dict(
+        rows=st.lists(lengths, min_size=1, max_size=max_rows).filter(lambda rows: any(len(r) > 1 for r in rows)),
+        arch=st.sampled_from(archs),
+        attn=st.sampled_from(["sdpa", "eager"]),
+        fmt=st.sampled_from(["position_ids", "indexed_mask", "cu_seqlens"]),
+        pad_left=st.booleans(),
+        extra_pad=st.integers(0, 3),
+        seed=st.integers(0, 2**16),
+    )
 
 
 def per_doc_diff(logits: torch.Tensor, alone: list[torch.Tensor]) -> float:

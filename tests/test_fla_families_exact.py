@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import __version__
 
 from deltapack.audit import audit
@@ -22,6 +21,7 @@ from helpers import (
     assert_padding_only_exact,
     assert_routing_is_each_document_alone,
     assert_unpacked_bit_identical,
+    packed_examples,
     patched,
 )
 from helpers import installed as buildable
@@ -56,21 +56,8 @@ def random_docs(lengths, seed=0):
     return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]  # 0-2: pad, bos, eos
 
 
-rows_strategy = st.lists(st.lists(st.integers(1, 10), min_size=1, max_size=4), min_size=1, max_size=3).filter(
-    lambda rows: any(len(r) > 1 for r in rows)
-)
-
-
 @settings(max_examples=21)
-@given(
-    rows=rows_strategy,
-    arch=st.sampled_from(ARCHS),
-    attn=st.sampled_from(["sdpa", "eager"]),
-    fmt=st.sampled_from(["position_ids", "indexed_mask", "cu_seqlens"]),
-    pad_left=st.booleans(),
-    extra_pad=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
-)
+@given(**packed_examples(ARCHS, max_length=10))
 def test_packed_logits_equal_alone(rows, arch, attn, fmt, pad_left, extra_pad, seed):
     model = model_of(arch, attn)
     assert_packed_logits_equal_alone(model, rows, fmt, seed=seed, pad_left=pad_left, extra_pad=extra_pad)

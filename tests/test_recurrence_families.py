@@ -11,7 +11,6 @@ import functools
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from deltapack.audit import audit
 from deltapack.boundaries import Boundaries
@@ -20,6 +19,7 @@ from deltapack.tiny import tiny_model
 from helpers import (
     assert_packed_grads_equal_alone,
     assert_packed_logits_equal_alone,
+    packed_examples,
     patched,
     random_docs,
 )
@@ -86,20 +86,7 @@ def test_packed_layer_forward_equals_the_transformers_layer(cls):
 
 
 # ------------------------------------------------------------------------------------------------ whole models
-row_lengths = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=3).filter(
-    lambda rows: any(len(r) > 1 for r in rows)
-)
-
-
-@given(
-    rows=row_lengths,
-    fmt=st.sampled_from(["position_ids", "indexed_mask", "cu_seqlens"]),
-    arch=st.sampled_from(ARCHS),
-    attn=st.sampled_from(["sdpa", "eager"]),
-    pad_left=st.booleans(),
-    extra_pad=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
-)
+@given(**packed_examples(ARCHS))
 def test_packed_logits_equal_alone(rows, fmt, arch, attn, pad_left, extra_pad, seed):
     model = model_of(arch, attn)
     assert_packed_logits_equal_alone(  # this module's alone_logits: each document alone, without a cache
