@@ -67,6 +67,17 @@ def check_against_each_document(fn, oracle, tokens, params, lengths):
         assert (leaky - out).abs().max() > 1e-3
 
 
+def bind(fn, positional, keywords, **fixed):
+    """``fn`` as the (tokens, params, segments) -> [1, T, ...] that ``check_against_each_document`` calls: the inputs
+    named ``positional`` in order, ``segments``, those named ``keywords`` by name, then ``fixed``."""
+
+    def call(tokens, params, segments):
+        inputs = {**tokens, **params}
+        return fn(*(inputs[k] for k in positional), segments=segments, **{k: inputs[k] for k in keywords}, **fixed)
+
+    return call
+
+
 def _rnd(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
@@ -89,26 +100,9 @@ def test_ssd_ref_matches_each_document_alone(name, groups):
     params = dict(A=_decay(gen, heads), D=_rnd(gen, heads), dt_bias=_rnd(gen, heads))
     dt_kw = dict(dt_softplus=True, dt_limit=(0.01, 5.0))
 
-    def chunked(t, p, segments):
-        return ssd_ref(
-            t["x"],
-            t["dt"],
-            p["A"],
-            t["B"],
-            t["C"],
-            segments=segments,
-            D=p["D"],
-            dt_bias=p["dt_bias"],
-            chunk_size=CHUNK,
-            **dt_kw,
-        )
-
-    def oracle(t, p, segments):
-        return ssd_recurrent_ref(
-            t["x"], t["dt"], p["A"], t["B"], t["C"], segments=segments, D=p["D"], dt_bias=p["dt_bias"], **dt_kw
-        )
-
-    check_against_each_document(chunked, oracle, tokens, params, LENGTHS[name])
+    names = ("x", "dt", "A", "B", "C"), ("D", "dt_bias")
+    chunked = bind(ssd_ref, *names, chunk_size=CHUNK, **dt_kw)
+    check_against_each_document(chunked, bind(ssd_recurrent_ref, *names, **dt_kw), tokens, params, LENGTHS[name])
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -125,35 +119,9 @@ def test_selective_scan_ref_matches_each_document_alone(name, groups):
     )
     params = dict(A=_decay(gen, channels, state), D=_rnd(gen, channels), delta_bias=_rnd(gen, channels))
 
-    def chunked(t, p, segments):
-        return selective_scan_ref(
-            t["u"],
-            t["delta"],
-            p["A"],
-            t["B"],
-            t["C"],
-            segments=segments,
-            D=p["D"],
-            z=t["z"],
-            delta_bias=p["delta_bias"],
-            delta_softplus=True,
-            chunk_size=CHUNK,
-        )
-
-    def oracle(t, p, segments):
-        return selective_scan_recurrent_ref(
-            t["u"],
-            t["delta"],
-            p["A"],
-            t["B"],
-            t["C"],
-            segments=segments,
-            D=p["D"],
-            z=t["z"],
-            delta_bias=p["delta_bias"],
-            delta_softplus=True,
-        )
-
+    names = ("u", "delta", "A", "B", "C"), ("D", "z", "delta_bias")
+    chunked = bind(selective_scan_ref, *names, delta_softplus=True, chunk_size=CHUNK)
+    oracle = bind(selective_scan_recurrent_ref, *names, delta_softplus=True)
     check_against_each_document(chunked, oracle, tokens, params, LENGTHS[name])
 
 
