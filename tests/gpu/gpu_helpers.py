@@ -104,6 +104,20 @@ def packed_and_unpatched_diffs(model, dtype) -> tuple[float, float]:
     return per_doc_diff(out, places, alone_logits, dtype), per_doc_diff(leaky, places, alone_logits, dtype)
 
 
+def assert_packed_equals_alone_on_cuda(model, dtype) -> None:
+    """:func:`packed_and_unpatched_diffs`: patched within ``MODEL_TOL``, unpatched leaks (> ``LEAK``)."""
+    packed, leaky = packed_and_unpatched_diffs(model, dtype)
+    assert packed <= MODEL_TOL[dtype]
+    assert leaky > LEAK
+
+
+def assert_no_host_sync_in_packed_step(model) -> None:
+    """:func:`packed_step_host_syncs` of ``model`` (patched, bf16, train mode): no host sync, a finite loss."""
+    syncs, loss = packed_step_host_syncs(model)
+    assert syncs == 0
+    assert torch.isfinite(loss).item()
+
+
 def packed_step_host_syncs(model) -> tuple[int, torch.Tensor]:
     """A patched bf16 model in train mode: the host syncs of one packed forward+backward with boundaries built
     before the call (after one step that compiles and checks the kernels), and that step's loss."""
