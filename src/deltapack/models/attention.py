@@ -31,6 +31,7 @@ CONTEXT_PARALLEL = "deltapack_context_parallel"  # deltapack.distributed.attenti
 # the full-attention classes whose forward packed_attention_forward reproduces (q/k/v, output gate, rope)
 FULL_ATTENTION_CLASSES = ("Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen3NextAttention")
 WRAPPED_ATTR = "_deltapack_attn_inner"  # where patch() keeps a wrapped attention module's own forward
+VARLEN_DEVICES = ("cuda",)  # devices whose batches may take the varlen path (tests add "cpu" with a CPU stand-in)
 
 
 def is_full_attention(module: nn.Module) -> bool:
@@ -40,7 +41,7 @@ def is_full_attention(module: nn.Module) -> bool:
 
 def _varlen_backend(bounds: Boundaries, text_model: nn.Module | None, dtype: torch.dtype) -> str | None:
     """The varlen backend for this batch's full-attention layers, or None to keep the exact mask."""
-    if bounds.device.type != "cuda" or text_model is None:
+    if bounds.device.type not in VARLEN_DEVICES or text_model is None:
         return None
     config = text_model.config
     if text_model.training and getattr(config, "attention_dropout", 0.0):
@@ -51,12 +52,8 @@ def _varlen_backend(bounds: Boundaries, text_model: nn.Module | None, dtype: tor
     if not attention or not all(WRAPPED_ATTR in m.__dict__ for m in attention):
         return None
     probe = torch.empty(0, 1, attention[0].head_dim, dtype=dtype, device=bounds.device)
-    backend = _resolve_eagerly(None, probe)
+    backend = resolve_attention_backend(None, probe)  # under torch.compile: a constant of the graph, not traced
     return None if backend == "reference" else backend
-
-
-# a host decision once per batch (it may run a backend's first-use check): under a compiled model it runs eagerly
-_resolve_eagerly = torch._dynamo.disable(resolve_attention_backend)
 
 
 def varlen_backend_of(bounds: Boundaries) -> str | None:

@@ -18,7 +18,10 @@ warning with the exception, that call recomputed on the dense plan, and the dens
 
 The layer's mask kind is read off its mask function by evaluating it on the positions [0, n) x [0, n) that occur
 inside documents (n covers the window and a margin), against plain causal and causal-with-window; anything else is
-``general`` and goes to flex. ``eager`` attention is each model's own function and keeps the dense mask
+``general`` and goes to flex (a mask built inside a ``torch.compile`` graph is ``causal`` only when it is
+transformers' causal mask function, else ``general``: no probe in the graph). Under ``torch.compile`` the plan's
+backend choice and its log line run while a layer is traced, not in its graph (:func:`resolve_attention_backend`),
+so a layer compiles with ``fullgraph=True``. ``eager`` attention is each model's own function and keeps the dense mask
 (a warning says so once on a GPU); models that add biases to the mask themselves (ALiBi) are never given a
 :class:`PackedMask` (:func:`register_model` decides per model at patch time).
 
@@ -143,6 +146,17 @@ def mask_kind(base: Callable[..., torch.Tensor], local_size: int | None, max_seq
     return "general", None
 
 
+def _traced_mask_kind(base: Callable[..., torch.Tensor]) -> tuple[str, None]:
+    """(kind, window) of a mask built inside a ``torch.compile`` graph (a model compiled whole builds its masks in
+    its graph): probing the mask function there would read tensor values (a graph break) and specialise the graph
+    on the batch's longest document (a recompilation per batch). transformers' causal mask function itself is
+    ``causal``; any other mask is ``general``, which takes the plan of a window (flex, else dense) also when the
+    window is longer than every document of a batch (the varlen plan that eager attention takes then)."""
+    from transformers.masking_utils import causal_mask_function
+
+    return ("causal", None) if base is causal_mask_function else ("general", None)
+
+
 def packed_mask(impl: str, bounds: Any, call: dict[str, Any], mask_function: Callable[..., Any], materialize):
     """A :class:`PackedMask` for this mask builder call, or None to build the dense mask.
 
@@ -158,7 +172,10 @@ def packed_mask(impl: str, bounds: Any, call: dict[str, Any], mask_function: Cal
             )
         return None
     base = call["base_mask_function"]
-    kind, window = mask_kind(base, call.get("local_size"), bounds.max_seqlen, bounds.device)
+    if torch.compiler.is_compiling():
+        kind, window = _traced_mask_kind(base)
+    else:
+        kind, window = mask_kind(base, call.get("local_size"), bounds.max_seqlen, bounds.device)
     return PackedMask(bounds, mask_function, kind, window, materialize)
 
 
@@ -262,6 +279,22 @@ def run_packed_attention(
 
 def _log_plan(name: str, plan: str, kind: str, refused: str) -> None:
     """One log line per (layer class, plan): info, or a warning naming why flex was refused for the dense plan."""
+    if torch.compiler.is_compiling():
+        _log_plan_when_traced(name, plan, kind, refused)
+    else:
+        _log_plan_once(name, plan, kind, refused)
+
+
+@torch.compiler.assume_constant_result
+def _log_plan_when_traced(name: str, plan: str, kind: str, refused: str) -> bool:
+    """:func:`_log_plan` in a layer that dynamo traces: it runs in Python while the graph is traced, once per
+    graph (a logger call in the graph would break it, and tracing the check of what was logged would guard the
+    graph on it); its answer, a constant, is not used."""
+    _log_plan_once(name, plan, kind, refused)
+    return True
+
+
+def _log_plan_once(name: str, plan: str, kind: str, refused: str) -> None:
     if (name, plan) in _logged:
         return
     _logged.add((name, plan))

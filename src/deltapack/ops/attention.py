@@ -181,9 +181,24 @@ def _probe_segments() -> Segments:
 
 def resolve_attention_backend(backend: str | None, q: torch.Tensor) -> str:
     """The backend :func:`varlen_attention` would run for queries like ``q`` (its device, dtype and head dim; the
-    verifiers read nothing else): argument, DELTAPACK_ATTENTION_BACKEND, automatic."""
-    probe = _probe_segments()
-    return VARLEN_ATTENTION.choose(q, q, q, segments=probe, backend=backend)[0]
+    verifiers read nothing else): argument, DELTAPACK_ATTENTION_BACKEND, automatic.
+
+    Inside ``torch.compile`` (a compiled model or layer) the choice is not traced: it runs once when the graph is
+    traced and its answer is a constant of the graph, which dynamo's guards on q's device, dtype and shape keep
+    valid (the environment variable is read then: changing it later does not recompile the graph)."""
+    if torch.compiler.is_compiling():
+        return _resolved_when_traced(backend, q.device, q.dtype, q.shape[-1])
+    return _resolve(backend, q)
+
+
+def _resolve(backend: str | None, q: torch.Tensor) -> str:
+    return VARLEN_ATTENTION.choose(q, q, q, segments=_probe_segments(), backend=backend)[0]
+
+
+@torch.compiler.assume_constant_result
+def _resolved_when_traced(backend: str | None, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The choice for queries [0, 1, head_dim] of this device and dtype, run in Python while dynamo traces."""
+    return _resolve(backend, torch.empty(0, 1, head_dim, dtype=dtype, device=device))
 
 
 def varlen_attention(
