@@ -39,37 +39,12 @@ import statistics
 import time
 
 import torch
-from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, write
+from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, padded_batches, rows_of, write
 
 import deltapack
 from deltapack import Boundaries
 
 ROW = 8192
-
-
-def padded_batches(docs: list[torch.Tensor]) -> list[dict]:
-    steps = []
-    for i in range(0, len(docs), 4):
-        group = docs[i : i + 4]
-        width = max(len(d) for d in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, d in enumerate(group):
-            ids[r, : len(d)], mask[r, : len(d)] = d, 1
-        labels = ids.masked_fill(mask == 0, -100)
-        steps.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False})
-    return steps
-
-
-def rows_of(docs: list[torch.Tensor], row: int = ROW) -> list[list[torch.Tensor]]:
-    rows, current = [], []
-    for d in docs:
-        if current and sum(len(x) for x in current) + len(d) > row:
-            rows.append(current)
-            current = []
-        current.append(d)
-    rows.append(current)
-    return rows
 
 
 def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:
@@ -237,7 +212,7 @@ def main() -> None:
     lengths = document_lengths(spec["tokens"]["total"])
     docs = documents(lengths, config.vocab_size)
     total = sum(lengths)
-    rows = rows_of(docs)
+    rows = rows_of(docs, ROW)
     result = {
         "env": environment(),
         "model_parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6,

@@ -29,7 +29,7 @@ import statistics
 import time
 
 import torch
-from common import document_lengths, documents, environment, write
+from common import document_lengths, documents, environment, padded_batches, rows_of, write
 
 import deltapack
 from deltapack import Boundaries
@@ -57,28 +57,6 @@ def llama(config: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **config), attn_implementation="sdpa")
     return model.to(dtype)
-
-
-def padded_batches(docs: list[torch.Tensor]) -> list[dict]:
-    steps = []
-    for i in range(0, len(docs), 4):
-        group = docs[i : i + 4]
-        ids = torch.zeros(len(group), max(len(d) for d in group), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, d in enumerate(group):
-            ids[r, : len(d)], mask[r, : len(d)] = d, 1
-        steps.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return [{**s, "use_cache": False} for s in steps]
-
-
-def rows_of(docs: list[torch.Tensor], row: int) -> list[list[torch.Tensor]]:
-    rows, current = [], []
-    for d in docs:
-        if current and sum(len(x) for x in current) + len(d) > row:
-            rows.append(current)
-            current = []
-        current.append(d)
-    return rows + [current]
 
 
 def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:

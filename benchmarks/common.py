@@ -51,6 +51,32 @@ def documents(lengths: list[int], vocab: int = 32000) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
 
 
+def padded_batches(docs: list[torch.Tensor]) -> list[dict]:
+    """The padded baseline: ``docs`` four to a batch in order, each row one document padded on the right (0/1
+    attention_mask, labels -100 at padding), without a cache."""
+    steps = []
+    for i in range(0, len(docs), 4):
+        group = docs[i : i + 4]
+        ids = torch.zeros(len(group), max(len(d) for d in group), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, d in enumerate(group):
+            ids[r, : len(d)], mask[r, : len(d)] = d, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        steps.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False})
+    return steps
+
+
+def rows_of(docs: list[torch.Tensor], row: int) -> list[list[torch.Tensor]]:
+    """``docs`` in order, greedily into rows of at most ``row`` tokens (a longer document fills a row alone)."""
+    rows, current = [], []
+    for d in docs:
+        if current and sum(len(x) for x in current) + len(d) > row:
+            rows.append(current)
+            current = []
+        current.append(d)
+    return rows + [current]
+
+
 def non_embedding_parameters(model: torch.nn.Module) -> int:
     """Parameters outside the input embeddings (each tensor once; a tied LM head is the embedding, not counted)."""
     embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}

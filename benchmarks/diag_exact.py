@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_e2e import deltapack_batch, rows_of, to_cuda
-from common import document_lengths, documents, e2e_model, environment, load_spec, write
+from bench_e2e import ROW, deltapack_batch, to_cuda
+from common import document_lengths, documents, e2e_model, environment, load_spec, rows_of, write
 
 import deltapack
 from deltapack import Boundaries
@@ -57,7 +57,7 @@ def main() -> None:
     model = e2e_model(spec).eval()
     config = model.config
     docs = documents(document_lengths(spec["tokens"]["total"]), config.vocab_size)
-    rows = rows_of(docs)
+    rows = rows_of(docs, ROW)
     deltapack.patch(model)
     batch, doc_ids = deltapack_batch(rows)
     batch = to_cuda(batch)

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import deltapack_batch, rows_of  # noqa: E402
-from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, write  # noqa: E402
+from bench_e2e import deltapack_batch  # noqa: E402
+from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, rows_of, write  # noqa: E402
 
 import deltapack  # noqa: E402
 from deltapack import Boundaries  # noqa: E402
