@@ -39,7 +39,18 @@ import statistics
 import time
 
 import torch
-from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, padded_batches, rows_of, write
+from common import (
+    deltapack_batch,
+    document_lengths,
+    documents,
+    e2e_model,
+    environment,
+    load_spec,
+    mfu,
+    padded_batches,
+    rows_of,
+    write,
+)
 
 import deltapack
 from deltapack import Boundaries
@@ -68,17 +79,6 @@ def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:
             }
         )
     return steps
-
-
-def deltapack_batch(rows: list[list[torch.Tensor]], row: int = ROW) -> tuple[dict, torch.Tensor]:
-    ids = torch.zeros(len(rows), row, dtype=torch.long)
-    doc_ids = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        col = 0
-        for n, d in enumerate(row):
-            ids[r, col : col + len(d)], doc_ids[r, col : col + len(d)] = d, n + 1
-            col += len(d)
-    return {"input_ids": ids, "labels": ids.masked_fill(doc_ids == 0, -100)}, doc_ids
 
 
 def to_cuda(step: dict) -> dict:
@@ -233,7 +233,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     deltapack.patch(model)
-    batch, doc_ids = deltapack_batch(rows)
+    batch, doc_ids, places = deltapack_batch(rows, ROW)
     batch = to_cuda(batch)
 
     def deltapack_steps():  # a collator hands over fresh boundaries with every batch
@@ -274,7 +274,6 @@ def main() -> None:
         return
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
-    places = [(r, sum(len(x) for x in row[:n]), len(d)) for r, row in enumerate(rows) for n, d in enumerate(row)]
     bounds = deltapack_steps()[0]["boundaries"]
     if args.compile:  # the recommended configuration on sampled documents (each new length may recompile a layer)
         configure(model, best, compiled=best != "deltapack")

@@ -29,7 +29,7 @@ import statistics
 import time
 
 import torch
-from common import document_lengths, documents, environment, padded_batches, rows_of, write
+from common import deltapack_batch, document_lengths, documents, environment, padded_batches, rows_of, write
 
 import deltapack
 from deltapack import Boundaries
@@ -66,19 +66,6 @@ def hf_packed_steps(rows: list[list[torch.Tensor]]) -> list[dict]:
         pos = torch.cat([torch.arange(len(d)) for d in row])[None]
         out.append({"input_ids": ids, "position_ids": pos, "labels": ids, "use_cache": False})
     return out
-
-
-def deltapack_batch(rows: list[list[torch.Tensor]], row: int) -> tuple[dict, torch.Tensor, list]:
-    ids = torch.zeros(len(rows), row, dtype=torch.long)
-    doc_ids = torch.zeros_like(ids)
-    places = []
-    for r, docs in enumerate(rows):
-        col = 0
-        for n, d in enumerate(docs):
-            ids[r, col : col + len(d)], doc_ids[r, col : col + len(d)] = d, n + 1
-            places.append((r, col, len(d)))
-            col += len(d)
-    return {"input_ids": ids, "labels": ids.masked_fill(doc_ids == 0, -100)}, doc_ids, places
 
 
 def to(step: dict, device: str) -> dict:

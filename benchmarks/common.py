@@ -77,6 +77,22 @@ def rows_of(docs: list[torch.Tensor], row: int) -> list[list[torch.Tensor]]:
     return rows + [current]
 
 
+def deltapack_batch(rows: list[list[torch.Tensor]], row: int) -> tuple[dict, torch.Tensor, list]:
+    """``rows`` (documents per row) laid out left to right in rows of ``row`` tokens, zeros after: the batch
+    (input_ids, labels -100 at padding), the document ids (1, 2, ... per row, 0 at padding) and each document's
+    place (row, first column, length) in order."""
+    ids = torch.zeros(len(rows), row, dtype=torch.long)
+    doc_ids = torch.zeros_like(ids)
+    places = []
+    for r, docs in enumerate(rows):
+        col = 0
+        for n, d in enumerate(docs):
+            ids[r, col : col + len(d)], doc_ids[r, col : col + len(d)] = d, n + 1
+            places.append((r, col, len(d)))
+            col += len(d)
+    return {"input_ids": ids, "labels": ids.masked_fill(doc_ids == 0, -100)}, doc_ids, places
+
+
 def non_embedding_parameters(model: torch.nn.Module) -> int:
     """Parameters outside the input embeddings (each tensor once; a tied LM head is the embedding, not counted)."""
     embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}

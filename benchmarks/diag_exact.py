@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_e2e import ROW, deltapack_batch, to_cuda
-from common import document_lengths, documents, e2e_model, environment, load_spec, rows_of, write
+from bench_e2e import ROW, to_cuda
+from common import deltapack_batch, document_lengths, documents, e2e_model, environment, load_spec, rows_of, write
 
 import deltapack
 from deltapack import Boundaries
@@ -59,14 +59,13 @@ def main() -> None:
     docs = documents(document_lengths(spec["tokens"]["total"]), config.vocab_size)
     rows = rows_of(docs, ROW)
     deltapack.patch(model)
-    batch, doc_ids = deltapack_batch(rows)
+    batch, doc_ids, places = deltapack_batch(rows, ROW)
     batch = to_cuda(batch)
     bounds = Boundaries.from_document_ids(doc_ids).to("cuda")
     starts = list(bounds.cu_seqlens_host)
     report = []
     with torch.no_grad():
         packed_logits, packed = capture(model, lambda: model(input_ids=batch["input_ids"], boundaries=bounds).logits)
-        places = [(r, sum(len(x) for x in row[:n]), len(d)) for r, row in enumerate(rows) for n, d in enumerate(row)]
         for index, (r, c, n) in enumerate(places):
             ids = batch["input_ids"][r : r + 1, c : c + n]
             cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")

@@ -43,8 +43,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import deltapack_batch  # noqa: E402
-from common import document_lengths, documents, e2e_model, environment, load_spec, mfu, rows_of, write  # noqa: E402
+from common import (  # noqa: E402
+    deltapack_batch,
+    document_lengths,
+    documents,
+    e2e_model,
+    environment,
+    load_spec,
+    mfu,
+    rows_of,
+    write,
+)
 
 import deltapack  # noqa: E402
 from deltapack import Boundaries  # noqa: E402
@@ -351,7 +360,7 @@ def main() -> None:
             layer.compile()
     label_ops()
     rows = rows_of(documents(lengths, model.config.vocab_size), row)
-    batch, doc_ids = deltapack_batch(rows, row)
+    batch, doc_ids, _ = deltapack_batch(rows, row)
     batch = {k: v.to(device) for k, v in batch.items()}
 
     def make_bounds():  # a collator hands over fresh boundaries with every batch
