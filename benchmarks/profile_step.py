@@ -43,17 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (  # noqa: E402
-    deltapack_batch,
-    document_lengths,
-    documents,
-    e2e_model,
-    environment,
-    load_spec,
-    mfu,
-    rows_of,
-    write,
-)
+from common import deltapack_batch, document_lengths, documents, e2e_model, environment, load_spec, mfu, rows_of, write  # noqa: E402
 
 import deltapack  # noqa: E402
 from deltapack import Boundaries  # noqa: E402
