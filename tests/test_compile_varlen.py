@@ -146,3 +146,45 @@ def test_each_layer_of_a_packed_mask_family_compiles_as_one_graph(monkeypatch, c
     cpu_varlen.clear()
     assert torch.equal(_step(model, model, one_ids, one_mask)[0], unpatched_one[0])
     assert not cpu_varlen  # unpacked: the model's own attention
+
+
+def test_flex_plan_in_layers_compiled_as_one_graph(monkeypatch, cpu_varlen: list[int]):
+    """The sliding-window layer on the flex plan (flex attention let run on the CPU, forward only: flex has no CPU
+    backward), the full-attention layer on the varlen plan, every decoder layer compiled with fullgraph=True: the
+    flex BlockMask is built inside the layer's graph (create_block_mask's own compile cannot nest in a trace), the
+    output equals eager and each document alone, no recompilation across splits."""
+    flex_attention = pytest.importorskip("transformers.integrations.flex_attention")
+    monkeypatch.setattr(attention_plan, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention_plan, "_flex_available", lambda: True)
+    monkeypatch.setattr(attention_plan._flex_failure, "reason", "")
+    flex_calls: list[int] = []
+    real = flex_attention.flex_attention_forward
+
+    def counted(module, query, *args, **kwargs):
+        flex_calls.append(query.shape[-2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "flex_attention_forward", counted)
+    model = _windowed_model().eval()
+    splits = [_batch(split) for split in SPLITS]
+    with torch.no_grad():
+        docs, ids, mask = splits[0]
+        assert _alone_diff(model, docs, model(input_ids=ids, attention_mask=mask).logits) > LEAK  # unpatched leaks
+        deltapack.patch(model)
+        want = [model(input_ids=ids, attention_mask=mask).logits for _, ids, mask in splits]
+        assert flex_calls == cpu_varlen == [sum(split) for split in SPLITS], (flex_calls, cpu_varlen)
+        for (docs, _, _), logits in zip(splits, want):
+            assert _alone_diff(model, docs, logits) <= EXACT
+        counter = CompileCounterWithBackend("aot_eager")
+        for layer in model.get_decoder().layers:
+            layer.compile(backend=counter, fullgraph=True)
+        frames = None
+        for (_, ids, mask), expected in zip(splits, want):
+            flex_calls.clear()
+            cpu_varlen.clear()
+            got = model(input_ids=ids, attention_mask=mask).logits
+            assert (got - expected).abs().max().item() <= EXACT
+            assert flex_calls == cpu_varlen == [ids.shape[1]], (flex_calls, cpu_varlen)
+            frames = counter.frame_count if frames is None else frames
+            assert counter.frame_count == frames
+    assert not attention_plan._flex_failure

@@ -121,8 +121,10 @@ class PackedMask:
             from torch.nn.attention.flex_attention import create_block_mask
 
             total = self.bounds.total_tokens
+            # in a traced layer it is part of that layer's graph (create_block_mask's own compile cannot nest there)
+            compiled = not torch.compiler.is_compiling()
             self._block_mask = create_block_mask(
-                self.mask_function, B=None, H=None, Q_LEN=total, KV_LEN=total, device=self.bounds.device, _compile=True
+                self.mask_function, None, None, total, total, device=self.bounds.device, _compile=compiled
             )
         return self._block_mask
 
