@@ -120,3 +120,54 @@ def test_inductor_runs_each_op_forward_once_per_step(monkeypatch, dtype):
     opaque._decode.cache_clear()
     print(f"{dtype}: op runs per step, tape {per_step[False]}, recompute {per_step[True]}")
     assert per_step[False] and all(2 * n == per_step[True][name] for name, n in per_step[False].items()), per_step
+
+
+@pytest.mark.parametrize("mode", ["layers", "model"])
+def test_windowed_attention_plans_compile_on_gpu(mode, monkeypatch, caplog):
+    """A tiny gemma3 (a sliding-window layer, window 24, and a full-attention layer), bf16, compiled by inductor:
+    the full layer on the varlen plan (torch's varlen_attn), the sliding one on flex (its BlockMask built in the
+    layer's graph), compiled equals eager, no recompilation across packed splits; tests/test_compile_varlen.py is
+    the CPU version with a stand-in varlen kernel."""
+    import logging
+
+    from transformers.integrations import flex_attention
+
+    from deltapack.models import attention_plan
+    from deltapack.ops.attention import VARLEN_ATTENTION
+
+    torch._dynamo.reset()
+    config, _ = shrink.shrink_config(AutoConfig.for_model("gemma3_text"), "gemma3_text")
+    config.num_hidden_layers, config.layer_types = 2, ["sliding_attention", "full_attention"]
+    config.sliding_window = 24
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16).train()
+    model = deltapack.patch(base)
+    eager = copy.deepcopy(model)
+    flex_calls: list[int] = []
+    real = flex_attention.flex_attention_forward
+
+    def counted(module, query, *args, **kwargs):
+        flex_calls.append(query.shape[-2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "flex_attention_forward", counted)
+    monkeypatch.setattr(attention_plan, "_logged", set())
+    counter = CompileCounterWithBackend("inductor")
+    compiled = _compile(model, mode, counter)
+    frames = []
+    for split in (SPLITS[0], SPLITS[1], SPLITS[3]):  # packed splits only
+        ids, mask = _batch(split, model.config.vocab_size)
+        VARLEN_ATTENTION.ran.clear()
+        flex_calls.clear()
+        with caplog.at_level(logging.INFO, logger="deltapack"):
+            logits, grads = _step(compiled, model, ids, mask)
+        assert flex_calls == [sum(split)], flex_calls  # the sliding layer, once a forward
+        assert VARLEN_ATTENTION.ran["torch_varlen"] >= 1, dict(VARLEN_ATTENTION.ran)
+        logits_ref, grads_ref = _step(eager, eager, ids, mask)
+        errors = {"logits": rel_err(logits, logits_ref), "grads": rel_err(grads, grads_ref)}
+        assert max(errors.values()) <= TOL[torch.bfloat16], (split, errors)
+        frames.append(counter.frame_count)
+    plans = {r.getMessage() for r in caplog.records if "packed attention on the" in r.getMessage()}
+    print(f"gemma3 {mode}: frames {frames}; plans {plans}")
+    assert any("varlen plan" in p for p in plans) and any("flex plan" in p for p in plans), plans
+    assert frames[0] == frames[1] == frames[2], frames
