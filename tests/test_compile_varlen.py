@@ -98,6 +98,28 @@ def test_compiled_model_on_the_varlen_route_equals_eager(cpu_varlen: list[int], 
     assert breaks and all("_read_batch" in reason for reason in breaks), breaks
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "llama"])
+def test_each_decoder_layer_on_the_varlen_route_compiles_as_one_graph(cpu_varlen: list[int], arch: str):
+    """As torchtitan compiles (every decoder layer with fullgraph=True), with the full-attention layers on the
+    varlen kernel (qwen3_5: the backend chosen once per batch; llama: the per-layer plan): equal to eager, no
+    recompilation across splits."""
+    model = deltapack.patch(_model(arch))
+    splits = [_batch(split) for split in SPLITS]
+    want = [_step(model, model, ids, mask) for _, ids, mask in splits]
+    counter = CompileCounterWithBackend("aot_eager")
+    for layer in model.get_decoder().layers:
+        layer.compile(backend=counter, fullgraph=True)
+    layers = _full_attention_layers(model)
+    frames = None
+    for (_, ids, mask), expected in zip(splits, want):
+        cpu_varlen.clear()
+        _assert_close(_step(model, model, ids, mask), expected)
+        assert cpu_varlen == [ids.shape[1]] * layers, cpu_varlen
+        frames = counter.frame_count if frames is None else frames
+        assert counter.frame_count == frames
+    assert frames >= 1
+
+
 def _windowed_model() -> torch.nn.Module:
     """A tiny gemma3 with a sliding-window layer (window 3) and a full-attention layer, sdpa (a PackedMask family)."""
     if "gemma3_text" not in CONFIG_MAPPING_NAMES:
