@@ -167,6 +167,23 @@ def test_conv_hands_tokens_across_parts(width: int) -> None:
     assert (naive - ref).abs().max() > 1e-2
 
 
+def test_token_shift_hands_the_previous_token_across_parts() -> None:
+    from deltapack.ops.token_shift import token_shift, token_shift_ref
+
+    bounds, shard = _one_rank_two_parts()
+    x = torch.randn(1, 48, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = token_shift_ref(x, segments=bounds.segments)
+    x_local = shard.shard(x.detach()).requires_grad_()
+    out = token_shift(x_local, segments=shard.local.segments)  # through the shard's hook
+    assert torch.equal(out, ref)  # one rank holds the stream in order
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    (ref * cot).sum().backward()
+    (out * cot).sum().backward()
+    assert torch.equal(x_local.grad, x.grad)
+    naive = token_shift_ref(x_local.detach(), segments=shard.local.segments.pieces)
+    assert not torch.equal(naive, ref.detach())  # the cut document's token 24 would read zeros
+
+
 def test_gated_delta_rule_hands_state_across_parts() -> None:
     bounds, shard = _one_rank_two_parts()
     gen = torch.Generator().manual_seed(0)

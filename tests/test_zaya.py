@@ -97,3 +97,77 @@ def test_zaya_gradient_checkpointing_keeps_documents_apart():
     alone, packed, leaked = checkpointed_grads(model, rows)
     assert norm_rel(packed, alone) <= GRAD_RTOL
     assert norm_rel(leaked, alone) > 100 * GRAD_RTOL
+
+
+def _context_parallel_logits(model: torch.nn.Module, ids: torch.Tensor, shard) -> torch.Tensor:
+    """[1, local tokens, vocab] logits of one rank's tokens of ``ids`` [1, total] under context parallelism."""
+    from deltapack.distributed import disable_context_parallel, enable_context_parallel
+
+    enable_context_parallel(model)
+    try:
+        logits = model(input_ids=shard.shard(ids), boundaries=shard.local).logits
+    finally:
+        disable_context_parallel(model)
+    return logits
+
+
+@pytest.mark.parametrize(
+    "cu",
+    [
+        [0, 5, 30, 31, 40],  # a document across the part boundary (20), a one-token one after it
+        [0, 19, 20, 21, 40],  # a one-token document ending at the boundary, one starting exactly at it
+        [0, 1, 2, 40],  # one-token documents, then one that covers both parts
+    ],
+)
+def test_context_parallel_shard_equals_whole_stream_and_each_document_alone(cu: list[int]):
+    """One rank holding both zigzag parts (world size 1: the exchanges run without a process group; the gloo test
+    runs two ranks): the rank's logits and gradients equal the whole stream's and each document's alone; the same
+    pieces run as independent documents (no exchange) differ where a document crosses the part boundary, and equal
+    it where none does."""
+    import deltapack
+    from deltapack.distributed import ContextShard
+
+    model = deltapack.patch(tiny_model("zaya", layer_types=["hybrid", "hybrid"]))
+    with torch.no_grad():  # convs of order one and a key scale (zero at init: uniform attention) that lets q and k
+        # matter, so a wrong tap across the part boundary shows in the logits, not only in the gradients
+        for name, p in model.named_parameters():
+            if ".qkv_proj.conv_" in name or name.endswith("qk_norm.temp"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    total = cu[-1]
+    bounds = _bounds([b - a for a, b in zip(cu[:-1], cu[1:])])
+    ids = torch.randint(3, 100, (1, total), generator=torch.Generator().manual_seed(3))
+    cot = torch.randn(1, total, model.config.vocab_size, generator=torch.Generator().manual_seed(4))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    whole = model(input_ids=ids, boundaries=bounds).logits
+    whole_grads = torch.autograd.grad((whole * cot).sum(), params, allow_unused=True)
+    shard = ContextShard.build(bounds, layout="zigzag", rank=0, world_size=1)
+    local = _context_parallel_logits(model, ids, shard)
+    local_grads = torch.autograd.grad((local * shard.shard(cot)).sum(), params, allow_unused=True)
+    assert (local.detach() - shard.shard(whole.detach())).abs().max() <= ATOL
+    for got, want in zip(local_grads, whole_grads):
+        if want is not None:
+            assert float((got - want).norm() / want.norm().clamp(min=1e-30)) <= GRAD_RTOL
+
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, a:b]).logits for a, b in zip(cu[:-1], cu[1:])], dim=1)
+        assert (shard.unshard(local.detach()) - alone).abs().max() <= ATOL
+        pieces = Boundaries.from_cu_seqlens(
+            torch.tensor(shard.local_cu_seqlens_host, dtype=torch.int32), (1, shard.num_local_tokens)
+        )
+        naive = model(input_ids=shard.shard(ids), boundaries=pieces).logits
+    naive_diff = float((naive - shard.shard(whole.detach())).abs().max())
+    assert naive_diff > 1e-2 if shard.crosses_ranks else naive_diff == 0.0
+
+
+def test_context_parallel_refuses_a_sliding_window_layer():
+    """The context-parallel attention has no window: zaya's windowed layers raise rather than attend too far."""
+    import deltapack
+    from deltapack.distributed import ContextShard
+
+    model = deltapack.patch(tiny_model("zaya"))
+    assert "hybrid_sliding" in model.config.layer_types
+    bounds = _bounds([30, 10])
+    shard = ContextShard.build(bounds, layout="zigzag", rank=0, world_size=1)
+    with pytest.raises(ValueError, match="sliding_window"):
+        _context_parallel_logits(model, torch.randint(3, 100, (1, 40)), shard)

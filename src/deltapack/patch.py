@@ -562,6 +562,13 @@ def _packed_call(
         new.pop(name, None)
     if new.get("labels") is not None:
         labels = bounds.unpad(new["labels"])
+        if not thread and bounds.segments.is_shard and bounds.segments.shard.crosses_ranks:
+            # the target of a rank's last token can sit on the next rank, past the end of the labels handed over
+            raise ValueError(
+                "deltapack: labels with a context-parallel shard whose documents cross ranks, for a model whose own "
+                "loss shifts them; expected no labels: take the loss with deltapack.distributed.token_mean_loss("
+                "logits, shard.shift_labels(labels), shard)"
+            )
         shifted = bounds.shift_labels(labels)
         if thread:
             new["labels"], new["shift_labels"] = labels, shifted

@@ -32,6 +32,7 @@ from torch import nn
 from deltapack.distributed.collectives import all_gather
 from deltapack.distributed.sharding import ContextShard, ShardSegments, chain_parts_of_rank
 from deltapack.models.attention import CONTEXT_PARALLEL as ATTENTION_NAME
+from deltapack.models.scope import active_boundaries
 from deltapack.ops.attention import varlen_attention
 from deltapack.ops.segments import Segments
 
@@ -96,12 +97,14 @@ def context_parallel_attention(
         query: [1, Hq, T_local, D]. key, value: [1, Hkv, T_local, D], Hq a multiple of Hkv (GQA).
         attention_mask: must be None (the mask comes from the shard).
         dropout, scaling: as transformers passes them.
-        kwargs: must hold ``boundaries`` whose segments are this rank's :class:`ShardSegments`.
+        kwargs: ``boundaries`` (else the packing scope's) whose segments are this rank's :class:`ShardSegments`;
+            a ``sliding_window`` other than None raises (no window here).
 
     Returns:
         ([1, T_local, Hq, D] in the dtype of query, None).
     """
-    segments = getattr(kwargs.get("boundaries"), "segments", None)
+    # the GDN families receive the boundaries as a keyword; the others run inside the packing scope that holds them
+    segments = getattr(kwargs.get("boundaries") or active_boundaries(), "segments", None)
     if not isinstance(segments, ShardSegments):
         raise ValueError(
             f"deltapack: the {ATTENTION_NAME!r} attention ran without a context-parallel shard; expected a patched "
@@ -112,6 +115,11 @@ def context_parallel_attention(
         raise ValueError("deltapack: context-parallel attention got a mask; expected None (the shard holds the mask)")
     if dropout:
         raise ValueError(f"deltapack: context-parallel attention got dropout {dropout}; expected 0 (attention_dropout)")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(
+            f"deltapack: context-parallel attention got sliding_window={kwargs['sliding_window']}; expected a full "
+            "attention layer (the context-parallel attention has no window: run a windowed model on one device)"
+        )
     shard = segments.shard
     if query.shape[0] != 1 or query.shape[2] != shard.num_local_tokens:
         raise ValueError(

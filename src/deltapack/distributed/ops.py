@@ -1,5 +1,5 @@
-"""Exact context-parallel versions of the two GDN primitives: FLA's context-parallel kernels on GPUs, and the same
-algebra written over the reference ops everywhere else.
+"""Exact context-parallel versions of the two GDN primitives (FLA's context-parallel kernels on GPUs, and the same
+algebra written over the reference ops everywhere else), and of the token shift.
 
 The public ops reach these through the rank's :class:`~deltapack.distributed.sharding.ShardSegments` (:func:`run`);
 each is an :class:`~deltapack.ops.Op` of its own, so the backend is chosen as for every op (argument,
@@ -19,6 +19,9 @@ Causal conv1d: a part whose first document started earlier needs that document's
 part. Every rank contributes the last W - 1 tokens of each of its parts to one all-gather; each part prepends what
 precedes it (never across a document boundary: those rows get a document id of their own), runs the reference conv
 and drops the prepended rows. The gradient of those rows flows back to their owner through the all-gather.
+
+Token shift: each token reads its document's previous token; a part's first token reads it through the same
+exchange as the conv (:func:`tokens_before_parts`, one token).
 
 Gated delta rule: the state of a document is linear in the state it starts from. For a piece of a document, with
 zero start the state ends at H; started at S_in it ends at M S_in + H, where M [K, K] is the piece's transition
@@ -51,7 +54,14 @@ from deltapack.ops.segments import Segments
 if TYPE_CHECKING:  # the shard's types only: the shard calls into this module (ShardSegments.run_op)
     from deltapack.distributed.sharding import ContextShard, ShardSegments
 
-__all__ = ["CONTEXT_PARALLEL_OPS", "causal_conv1d", "gated_delta_rule", "run"]
+__all__ = [
+    "CONTEXT_PARALLEL_OPS",
+    "causal_conv1d",
+    "gated_delta_rule",
+    "in_document_positions",
+    "run",
+    "tokens_before_parts",
+]
 
 
 def _fla_contexts(segments: Segments) -> dict[int | None, tuple[Any, torch.Tensor]]:
@@ -112,6 +122,44 @@ def _my_chains(shard: ContextShard, device: torch.device) -> torch.Tensor:
     return torch.tensor([p.chain for p in shard.parts], device=device)
 
 
+# ---------------------------------------------------------------------------------------------- the halo exchange
+def tokens_before_parts(x: Tensor, keep: int, shard: ContextShard) -> Tensor:
+    """The ``keep`` tokens of the whole stream just before each of this rank's parts, whoever holds them.
+
+    Args:
+        x: [1, T, D] this rank's stream. keep: how many tokens (any number; a part shorter than ``keep`` passes
+            on the tails of earlier parts). shard: this rank's :class:`ContextShard`.
+
+    Returns:
+        [slots, keep, D] in the dtype of x, one row block per local part (local-buffer order): zeros before the
+        stream's start and wherever no document crosses a part boundary, since then nothing is exchanged. The rows
+        may belong to other documents than the part's first one: the caller masks by document. A collective when a
+        document crosses ranks (every rank calls it); gradients flow back to the owners of the rows.
+    """
+    _check_stream("x", x, shard)
+    slots, part_len, channels = len(shard.parts), shard.part_len, x.shape[-1]
+    if keep == 0 or not shard.crosses_ranks:
+        return x.new_zeros(slots, keep, channels)
+    tail = min(keep, part_len)
+    tails = torch.stack([x[0, (i + 1) * part_len - tail : (i + 1) * part_len] for i in range(slots)])
+    gathered = all_gather(tails, shard.group, shard.world_size)  # [P, slots, tail, D]
+    chain_tails = gathered.reshape(-1, tail, channels).index_select(0, _chain_order(shard, x.device))  # [C, tail, D]
+    # the `keep` tokens before each part's start; tails of consecutive parts are adjacent when tail < keep (whole
+    # parts) and only the previous part's tail is read otherwise, so one zero-padded flat view serves both
+    flat = torch.cat([chain_tails.new_zeros(keep, channels), chain_tails.reshape(-1, channels)])
+    rows = torch.arange(len(shard.chain), device=x.device)[:, None] * tail + torch.arange(keep, device=x.device)
+    halos = flat.index_select(0, rows.reshape(-1)).reshape(len(shard.chain), keep, channels)
+    return halos.index_select(0, _my_chains(shard, x.device)).to(x.dtype)  # [slots, keep, D]
+
+
+def in_document_positions(shard: ContextShard) -> Tensor:
+    """[T] int64 position of each of this rank's tokens inside its whole document (as on one device), on the device
+    of the boundaries."""
+    from deltapack.ops.varlen import positions
+
+    return positions(shard.global_bounds.segments).index_select(0, shard.local_index)
+
+
 # ---------------------------------------------------------------------------------------------- causal conv1d
 @functools.cache
 def _halo_builder(keep: int) -> Any:
@@ -140,18 +188,8 @@ def _conv_reference(
     if keep == 0 or not shard.crosses_ranks:
         return reference.causal_conv1d_ref(x, weight, bias, activation, segments=segments.pieces)
 
-    parts, part_len, channels = shard.parts, shard.part_len, x.shape[-1]
-    tail = min(keep, part_len)
-    tails = torch.stack([x[0, (i + 1) * part_len - tail : (i + 1) * part_len] for i in range(len(parts))])
-    gathered = all_gather(tails, shard.group, shard.world_size)  # [P, slots, tail, D]
-    chain_tails = gathered.reshape(-1, tail, channels).index_select(0, _chain_order(shard, x.device))  # [C, tail, D]
-    # the `keep` tokens before each part's start; tails of consecutive parts are adjacent when tail < keep (whole
-    # parts) and only the previous part's tail is read otherwise, so one zero-padded flat view serves both
-    flat = torch.cat([chain_tails.new_zeros(keep, channels), chain_tails.reshape(-1, channels)])
-    rows = torch.arange(len(shard.chain), device=x.device)[:, None] * tail + torch.arange(keep, device=x.device)
-    halos = flat.index_select(0, rows.reshape(-1)).reshape(len(shard.chain), keep, channels)
-    halos = halos.index_select(0, _my_chains(shard, x.device))  # [slots, keep, D]
-
+    parts, part_len = shard.parts, shard.part_len
+    halos = tokens_before_parts(x, keep, shard)
     pieces, keep_rows, base = [], [], 0
     for i in range(len(parts)):
         pieces += [halos[i].to(x.dtype), x[0, i * part_len : (i + 1) * part_len]]
@@ -335,7 +373,24 @@ def _run_causal_conv1d(shard: ContextShard, *args: Any, backend: str | None = No
     return causal_conv1d(*args, shard=shard, backend=backend, **kwargs)
 
 
-CONTEXT_PARALLEL_OPS = {"causal_conv1d": _run_causal_conv1d, "gated_delta_rule": _run_gated_delta_rule}
+def _run_token_shift(shard: ContextShard, x: Tensor, *, backend: str | None = None) -> Tensor:
+    """token_shift on this rank's tokens: a part whose first document started earlier reads that document's token
+    before the part (one halo exchange); zeros at every document start."""
+    _check_stream("x", x, shard)
+    halos, part_len = tokens_before_parts(x, 1, shard), shard.part_len
+    rows = [t for i in range(len(shard.parts)) for t in (halos[i], x[0, i * part_len : (i + 1) * part_len - 1])]
+    cut = set(shard.local_cu_seqlens_host[:-1]) - {
+        i * part_len for i, part in enumerate(shard.parts) if part.context_before > 0
+    }
+    starts = torch.tensor(sorted(cut), dtype=torch.long, device=x.device)
+    return torch.cat(rows).unsqueeze(0).index_fill(1, starts, 0)
+
+
+CONTEXT_PARALLEL_OPS = {
+    "causal_conv1d": _run_causal_conv1d,
+    "gated_delta_rule": _run_gated_delta_rule,
+    "token_shift": _run_token_shift,
+}
 
 
 def run(op: str, segments: ShardSegments, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
