@@ -390,6 +390,9 @@ CONTEXT_PARALLEL_OPS = {
     "causal_conv1d": _run_causal_conv1d,
     "gated_delta_rule": _run_gated_delta_rule,
     "token_shift": _run_token_shift,
+    # the exchanges themselves, for a layer below this package that needs them (zaya's grouped conv)
+    "tokens_before_parts": lambda shard, x, keep, backend=None: tokens_before_parts(x, keep, shard),
+    "in_document_positions": lambda shard, backend=None: in_document_positions(shard),
 }
 
 

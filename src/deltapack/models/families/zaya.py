@@ -59,10 +59,8 @@ def _shard_context(y_1TC: torch.Tensor, width: int, segments: Segments) -> tuple
     whole document's start."""
     if not segments.is_shard:
         return positions(segments), None
-    from deltapack.distributed.ops import in_document_positions, tokens_before_parts
-
-    shard = segments.shard
-    return in_document_positions(shard), tokens_before_parts(y_1TC, width - 1, shard)
+    # the shard's own exchanges (deltapack.distributed.ops), reached through its segments' hook
+    return segments.run_op("in_document_positions"), segments.run_op("tokens_before_parts", y_1TC, width - 1)
 
 
 def packed_cca_projection(
