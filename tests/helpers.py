@@ -16,6 +16,7 @@ from packaging.version import Version
 from torch import nn
 
 import deltapack
+from deltapack.audit.shrink import shrink_config
 from deltapack.tiny import tiny_model
 from packing import build, max_doc_diff
 
@@ -396,3 +397,21 @@ def model_type_of(arch: str) -> str:
 
     available()  # the families register their tiny configs on import
     return TINY.get(arch, {}).get("model_type", arch)
+
+
+def tiny_attention_model(arch: str, **overrides: object) -> torch.nn.Module:
+    """A tiny random-init fp32 model of ``arch`` (the audit's shrunk config), patched; no sliding window unless
+    ``overrides`` sets one."""
+    config, _ = shrink_config(transformers.AutoConfig.for_model(arch), arch)
+    for key, value in {"sliding_window": None, **overrides}.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    except ValueError:  # no sdpa for this architecture (bloom, gpt_oss)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # q/k larger than at init (nearly uniform attention), so keys read wrongly show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(8)
+    return deltapack.patch(model)

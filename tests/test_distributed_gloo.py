@@ -47,6 +47,7 @@ STREAMS = {
 }
 LAYOUTS = ("contiguous", "zigzag")
 MODEL_ARCHS = ("qwen3_5", "qwen3_5_moe")
+ATTENTION_ARCHS = ("llama",)  # attention only (the others: one rank holding both zigzag parts, in their own test)
 ZAYA = importlib.util.find_spec("transformers.models.zaya") is not None
 
 
@@ -104,7 +105,12 @@ def _model_checks(
     arch: str, layouts: tuple[str, ...], checkpointing: bool = False, stream: str = "mixed", **config: object
 ) -> dict[str, float]:
     """A patched tiny model: CP=2 vs one process on the same packed batch (logits, loss, every gradient)."""
-    model = deltapack.patch(tiny_model(arch, **config))
+    if arch in ATTENTION_ARCHS:
+        from helpers import tiny_attention_model
+
+        model = tiny_attention_model(arch, **config)
+    else:
+        model = deltapack.patch(tiny_model(arch, **config))
     cu = STREAMS[stream]
     total = cu[-1]
     bounds = Boundaries.from_cu_seqlens(cu, (1, total))
@@ -267,6 +273,8 @@ def _checks(rank: int, results: dict[str, float], out_dir: str) -> None:
     for arch in MODEL_ARCHS:
         results |= _model_checks(arch, LAYOUTS)
     results |= _model_checks("qwen3_5", ("zigzag",), checkpointing=True)
+    for arch in ATTENTION_ARCHS:  # rotary positions continued across ranks; labels refused where documents cross
+        results |= _model_checks(arch, LAYOUTS)
     if ZAYA:  # its CCA projection's convs and delayed value read the previous rank's tokens; full attention only
         for stream in ("mixed", "aligned"):
             results |= _model_checks("zaya", LAYOUTS, stream=stream, layer_types=["hybrid", "hybrid"])
@@ -330,6 +338,19 @@ def test_zaya_matches_one_process(measured: dict[str, float], stream: str, layou
     else:
         assert measured[f"{key}.naive"] <= TOL
         assert measured[f"{key}.hf_loss"] <= TOL
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch", ATTENTION_ARCHS)
+def test_attention_model_matches_one_process(measured: dict[str, float], arch: str, layout: str) -> None:
+    """An attention-only family: every rank's queries see their documents' keys of both ranks at their positions
+    in the whole document; its own loss shifts labels, so labels= is refused on this crossing stream."""
+    key = f"{arch}.{layout}"
+    for what in ("logits", "unshard", "loss", "grads"):
+        assert measured[f"{key}.{what}"] <= TOL, (what, measured[f"{key}.{what}"])
+    assert measured[f"{key}.missing_grads"] == 0
+    assert measured[f"{key}.naive"] > NAIVE_MIN
+    assert measured[f"min.{key}.hf_loss_refused"] == 1.0
 
 
 def test_model_with_gradient_checkpointing(measured: dict[str, float]) -> None:

@@ -12,6 +12,7 @@
 """
 
 from deltapack.distributed.context_parallel import (
+    CONTEXT_PARALLEL_MODEL_TYPES,
     disable_context_parallel,
     enable_context_parallel,
     load_balancing_loss_share,
@@ -22,6 +23,7 @@ from deltapack.distributed.fsdp import apply_fsdp, load_from_rank0, plan_fsdp_gr
 from deltapack.distributed.sharding import LAYOUTS, ContextShard, ShardSegments, StreamPart, padded_total
 
 __all__ = [
+    "CONTEXT_PARALLEL_MODEL_TYPES",
     "LAYOUTS",
     "ContextShard",
     "ShardSegments",

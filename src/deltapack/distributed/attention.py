@@ -98,7 +98,7 @@ def context_parallel_attention(
         attention_mask: must be None (the mask comes from the shard).
         dropout, scaling: as transformers passes them.
         kwargs: ``boundaries`` (else the packing scope's) whose segments are this rank's :class:`ShardSegments`;
-            a ``sliding_window`` other than None raises (no window here).
+            a ``sliding_window``, ``softcap``, ``s_aux`` or ``sinks`` other than None raises (none of them here).
 
     Returns:
         ([1, T_local, Hq, D] in the dtype of query, None).
@@ -120,6 +120,12 @@ def context_parallel_attention(
             f"deltapack: context-parallel attention got sliding_window={kwargs['sliding_window']}; expected a full "
             "attention layer (the context-parallel attention has no window: run a windowed model on one device)"
         )
+    for name in ("softcap", "s_aux", "sinks"):  # soft-capping, attention sinks: not in this attention either
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"deltapack: context-parallel attention got {name}; expected plain causal softmax attention (run "
+                "this model on one device)"
+            )
     shard = segments.shard
     if query.shape[0] != 1 or query.shape[2] != shard.num_local_tokens:
         raise ValueError(

@@ -32,6 +32,7 @@ from deltapack.models.unwrap import base_model
 from deltapack.patch import is_patched
 
 __all__ = [
+    "CONTEXT_PARALLEL_MODEL_TYPES",
     "disable_context_parallel",
     "enable_context_parallel",
     "load_balancing_loss_share",
@@ -42,17 +43,32 @@ __all__ = [
 ModelT = TypeVar("ModelT", bound=nn.Module)
 _PREVIOUS = "_deltapack_attention_before_context_parallel"
 
+# the model types (of the text config) whose shard is verified exact against one device, forward and gradient: the
+# GDN families and zaya across 2 gloo ranks (tests/test_distributed_gloo.py), the attention-only ones on one rank
+# holding both zigzag parts and llama across 2 ranks too (tests/test_context_parallel_attention.py). Others are
+# refused: an attention with a bias, sinks, soft-capping, chunks or a local window of its own that the
+# context-parallel attention does not see would run and be wrong (bloom, mpt, falcon, gpt_neo, gpt_oss, llama4).
+CONTEXT_PARALLEL_MODEL_TYPES = frozenset(
+    {"qwen3_5_text", "qwen3_5_moe_text", "zaya", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3"}
+)
+
 
 def enable_context_parallel(model: ModelT) -> ModelT:
     """Select the context-parallel attention on a patched model (idempotent); returns the model.
 
     The GDN layers need nothing: they read the shard from the boundaries. Raises ValueError on a model that
-    :func:`deltapack.patch` has not patched.
+    :func:`deltapack.patch` has not patched, or whose model type is not in :data:`CONTEXT_PARALLEL_MODEL_TYPES`.
     """
     base = base_model(model)
     if not is_patched(base):
         raise ValueError(
             "deltapack: enable_context_parallel needs a patched model; expected deltapack.patch(model) first"
+        )
+    model_type = base.config.get_text_config().model_type
+    if model_type not in CONTEXT_PARALLEL_MODEL_TYPES:
+        raise ValueError(
+            f"deltapack: context parallelism is not verified for model type {model_type!r}; expected one of "
+            f"{sorted(CONTEXT_PARALLEL_MODEL_TYPES)} (run other models on one device per packed row)"
         )
     name = register_attention()
     if base.config._attn_implementation != name:
