@@ -44,12 +44,14 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 _PREVIOUS = "_deltapack_attention_before_context_parallel"
 
 # the model types (of the text config) whose shard is verified exact against one device, forward and gradient: the
-# GDN families and zaya across 2 gloo ranks (tests/test_distributed_gloo.py), the attention-only ones on one rank
+# GDN families and zaya across 2 gloo ranks (tests/test_distributed_gloo.py; qwen3_next and olmo_hybrid, the same GDN
+# layers, on one rank holding both zigzag parts), the attention-only ones on one rank
 # holding both zigzag parts and llama across 2 ranks too (tests/test_context_parallel_attention.py). Others are
 # refused: an attention with a bias, sinks, soft-capping, chunks or a local window of its own that the
 # context-parallel attention does not see would run and be wrong (bloom, mpt, falcon, gpt_neo, gpt_oss, llama4).
 CONTEXT_PARALLEL_MODEL_TYPES = frozenset(
-    {"qwen3_5_text", "qwen3_5_moe_text", "zaya", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3"}
+    {"qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "zaya"}
+    | {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3"}
 )
 
 
