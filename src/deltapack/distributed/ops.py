@@ -192,7 +192,7 @@ def _conv_reference(
     halos = tokens_before_parts(x, keep, shard)
     pieces, keep_rows, base = [], [], 0
     for i in range(len(parts)):
-        pieces += [halos[i].to(x.dtype), x[0, i * part_len : (i + 1) * part_len]]
+        pieces += [halos[i], x[0, i * part_len : (i + 1) * part_len]]
         keep_rows.append(torch.arange(base + keep, base + keep + part_len, device=x.device))
         base += keep + part_len
     extended = torch.cat(pieces).unsqueeze(0)
